@@ -1,0 +1,214 @@
+"""The three tasks: their defaults, their data (hub or local JSON Lines) and their prompts.
+
+Everything here is about the *task*; nothing about the algorithm. A task's data becomes a list of
+examples, each a dict with
+    prompt      the prompt text the policy sees (after truncation)
+    prompt_ids  its token ids under the policy's tokenizer
+    references  reference continuations (IMDB: the review's second half; CommonGen: every sentence
+                written for the concept set; TL;DR: the human summary)
+"""
+
+import json
+import os
+import random
+
+TASKS = ("imdb", "commongen", "tldr")
+
+# Per-task defaults for the flags that the scripts leave at None (tril's configs, DESIGN.md's table).
+# Every entry is a flag of the scripts: `--learning-rate 3e-6` overrides the task's value.
+TASK_DEFAULTS = {
+    "imdb": dict(
+        model_name_or_path="lvwerra/gpt2-imdb",
+        reward_model="lvwerra/distilbert-imdb",
+        dataset_name="imdb",
+        max_prompt_length=64,
+        max_new_tokens=48,
+        top_k=50,
+        eval_greedy=False,
+        total_episodes=50 * 112,
+        batch_size=112,
+        num_minibatches=4,
+        update_epochs=5,
+        learning_rate=1e-5,
+        gamma=0.99,
+        vf_coef=0.5,
+        kl_coef=0.001,
+    ),
+    "commongen": dict(
+        # no causal CommonGen SFT checkpoint is on the hub: make one with a supervised run on the
+        # train split and pass its folder (gpt2 itself is only a placeholder that runs)
+        model_name_or_path="gpt2",
+        reward_model="cider-d",
+        dataset_name="common_gen",
+        max_prompt_length=32,
+        max_new_tokens=20,
+        top_k=0,
+        eval_greedy=True,
+        total_episodes=500 * 128,
+        batch_size=128,
+        num_minibatches=4,
+        update_epochs=4,
+        learning_rate=5e-6,
+        gamma=0.99,
+        vf_coef=0.5,
+        kl_coef=0.0,
+    ),
+    "tldr": dict(
+        model_name_or_path="CarperAI/openai_summarize_tldr_sft",
+        reward_model="cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr",
+        dataset_name="CarperAI/openai_summarize_tldr",
+        max_prompt_length=500,
+        max_new_tokens=50,
+        top_k=0,
+        eval_greedy=True,
+        total_episodes=1000 * 128,
+        batch_size=128,
+        num_minibatches=4,
+        update_epochs=4,
+        learning_rate=5e-6,
+        gamma=1.0,
+        vf_coef=0.1,
+        kl_coef=0.002,
+    ),
+}
+
+# the fields a row must have, per task (CommonGen rows carry `target` or, grouped, `references`)
+REQUIRED_FIELDS = {"imdb": ("text",), "commongen": ("concepts",), "tldr": ("prompt", "label")}
+# local file names tried for each split, and the hub's split names
+LOCAL_SPLIT_FILES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+HUB_SPLITS = {
+    "imdb": {"train": "train", "validation": "train", "test": "test"},  # validation = 20% of train
+    "commongen": {"train": "train", "validation": "validation", "test": "test"},
+    "tldr": {"train": "train", "validation": "valid", "test": "test"},
+}
+IMDB_VALIDATION_FRACTION, IMDB_SPLIT_SEED = 0.2, 42
+COMMONGEN_PREFIX = "generate a sentence with: "
+TLDR_MARKER = "TL;DR:"
+
+
+def fill_task_defaults(args):
+    """Set every flag left at None to the task's default (an unknown task exits with one line)."""
+    if args.task not in TASKS:
+        raise SystemExit(f"error: unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    for name, value in TASK_DEFAULTS[args.task].items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def looks_like_local_path(name):
+    """Hub ids are `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_model_path(name, flag):
+    """Fail fast, before any model loads, on a local model path that does not exist."""
+    if name and not os.path.exists(os.path.expanduser(name)) and looks_like_local_path(name):
+        raise SystemExit(f"error: {flag}: no such model folder: {name}")
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: dataset file not found: {path}")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SystemExit(f"error: {path} line {line_number} is not valid JSON ({e.msg})")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read dataset file {path}: {e}")
+    return rows
+
+
+def local_split_file(dataset_path, split):
+    """A .jsonl file serves every split; a folder holds `train.jsonl`, `validation.jsonl` (or valid/val/dev)..."""
+    if not os.path.exists(dataset_path):
+        raise SystemExit(f"error: --dataset-path not found: {dataset_path}")
+    if os.path.isfile(dataset_path):
+        return dataset_path
+    for name in LOCAL_SPLIT_FILES[split]:
+        path = os.path.join(dataset_path, f"{name}.jsonl")
+        if os.path.isfile(path):
+            return path
+    tried = ", ".join(f"{n}.jsonl" for n in LOCAL_SPLIT_FILES[split])
+    raise SystemExit(f"error: --dataset-path {dataset_path} has no file for the {split} split (tried {tried})")
+
+
+def load_rows(task, split, dataset_name=None, dataset_path=None):
+    """Rows of one split ("train", "validation" or "test"), from local JSONL if given, else the hub.
+
+    IMDB has no validation split on the hub: as in tril, its train split is cut 80/20 (seed 42)
+    into train and validation."""
+    if split not in LOCAL_SPLIT_FILES:
+        raise SystemExit(f"error: unknown split {split!r}; choose one of: {', '.join(LOCAL_SPLIT_FILES)}")
+    source_split = HUB_SPLITS[task][split]  # for IMDB validation, the rows come from train
+    if dataset_path:
+        path = local_split_file(dataset_path, "train" if task == "imdb" and split == "validation" else split)
+        source = path
+        rows = read_jsonl(path)
+    else:
+        import datasets
+
+        source = f"{dataset_name} ({source_split})"
+        rows = list(datasets.load_dataset(dataset_name, split=source_split))
+    if not rows:
+        raise SystemExit(f"error: dataset {source} is empty")
+    for i, row in enumerate(rows):
+        missing = [f for f in REQUIRED_FIELDS[task] if not isinstance(row, dict) or f not in row]
+        if task == "commongen" and not missing and "target" not in row and "references" not in row:
+            missing = ["target or references"]
+        if missing:
+            raise SystemExit(f"error: dataset {source} row {i + 1} lacks the field(s): {', '.join(missing)}")
+    if task == "imdb" and split in ("train", "validation"):
+        order = list(range(len(rows)))
+        random.Random(IMDB_SPLIT_SEED).shuffle(order)
+        n_validation = int(len(rows) * IMDB_VALIDATION_FRACTION)
+        keep = order[:n_validation] if split == "validation" else order[n_validation:]
+        rows = [rows[i] for i in sorted(keep)]
+    return rows
+
+
+def group_commongen(rows):
+    """One entry per concept set with all of its reference sentences (hub rows hold one target each)."""
+    groups = {}
+    for row in rows:
+        refs = groups.setdefault(tuple(row["concepts"]), [])
+        refs.extend(row["references"] if "references" in row else [row["target"]] if row.get("target") else [])
+    return [{"concepts": list(concepts), "references": refs} for concepts, refs in groups.items()]
+
+
+def make_examples(task, rows, tokenizer, max_prompt_length):
+    """Format and tokenise prompts exactly as DESIGN.md's table says.
+
+    imdb:      the first 50% of the review's words, left-truncated to max_prompt_length tokens
+    commongen: "generate a sentence with: " + " ".join(concepts) + ".", right-truncated
+    tldr:      the post, its end cut to fit, the prompt still ending in "TL;DR: "
+    """
+    if task == "commongen":
+        rows = group_commongen(rows)
+    examples = []
+    for row in rows:
+        if task == "imdb":
+            words = row["text"].split()
+            text, references = " ".join(words[: len(words) // 2]), [" ".join(words[len(words) // 2 :])]
+            ids = tokenizer(text).input_ids[-max_prompt_length:]
+        elif task == "commongen":
+            text, references = COMMONGEN_PREFIX + " ".join(row["concepts"]) + ".", row["references"]
+            ids = tokenizer(text).input_ids[:max_prompt_length]
+        else:
+            text, references = row["prompt"], [row["label"]]
+            ids = tokenizer(text).input_ids
+            marker = text.rfind(TLDR_MARKER)
+            if len(ids) > max_prompt_length and marker >= 0:  # cut the post, keep "\nTL;DR: "
+                head, tail = text[:marker].rstrip() + "\n", text[marker:]
+                tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
+                ids = tokenizer(head).input_ids[: max_prompt_length - len(tail_ids)] + tail_ids
+            ids = ids[:max_prompt_length]
+        examples.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True), "prompt_ids": ids,
+                         "references": references})
+    return examples
+

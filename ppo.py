@@ -1,0 +1,512 @@
+"""PPO for language models, with a per-token KL penalty to the frozen starting policy.
+
+The baseline of "Learning to Generate Better Than Your LLM" (Chang et al., 2023, arXiv 2306.11816)
+and the file that ppo_plus_plus.py, aggrevated.py and d2lols.py copy: `diff ppo.py <algorithm>.py`
+shows what each guided algorithm changes. Read it top to bottom:
+    Args -> helpers (batching, log-probs, critic, GAE, the PPO loss, evaluation) -> the loop:
+    1. rollout: the policy samples continuations of a batch of prompts (KV cache, no grad)
+    2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
+    3. update: epochs of shuffled minibatches of the clipped PPO objective
+    4. logging, evaluation, checkpoint
+
+Token-level MDP: the state is prompt + tokens so far, the action is the next token, the horizon is
+--max-new-tokens. Reward: the task score at the last generated token, plus
+-kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) at every generated token.
+"""
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from common import metrics, rewards, tasks
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when it is available (otherwise the CPU)"""
+    bf16: bool = False
+    """bfloat16 autocast for forward passes (weights stay fp32; log-probs are computed in fp32)"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlgf"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the trained policy (save_pretrained folder) at the end"""
+    save_path: Optional[str] = None
+    """where --save-model writes (default: models/{run_name})"""
+
+    # task, models, data (None = the task's default, see common/tasks.py)
+    task: str = "imdb"
+    """the task: imdb, commongen or tldr"""
+    model_name_or_path: Optional[str] = None
+    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone"""
+    reward_model: Optional[str] = None
+    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D)"""
+    reward_label: int = 1
+    """imdb: the classifier label whose probability is the reward (1 = positive)"""
+    perplexity_model: Optional[str] = None
+    """imdb eval: the LM that scores output perplexity (default: the frozen reference policy)"""
+    dataset_name: Optional[str] = None
+    """the hub dataset"""
+    dataset_path: Optional[str] = None
+    """a local JSON Lines file (every split) or a folder of train/validation/test .jsonl files, in the hub's schema"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (imdb: the last ones; tldr: the post is cut, 'TL;DR: ' kept)"""
+
+    # generation
+    max_new_tokens: Optional[int] = None
+    """the horizon H: tokens the policy generates per episode"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs use the same scaling)"""
+    top_k: Optional[int] = None
+    """top-k sampling during rollouts (0 = off)"""
+    top_p: float = 1.0
+    """nucleus sampling during rollouts (1.0 = off)"""
+    missing_eos_penalty: Optional[float] = None
+    """subtract this from the score of continuations that never emit EOS (None = no penalty)"""
+    rollout_batch_size: int = 64
+    """prompts per generate/scoring call (lower it if generation runs out of memory)"""
+
+    # evaluation
+    eval_every: int = 10
+    """evaluate every this many iterations, and before and after training (0 = never)"""
+    eval_split: str = "validation"
+    """the held-out split: validation (IMDB: 20% of train, seed 42) or test"""
+    num_eval_prompts: int = 256
+    """held-out prompts per evaluation"""
+    eval_greedy: Optional[bool] = None
+    """greedy decoding in evaluation (otherwise the rollout sampling settings)"""
+    num_sample_generations: int = 8
+    """sample generations logged as a text table at each evaluation"""
+
+    # PPO
+    total_episodes: Optional[int] = None
+    """total episodes (one prompt and its continuation each)"""
+    batch_size: Optional[int] = None
+    """episodes per iteration (rollout batch)"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch: one optimizer step each"""
+    micro_batch_size: Optional[int] = None
+    """episodes per forward/backward pass; gradients accumulate over a minibatch (default: the minibatch)"""
+    update_epochs: Optional[int] = None
+    """PPO epochs over each batch"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (policy and critic)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (0 = off)"""
+    gamma: Optional[float] = None
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.2
+    """policy ratio clip"""
+    clip_coef_value: float = 0.2
+    """value clip (around the rollout's values)"""
+    vf_coef: Optional[float] = None
+    """value-loss coefficient"""
+    kl_coef: Optional[float] = None
+    """per-token KL penalty coefficient (the initial one when --kl-target is set)"""
+    kl_target: Optional[float] = None
+    """adaptive KL controller: target KL per episode (None = fixed --kl-coef)"""
+    kl_horizon: int = 10000
+    """adaptive KL controller horizon in episodes"""
+
+    # computed at run time
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+    minibatch_size: int = 0
+    """episodes per minibatch (computed in runtime)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per minibatch (computed in runtime)"""
+
+
+def exact_div(a, b, what):
+    if b <= 0 or a % b:
+        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def left_pad(sequences, pad_token_id, device):
+    """Left-pad token lists into (ids, mask): generation then continues every row at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask):
+    """Positions count real tokens only, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits, tokens, temperature):
+    """log softmax(logits / temperature)[token], in fp32, over the full vocabulary (no top-k)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits, temperature):
+    logits = logits.float() / temperature
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def response_logits(model, input_ids, attention_mask, num_response_tokens):
+    """Logits that predict the last `num_response_tokens` tokens of each row (the LM head runs only there)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                logits_to_keep=num_response_tokens + 1)
+    return out.logits[:, :-1]
+
+
+class Critic(nn.Module):
+    """V(s_t): a scalar head on a transformer backbone initialised from the policy checkpoint."""
+
+    def __init__(self, model_name_or_path):
+        super().__init__()
+        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+        self.value_head = nn.Linear(self.backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, num_response_tokens):
+        """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
+        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+
+
+def mask_after_eos(responses, eos_token_id):
+    """1 on generated tokens up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_token_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over the generated tokens (mask 0 = after the episode ended).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1};
+    V is 0 past the last token, so the last token's delta is r_T - V(s_T)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages[:, t] = last_advantage
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, args):
+    """Clipped surrogate + clipped value loss, averaged over the masked (policy) tokens."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_loss = masked_mean(torch.max(-advantages * ratio,
+                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask)
+    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    v_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "clipfrac": masked_mean(((ratio - 1).abs() > args.clip_coef).float(), mask),
+            "ratio": masked_mean(ratio, mask),
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+        }
+    return pg_loss + args.vf_coef * v_loss, stats
+
+
+@torch.inference_mode()
+def generate(policy, prompt_ids, prompt_mask, generation_config, temperature):
+    """Sample continuations with the KV cache; log-probs come from generate's own logits (no second pass)."""
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    responses = out.sequences[:, prompt_ids.shape[1] :]
+    logprobs = token_logprobs(torch.stack(out.logits, dim=1), responses, temperature)
+    return responses, logprobs
+
+
+@torch.inference_mode()
+def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
+    """Generate for held-out prompts and compute the task's metrics (eval/<metric>)."""
+    policy.eval()
+    prompts, continuations, references, scores = [], [], [], []
+    for start in range(0, len(examples), args.rollout_batch_size):
+        batch = examples[start : start + args.rollout_batch_size]
+        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
+        with autocast:
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        responses = out[:, prompt_ids.shape[1] :]
+        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
+        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
+        prompts += batch_prompts
+        continuations += texts
+        references += batch_refs
+    result = {"score": torch.cat(scores).mean().item()}
+    result.update(metrics.task_metrics(args.task, prompts, continuations, references))
+    if args.task == "imdb":
+        lm, lm_tokenizer = perplexity_lm
+        result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
+    policy.train()
+    samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
+    return result, samples
+
+
+def samples_table(samples):
+    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
+    def cell(s):
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(p)} | {cell(c)} | {s:.3f} |" for p, c, s in samples)
+    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
+
+
+if __name__ == "__main__":
+    args = tasks.fill_task_defaults(tyro.cli(Args))
+    transformers.logging.disable_progress_bar()
+    # derived sizes, checked before anything loads
+    args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
+    args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
+    args.micro_batch_size = args.micro_batch_size or args.minibatch_size
+    args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
+                                                 "minibatch size / --micro-batch-size")
+    if args.max_new_tokens < 1 or args.max_prompt_length < 1 or args.rollout_batch_size < 1:
+        raise SystemExit("error: --max-new-tokens, --max-prompt-length and --rollout-batch-size must be positive")
+    # data and model paths, checked before any model loads: bad input fails fast with one line
+    train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
+    eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
+    tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
+    if args.task != "commongen":
+        tasks.check_model_path(args.reward_model, "--reward-model")
+    tasks.check_model_path(args.perplexity_model, "--perplexity-model")
+
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # models: the policy, its frozen copy pi_ref, the critic; the task reward
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
+    ref_policy.requires_grad_(False)
+    critic = Critic(args.model_name_or_path).to(device)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's warning
+    train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
+    eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
+    reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label,
+                                       train_references=[e["references"] for e in train_examples])
+    perplexity_lm = (ref_policy, tokenizer)
+    if args.task == "imdb" and args.perplexity_model:
+        perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model).to(device).eval(),
+                         AutoTokenizer.from_pretrained(args.perplexity_model))
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=args.learning_rate,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    # rollouts sample (every setting explicit, so nothing comes from the checkpoint's generation_config)
+    lengths = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generation_config = GenerationConfig(**lengths, **sampling, return_dict_in_generate=True, output_logits=True)
+    eval_generation_config = GenerationConfig(**lengths, **({"do_sample": False} if args.eval_greedy else sampling))
+    kl_coef = args.kl_coef
+    print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
+          f"{args.batch_size} episodes on {device}; TensorBoard: runs/{run_name}")
+
+    def run_eval(iteration):
+        result, samples = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
+                                   perplexity_lm, args, device, autocast)
+        for name, value in result.items():
+            writer.add_scalar(f"eval/{name}", value, global_episodes)
+        writer.add_text("eval/samples", samples_table(samples), global_episodes)
+        print(f"eval @ iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+    global_episodes, train_seconds = 0, 0.0
+    if args.eval_every:
+        run_eval(0)
+    prompt_order = torch.randperm(len(train_examples)).tolist()
+    for iteration in range(1, args.num_iterations + 1):
+        iteration_start = time.perf_counter()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+        if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
+            prompt_order += torch.randperm(len(train_examples)).tolist()
+        batch = [train_examples[i] for i in prompt_order[: args.batch_size]]
+        del prompt_order[: args.batch_size]
+
+        # 1. rollout: the policy writes the whole continuation
+        policy.eval()
+        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
+        responses, logprobs, ref_logprobs, values, scores = ([] for _ in range(5))
+        generate_seconds = 0.0
+        with torch.inference_mode(), autocast:
+            for start in range(0, args.batch_size, args.rollout_batch_size):
+                chunk = slice(start, start + args.rollout_batch_size)
+                t0 = time.perf_counter()
+                response, logprob = generate(policy, prompt_ids[chunk], prompt_mask[chunk], generation_config,
+                                             args.temperature)
+                generate_seconds += time.perf_counter() - t0
+                # generate stops early when every row has ended: pad to the horizon H
+                pad = args.max_new_tokens - response.shape[1]
+                response = nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id)
+                logprob = nn.functional.pad(logprob, (0, pad))
+                # tokens after the first EOS are not part of the episode
+                response_mask = mask_after_eos(response, tokenizer.eos_token_id)
+                response = response.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+                query_response = torch.cat([prompt_ids[chunk], response], 1)
+                attention_mask = torch.cat([prompt_mask[chunk], response_mask], 1)
+
+                # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
+                ref_logits = response_logits(ref_policy, query_response, attention_mask, args.max_new_tokens)
+                ref_logprobs.append(token_logprobs(ref_logits, response, args.temperature))
+                values.append(critic(query_response, attention_mask, args.max_new_tokens))
+                texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+                score = reward_fn([e["prompt"] for e in batch[chunk]], texts, [e["references"] for e in batch[chunk]])
+                if args.missing_eos_penalty is not None:
+                    score = score - args.missing_eos_penalty * (response != tokenizer.eos_token_id).all(1).float()
+                responses.append(response)
+                logprobs.append(logprob)
+                scores.append(score.float())
+        responses, logprobs, ref_logprobs, values, scores = (
+            torch.cat(x) for x in (responses, logprobs, ref_logprobs, values, scores))
+        response_masks = mask_after_eos(responses, tokenizer.eos_token_id)
+        # drop the columns that no episode reached (every row had ended with EOS before them)
+        num_tokens = int(response_masks.sum(1).max())
+        responses, logprobs, ref_logprobs, values, response_masks = (
+            x[:, :num_tokens] for x in (responses, logprobs, ref_logprobs, values, response_masks))
+        query_responses = torch.cat([prompt_ids, responses], 1)
+        attention_masks = torch.cat([prompt_mask, response_masks], 1)
+        mask = response_masks.float()
+
+        # rewards: -kl_coef * (log pi - log pi_ref) on every generated token, the score on the last one
+        kl = (logprobs - ref_logprobs) * mask
+        rewards_per_token = -kl_coef * kl
+        last_token = (response_masks.sum(1) - 1).clamp(min=0)
+        rewards_per_token[torch.arange(len(scores), device=device), last_token] += scores
+        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
+        advantages = masked_whiten(advantages, mask)
+        rollout_seconds = time.perf_counter() - iteration_start
+
+        # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
+        update_start = time.perf_counter()
+        policy.train()
+        stats = {k: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for k in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    start = minibatch * args.minibatch_size + micro * args.micro_batch_size
+                    idx = order[start : start + args.micro_batch_size]
+                    with autocast:
+                        logits = response_logits(policy, query_responses[idx], attention_masks[idx], num_tokens)
+                        new_values = critic(query_responses[idx], attention_masks[idx], num_tokens)
+                    new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
+                    loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
+                                                 advantages[idx], returns[idx], mask[idx], args)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature), mask[idx])
+                    for k, v in micro_stats.items():
+                        stats[k][epoch, minibatch, micro] = v
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_seconds = time.perf_counter() - update_start
+
+        # 4. logging (and the adaptive KL controller)
+        global_episodes += args.batch_size
+        train_seconds += time.perf_counter() - iteration_start
+        mean_kl = kl.sum(1).mean().item()
+        mean_score = scores.mean().item()
+        with torch.no_grad():
+            explained_variance = 1 - (returns - values)[mask.bool()].var() / returns[mask.bool()].var().clamp(min=1e-8)
+        logs = {
+            "objective/scores": mean_score,
+            "objective/kl": mean_kl,
+            "objective/entropy": -(logprobs * mask).sum(1).mean().item(),
+            "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
+            "objective/kl_coef": kl_coef,
+            "policy/approxkl_avg": stats["approxkl"].mean().item(),
+            "policy/clipfrac_avg": stats["clipfrac"].mean().item(),
+            "policy/entropy_avg": stats["entropy"].mean().item(),
+            "loss/policy_avg": stats["policy_loss"].mean().item(),
+            "loss/value_avg": stats["value_loss"].mean().item(),
+            "val/ratio": stats["ratio"].mean().item(),
+            "val/explained_variance": explained_variance.item(),
+            "val/num_eos_tokens": (responses == tokenizer.eos_token_id).sum().item(),
+            "charts/episodes": global_episodes,
+            "charts/eps": global_episodes / train_seconds,
+            "charts/lr": optimizer.param_groups[0]["lr"],
+            "timing/generate_s": generate_seconds,
+            "timing/score_s": rollout_seconds - generate_seconds,
+            "timing/update_s": update_seconds,
+            "timing/iteration_s": time.perf_counter() - iteration_start,
+        }
+        for name, value in logs.items():
+            writer.add_scalar(name, value, global_episodes)
+        print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
+              f"kl {mean_kl:.4f} eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
+              f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
+        if args.kl_target is not None:  # Ziegler et al.'s proportional controller
+            error = float(np.clip(mean_kl / args.kl_target - 1, -0.2, 0.2))
+            kl_coef *= 1 + error * args.batch_size / args.kl_horizon
+        if args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
+            run_eval(iteration)
+
+    if args.save_model:
+        save_path = args.save_path or f"models/{run_name}"
+        policy.save_pretrained(save_path)
+        tokenizer.save_pretrained(save_path)
+        print(f"saved the policy to {save_path}")
+    writer.close()

@@ -1,0 +1,146 @@
+"""Offline fixtures: a tiny tokenizer, tiny models and tiny JSONL data for every task, made in a temp dir.
+
+Nothing is downloaded: the BPE tokenizer is trained here on synthetic text and every model is a
+randomly initialised 2-layer GPT-2.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the movie film story actor plot scene good great bad boring funny sad love hate music ending "
+         "dog cat ball park play run jump tree water eat food table sit chair book read child man woman "
+         "summary post friend work time day money help think feel want know went said really very not").split()
+
+
+def synthetic_sentences(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + rng.choice([".", "!", "?"])
+            for _ in range(n)]
+
+
+def make_tokenizer(vocab_size=400, seed=0, eos="</s>", pad="<pad>"):
+    """A byte-level BPE trained in-process; left padding, as the scripts use it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = [eos] if pad == eos else [eos, pad]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = synthetic_sentences(3000, seed) + ["SUBREDDIT: r/test\nTITLE: a title\nPOST: a post\nTL;DR: summary",
+                                              "generate a sentence with: dog ball park."]
+    bpe.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=pad, bos_token=eos,
+                                   unk_token=eos, padding_side="left", model_max_length=256)
+
+
+def tiny_gpt2_config(tokenizer, **overrides):
+    from transformers import GPT2Config
+
+    config = dict(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.update(overrides)
+    return GPT2Config(**config)
+
+
+def save_tiny_causal_lm(path, tokenizer, seed=0, **overrides):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(tiny_gpt2_config(tokenizer, **overrides)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_classifier(path, tokenizer, num_labels, seed=0):
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    GPT2ForSequenceClassification(tiny_gpt2_config(tokenizer, num_labels=num_labels)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def write_task_data(root):
+    """Small JSONL folders in each task's schema (the layout of ../shared/data)."""
+    rng = random.Random(0)
+    sentences = synthetic_sentences(200, seed=1)
+    paths = {}
+    imdb = root / "imdb"
+    imdb.mkdir()
+    reviews = [{"text": " ".join(sentences[i : i + 3]), "label": i % 2} for i in range(60)]
+    write_jsonl(imdb / "train.jsonl", reviews[:40])
+    write_jsonl(imdb / "test.jsonl", reviews[40:])
+    paths["imdb"] = str(imdb)
+    commongen = root / "commongen"
+    commongen.mkdir()
+    concept_sets = [sorted(rng.sample(WORDS, 3)) for _ in range(20)]
+    train = [{"concepts": c, "target": f"the {c[0]} and the {c[1]} {c[2]} {w}."}
+             for c in concept_sets[:14] for w in ("today", "again")]
+    write_jsonl(commongen / "train.jsonl", train)
+    write_jsonl(commongen / "validation.jsonl",
+                [{"concepts": c, "references": [f"a {c[0]} {c[1]} {c[2]}.", f"the {c[2]} with a {c[0]}."]}
+                 for c in concept_sets[14:]])
+    paths["commongen"] = str(commongen)
+    tldr = root / "tldr"
+    tldr.mkdir()
+    posts = [{"prompt": f"SUBREDDIT: r/test\nTITLE: {sentences[i]}\nPOST: {' '.join(sentences[i + 1 : i + 4])}\nTL;DR: ",
+              "label": sentences[i + 4]} for i in range(30)]
+    write_jsonl(tldr / "train.jsonl", posts[:20])
+    write_jsonl(tldr / "valid.jsonl", posts[20:])
+    paths["tldr"] = str(tldr)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = make_tokenizer()
+    data = write_task_data(root)
+    return {
+        "tokenizer": tokenizer,
+        "policy": save_tiny_causal_lm(root / "policy", tokenizer),
+        "classifier": save_tiny_classifier(root / "classifier", tokenizer, num_labels=2, seed=1),
+        "reward_model": save_tiny_classifier(root / "reward_model", tokenizer, num_labels=1, seed=2),
+        "data": data,
+        "root": root,
+    }
+
+
+def run_script(script, args, cwd, timeout=300, env=None):
+    """Run one of the repo's scripts as a user would (CleanRL's tests do the same)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def task_args(assets, task):
+    """The smallest run of `task` on the tiny assets."""
+    args = ["--task", task, "--model-name-or-path", assets["policy"], "--dataset-path", assets["data"][task],
+            "--total-episodes", "8", "--batch-size", "4", "--num-minibatches", "2", "--update-epochs", "1",
+            "--max-new-tokens", "6", "--eval-every", "1", "--num-eval-prompts", "4", "--rollout-batch-size", "3"]
+    if task == "imdb":
+        args += ["--reward-model", assets["classifier"]]
+    if task == "tldr":
+        args += ["--reward-model", assets["reward_model"], "--max-prompt-length", "48"]
+    return args
