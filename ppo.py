@@ -216,6 +216,16 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every generated token (k1 estimator),
+    plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last_token = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
+    return kl, rewards
+
+
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation over the generated tokens (mask 0 = after the episode ended).
 
@@ -427,11 +437,7 @@ if __name__ == "__main__":
         attention_masks = torch.cat([prompt_mask, response_masks], 1)
         mask = response_masks.float()
 
-        # rewards: -kl_coef * (log pi - log pi_ref) on every generated token, the score on the last one
-        kl = (logprobs - ref_logprobs) * mask
-        rewards_per_token = -kl_coef * kl
-        last_token = (response_masks.sum(1) - 1).clamp(min=0)
-        rewards_per_token[torch.arange(len(scores), device=device), last_token] += scores
+        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
         advantages = masked_whiten(advantages, mask)
         rollout_seconds = time.perf_counter() - iteration_start

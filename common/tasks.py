@@ -175,10 +175,13 @@ def load_rows(task, split, dataset_name=None, dataset_path=None):
 def group_commongen(rows):
     """One entry per concept set with all of its reference sentences (hub rows hold one target each)."""
     groups = {}
-    for row in rows:
-        refs = groups.setdefault(tuple(row["concepts"]), [])
-        refs.extend(row["references"] if "references" in row else [row["target"]] if row.get("target") else [])
-    return [{"concepts": list(concepts), "references": refs} for concepts, refs in groups.items()]
+    for i, row in enumerate(rows):
+        if "references" in row:  # already grouped (the layout of ../shared/data's validation file)
+            groups[i] = (row["concepts"], list(row["references"]))
+        else:  # hub rows: one target each, grouped by concept set
+            key = row.get("concept_set_idx", tuple(row["concepts"]))
+            groups.setdefault(key, (row["concepts"], []))[1].append(row["target"])
+    return [{"concepts": list(concepts), "references": refs} for concepts, refs in groups.values()]
 
 
 def make_examples(task, rows, tokenizer, max_prompt_length):
@@ -204,7 +207,7 @@ def make_examples(task, rows, tokenizer, max_prompt_length):
             ids = tokenizer(text).input_ids
             marker = text.rfind(TLDR_MARKER)
             if len(ids) > max_prompt_length and marker >= 0:  # cut the post, keep "\nTL;DR: "
-                head, tail = text[:marker].rstrip() + "\n", text[marker:]
+                head, tail = text[:marker].rstrip(), "\n" + text[marker:]
                 tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
                 ids = tokenizer(head).input_ids[: max_prompt_length - len(tail_ids)] + tail_ids
             ids = ids[:max_prompt_length]

@@ -7,6 +7,7 @@ randomly initialised 2-layer GPT-2.
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 
@@ -132,6 +133,18 @@ def run_script(script, args, cwd, timeout=300, env=None):
     """Run one of the repo's scripts as a user would (CleanRL's tests do the same)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_script_in_process(script, args, cwd):
+    """Run a script's `__main__` block in this process (fast, for checks that end before any model loads)."""
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    os.chdir(cwd)
+    try:
+        return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
 
 
 def task_args(assets, task):

@@ -1,0 +1,99 @@
+"""Metric values against known numbers.
+
+The CIDEr-D and BLEU-4 numbers below were computed on 2026-11-22 with the reference
+implementations, on the word tokens of `metrics.tokenize_words` (joined with spaces for CIDEr):
+    pycocoevalcap 1.2: `pycocoevalcap.cider.cider.Cider().compute_score(gts, res)`  (CIDEr-D, sigma 6)
+    nltk 3.10.4:      `nltk.translate.bleu_score.corpus_bleu(references, hypotheses)`  (no smoothing)
+(a dev-only install; the project computes both itself at run time).
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from common import metrics
+from conftest import tiny_gpt2_config
+
+PREDICTIONS = [
+    "A dog runs after the ball in the park.",
+    "The man sits on a chair and reads a book.",
+    "Children eat food at the table.",
+    "cat tree",
+]
+REFERENCES = [
+    ["The dog chases a ball across the park.", "A dog is running in the park after a ball.",
+     "Dogs play with a ball in the park."],
+    ["A man is sitting on the chair reading his book.", "The man reads a book while sitting in a chair."],
+    ["The children are eating their food at the table.", "Kids eat at a table.",
+     "A family eats food at the kitchen table."],
+    ["A cat climbs up the tree.", "The cat is sitting in a tree."],
+]
+
+
+def test_cider_d_reproduces_pycocoevalcap():
+    scores = metrics.cider_d(PREDICTIONS, REFERENCES)
+    expected = [3.110807712700359, 2.3921217714318876, 3.1320506148642817, 1.3260975976119354]
+    assert scores == pytest.approx(expected, rel=1e-12)
+    assert sum(scores) / len(scores) == pytest.approx(2.490269424152116, rel=1e-12)
+
+
+def test_cider_d_with_a_corpus_idf_differs_from_the_batch_idf():
+    corpus_df = metrics.cider_document_frequency(REFERENCES + [["a dog and a cat"], ["the park is green"]])
+    with_corpus = metrics.cider_d(PREDICTIONS[:1], REFERENCES[:1], corpus_df)
+    alone = metrics.cider_d(PREDICTIONS[:1], REFERENCES[:1])
+    assert with_corpus[0] > 0 and with_corpus != alone
+    # with a single example every n-gram's idf is log(1) - log(1) = 0
+    assert alone == [0.0]
+
+
+def test_bleu_4_reproduces_nltk_corpus_bleu():
+    assert metrics.bleu_4(PREDICTIONS, REFERENCES) == pytest.approx(0.3749901853167132, rel=1e-12)
+    assert metrics.bleu_4(PREDICTIONS[:3], REFERENCES[:3]) == pytest.approx(0.4277972007454008, rel=1e-12)
+    # brevity penalty, closest reference length, and a hypothesis shorter than 3 words
+    predictions = ["the cat sat on the mat", "a dog"]
+    references = [["the cat sat on the red mat today", "a cat sat on a mat"], ["a dog runs", "the dog barks loud"]]
+    assert metrics.bleu_4(predictions, references) == pytest.approx(0.6240195441936915, rel=1e-12)
+
+
+def test_bleu_4_is_zero_without_any_4gram_match_and_one_for_a_copy():
+    assert metrics.bleu_4(["the cat sat down"], [["the cat sat up"]]) == 0.0
+    assert metrics.bleu_4(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0)
+
+
+def test_rouge_values():
+    # unigrams: 2 of 3 match both ways -> F1 2/3; bigrams: "the cat" of 2 -> 1/2; LCS "the cat" -> 2/3
+    result = metrics.rouge(["the cat sat"], [["the cat ran"]])
+    assert result == pytest.approx({"rouge_1": 2 / 3, "rouge_2": 1 / 2, "rouge_L": 2 / 3})
+    # with several references the best one counts; the mean runs over predictions
+    result = metrics.rouge(["the cat sat", "a dog"], [["a bird flew", "the cat sat"], ["cats"]])
+    assert result["rouge_1"] == pytest.approx(0.5)
+
+
+def test_distinct_n():
+    texts = ["the cat the cat", "the dog"]
+    # unigrams: the, cat, the, cat, the, dog -> 3 distinct of 6; bigrams: 3 + 1 = 4, distinct 3
+    assert metrics.distinct_n(texts, 1) == pytest.approx(3 / 6)
+    assert metrics.distinct_n(texts, 2) == pytest.approx(3 / 4)
+
+
+def test_output_perplexity_of_a_uniform_model_is_the_vocabulary_size(assets):
+    tokenizer = assets["tokenizer"]
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer)).eval()
+    torch.nn.init.zeros_(model.transformer.wte.weight)  # tied head: every logit is 0
+    ppl = metrics.output_perplexity(model, tokenizer, ["the movie", "a dog runs in the"], [" was good", " park"], "cpu")
+    assert ppl == pytest.approx(len(tokenizer), rel=1e-4)
+
+
+def test_output_perplexity_counts_only_continuation_tokens(assets):
+    tokenizer = assets["tokenizer"]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer)).eval()
+    prompt, continuation = "the movie was", " good and funny"
+    ids = tokenizer(prompt + continuation, return_tensors="pt").input_ids
+    n_prompt = len(tokenizer(prompt).input_ids)
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    expected = math.exp(-logprobs[n_prompt - 1 :].mean().item())
+    assert metrics.output_perplexity(model, tokenizer, [prompt], [continuation], "cpu") == pytest.approx(expected, rel=1e-4)

@@ -1,0 +1,32 @@
+"""Run one of the repo's scripts with the toy reward: the fraction of continuation tokens that are TOY_TOKEN.
+
+    python tests/toy_run.py ppo.py --task imdb --model-name-or-path DIR ...   (env TOY_TOKEN=" good")
+
+A reward that a tiny random policy can clearly learn, so a learning test shows PPO working. The task's
+reward is swapped for this one; everything else (data, prompts, the loop) is the script's own.
+"""
+
+import os
+import runpy
+import sys
+
+import torch
+from transformers import AutoTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import rewards  # noqa: E402
+
+script, args = sys.argv[1], sys.argv[2:]
+tokenizer = AutoTokenizer.from_pretrained(args[args.index("--model-name-or-path") + 1])
+target = tokenizer(os.environ.get("TOY_TOKEN", " good"), add_special_tokens=False).input_ids[-1]
+
+
+def toy_reward(prompts, continuations, references):
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
+    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) for x in ids])
+
+
+rewards.make_reward_fn = lambda *a, **k: toy_reward
+sys.argv = [script, *args]
+runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
