@@ -273,7 +273,6 @@ def generate(policy, prompt_ids, prompt_mask, generation_config, temperature):
 @torch.inference_mode()
 def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
     """Generate for held-out prompts and compute the task's metrics (eval/<metric>)."""
-    policy.eval()
     prompts, continuations, references, scores = [], [], [], []
     for start in range(0, len(examples), args.rollout_batch_size):
         batch = examples[start : start + args.rollout_batch_size]
@@ -293,7 +292,6 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
     if args.task == "imdb":
         lm, lm_tokenizer = perplexity_lm
         result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
-    policy.train()
     samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
     return result, samples
 
@@ -347,10 +345,11 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device)
+    # every model stays in eval mode (no dropout), so the training pass reproduces the rollout's log-probs
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     ref_policy.requires_grad_(False)
-    critic = Critic(args.model_name_or_path).to(device)
+    critic = Critic(args.model_name_or_path).to(device).eval()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's warning
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
     eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
@@ -394,7 +393,6 @@ if __name__ == "__main__":
         del prompt_order[: args.batch_size]
 
         # 1. rollout: the policy writes the whole continuation
-        policy.eval()
         prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
         responses, logprobs, ref_logprobs, values, scores = ([] for _ in range(5))
         generate_seconds = 0.0
@@ -444,7 +442,6 @@ if __name__ == "__main__":
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
-        policy.train()
         stats = {k: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
                  for k in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
         for epoch in range(args.update_epochs):

@@ -1,0 +1,131 @@
+"""Throughput of one PPO iteration, phase by phase (a benchmark, not a test).
+
+Runs the real script (ppo.py) for a few iterations in a subprocess and reads the per-phase times it
+logs to TensorBoard (timing/generate_s, timing/score_s, timing/update_s, timing/iteration_s):
+    generate  the policy samples the continuations (KV cache)
+    score     pi_ref log-probs, critic values, the task reward, KL, GAE
+    update    the PPO epochs (forward, backward, AdamW)
+and prints episodes/s and tokens/s (generated tokens) per phase, as medians over the timed
+iterations (the first, warm-up iteration is left out).
+
+    # a real model (see ../shared/tools/offline_models.py): CPU, batch 16, 48 new tokens
+    python benchmarks/throughput.py --model /tmp/models/smollm2-135m --reward-model /tmp/models/sentiment-imdb \\
+        --dataset-path ../shared/data/imdb
+
+    # the TRL peer's exact settings on its tiny models (../shared/bench/peer_trl), one RESULT line that
+    # ../shared/bench/peer_trl/measure.py understands
+    python benchmarks/throughput.py --peer-trl /tmp/peer-trl-data
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("generate", "score", "update", "iteration")
+
+# TRL 1.12's PPOTrainer as ../shared/bench/peer_trl/run_trl_ppo.py runs it: 16 prompts of 8 tokens,
+# always 24 new tokens at temperature 0.7 (no top-k), 4 epochs x 2 minibatches, vf_coef 0.1,
+# k1 KL 0.05, gamma 1, lam 0.95, AdamW lr 3e-6 (eps 1e-8, no weight decay) decayed linearly, no
+# gradient clipping, fp32, 160 episodes = 10 updates.
+PEER_TRL_ARGS = [
+    "--total-episodes", "160", "--batch-size", "16", "--num-minibatches", "2", "--update-epochs", "4",
+    "--max-new-tokens", "24", "--temperature", "0.7", "--top-k", "0", "--top-p", "1.0", "--kl-coef", "0.05",
+    "--gamma", "1.0", "--gae-lambda", "0.95", "--vf-coef", "0.1", "--clip-coef", "0.2", "--clip-coef-value", "0.2",
+    "--learning-rate", "3e-6", "--adam-eps", "1e-8", "--weight-decay", "0", "--max-grad-norm", "0",
+    "--rollout-batch-size", "16", "--eval-every", "0", "--max-prompt-length", "64",
+]
+
+
+def read_timings(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events_dir] = glob.glob(os.path.join(run_dir, "runs", "*"))
+    events = EventAccumulator(events_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {phase: [e.value for e in events.Scalars(f"timing/{phase}_s")] for phase in PHASES}
+
+
+def run_ppo(script_args, threads):
+    with tempfile.TemporaryDirectory(prefix="throughput-") as run_dir:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *script_args], cwd=run_dir, env=env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"ppo.py failed:\n{result.stderr[-3000:]}")
+        return read_timings(run_dir)
+
+
+def peer_trl_data(fixture, out_dir):
+    """The peer's prompts as a TL;DR-schema JSONL (a one-label reward model scores prompt + continuation)."""
+    path = os.path.join(out_dir, "prompts.jsonl")
+    with open(os.path.join(fixture, "prompts.jsonl")) as src, open(path, "w") as dst:
+        for line in src:
+            dst.write(json.dumps({"prompt": json.loads(line)["prompt"], "label": ""}) + "\n")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="policy checkpoint (local folder)")
+    parser.add_argument("--reward-model", help="reward model (local folder)")
+    parser.add_argument("--task", default="imdb")
+    parser.add_argument("--dataset-path", default=os.path.join(ROOT, "..", "shared", "data", "imdb"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--iterations", type=int, default=4, help="timed iterations (plus one warm-up)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--peer-trl", metavar="FIXTURE", help="mirror the TRL peer on the folder make_tiny.py wrote")
+    parser.add_argument("--extra", default="", help="more ppo.py flags, e.g. '--bf16'")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:
+        if args.peer_trl:
+            fixture = os.path.abspath(args.peer_trl)
+            script_args = ["--task", "tldr", "--model-name-or-path", os.path.join(fixture, "policy"),
+                           "--reward-model", os.path.join(fixture, "policy"), "--dataset-path",
+                           peer_trl_data(fixture, data_dir), *PEER_TRL_ARGS]
+            # the peer's reward model has no tokenizer files of its own: score with the policy's tokenizer
+            reward_dir = os.path.join(data_dir, "reward")
+            os.makedirs(reward_dir)
+            for name in os.listdir(os.path.join(fixture, "reward")):
+                os.symlink(os.path.join(fixture, "reward", name), os.path.join(reward_dir, name))
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if not os.path.exists(os.path.join(reward_dir, name)):
+                    os.symlink(os.path.join(fixture, "tokenizer", name), os.path.join(reward_dir, name))
+            script_args[script_args.index("--reward-model") + 1] = reward_dir
+            batch_size, new_tokens, warmup = 16, 24, 0
+        else:
+            if not args.model or not args.reward_model:
+                parser.error("--model and --reward-model are required (or --peer-trl)")
+            batch_size, new_tokens, warmup = args.batch_size, args.max_new_tokens, 1
+            script_args = ["--task", args.task, "--model-name-or-path", args.model, "--reward-model", args.reward_model,
+                           "--dataset-path", args.dataset_path, "--batch-size", str(batch_size),
+                           "--total-episodes", str(batch_size * (args.iterations + 1)), "--num-minibatches", "2",
+                           "--update-epochs", "4", "--max-new-tokens", str(new_tokens), "--eval-every", "0",
+                           "--rollout-batch-size", str(batch_size)]
+        timings = run_ppo(script_args + args.extra.split(), args.threads)
+
+    if args.peer_trl:  # the peer's RESULT: every update timed, the first included
+        seconds = sum(timings["iteration"])
+        episodes = batch_size * len(timings["iteration"])
+        print(" ".join(f"{p}={sum(timings[p]):.2f}" for p in PHASES), "(seconds, all iterations)")
+        print(f"RESULT episodes={episodes} seconds={seconds:.1f} eps={episodes / seconds:.2f} updates={len(timings['iteration'])}")
+        return
+    print(f"{len(timings['iteration']) - warmup} timed iterations of {batch_size} episodes x {new_tokens} new tokens "
+          f"(median; the warm-up iteration left out)")
+    print(f"{'phase':<10} {'seconds':>8} {'episodes/s':>11} {'tokens/s':>10}")
+    for phase in PHASES:
+        seconds = statistics.median(timings[phase][warmup:])
+        print(f"{phase:<10} {seconds:8.3f} {batch_size / seconds:11.2f} {batch_size * new_tokens / seconds:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
