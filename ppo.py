@@ -56,27 +56,27 @@ class Args:
     task: str = "imdb"
     """the task: imdb, commongen or tldr"""
     model_name_or_path: Optional[str] = None
-    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone"""
+    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone (None: the task's default)"""
     reward_model: Optional[str] = None
-    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D)"""
+    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D) (None: the task's default)"""
     reward_label: int = 1
     """imdb: the classifier label whose probability is the reward (1 = positive)"""
     perplexity_model: Optional[str] = None
     """imdb eval: the LM that scores output perplexity (default: the frozen reference policy)"""
     dataset_name: Optional[str] = None
-    """the hub dataset"""
+    """the hub dataset (None: the task's default)"""
     dataset_path: Optional[str] = None
     """a local JSON Lines file (every split) or a folder of train/validation/test .jsonl files, in the hub's schema"""
     max_prompt_length: Optional[int] = None
-    """prompt tokens kept (imdb: the last ones; tldr: the post is cut, 'TL;DR: ' kept)"""
+    """prompt tokens kept (imdb: the last ones; tldr: the post is cut, 'TL;DR: ' kept) (None: the task's default)"""
 
     # generation
     max_new_tokens: Optional[int] = None
-    """the horizon H: tokens the policy generates per episode"""
+    """the horizon H: tokens the policy generates per episode (None: the task's default)"""
     temperature: float = 1.0
     """sampling temperature (log-probs use the same scaling)"""
     top_k: Optional[int] = None
-    """top-k sampling during rollouts (0 = off)"""
+    """top-k sampling during rollouts (0 = off) (None: the task's default)"""
     top_p: float = 1.0
     """nucleus sampling during rollouts (1.0 = off)"""
     missing_eos_penalty: Optional[float] = None
@@ -92,23 +92,23 @@ class Args:
     num_eval_prompts: int = 256
     """held-out prompts per evaluation"""
     eval_greedy: Optional[bool] = None
-    """greedy decoding in evaluation (otherwise the rollout sampling settings)"""
+    """greedy decoding in evaluation (otherwise the rollout sampling settings) (None: the task's default)"""
     num_sample_generations: int = 8
     """sample generations logged as a text table at each evaluation"""
 
     # PPO
     total_episodes: Optional[int] = None
-    """total episodes (one prompt and its continuation each)"""
+    """total episodes (one prompt and its continuation each) (None: the task's default)"""
     batch_size: Optional[int] = None
-    """episodes per iteration (rollout batch)"""
+    """episodes per iteration (rollout batch) (None: the task's default)"""
     num_minibatches: Optional[int] = None
-    """minibatches per epoch: one optimizer step each"""
+    """minibatches per epoch: one optimizer step each (None: the task's default)"""
     micro_batch_size: Optional[int] = None
     """episodes per forward/backward pass; gradients accumulate over a minibatch (default: the minibatch)"""
     update_epochs: Optional[int] = None
-    """PPO epochs over each batch"""
+    """PPO epochs over each batch (None: the task's default)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate (policy and critic)"""
+    """AdamW learning rate (policy and critic) (None: the task's default)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0"""
     adam_eps: float = 1e-5
@@ -118,7 +118,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip (0 = off)"""
     gamma: Optional[float] = None
-    """discount factor"""
+    """discount factor (None: the task's default)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     clip_coef: float = 0.2
@@ -126,9 +126,9 @@ class Args:
     clip_coef_value: float = 0.2
     """value clip (around the rollout's values)"""
     vf_coef: Optional[float] = None
-    """value-loss coefficient"""
+    """value-loss coefficient (None: the task's default)"""
     kl_coef: Optional[float] = None
-    """per-token KL penalty coefficient (the initial one when --kl-target is set)"""
+    """per-token KL penalty coefficient (the initial one when --kl-target is set) (None: the task's default)"""
     kl_target: Optional[float] = None
     """adaptive KL controller: target KL per episode (None = fixed --kl-coef)"""
     kl_horizon: int = 10000
