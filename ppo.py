@@ -262,12 +262,26 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
 
 
 @torch.inference_mode()
-def generate(policy, prompt_ids, prompt_mask, generation_config, temperature):
-    """Sample continuations with the KV cache; log-probs come from generate's own logits (no second pass)."""
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
-    responses = out.sequences[:, prompt_ids.shape[1] :]
-    logprobs = token_logprobs(torch.stack(out.logits, dim=1), responses, temperature)
-    return responses, logprobs
+def rollout(policy, tokenizer, prompts, generation_config, args, device):
+    """The policy writes every continuation: sampled with the KV cache, --rollout-batch-size prompts a call.
+
+    Returns the left-padded prompts and their mask, the responses padded to the horizon H, the
+    response mask (1 up to and including the first EOS) and the sampled tokens' log-probs, taken
+    from generate's own logits (no second forward pass)."""
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    responses, logprobs = [], []
+    for start in range(0, len(prompts), args.rollout_batch_size):
+        chunk = slice(start, start + args.rollout_batch_size)
+        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk],
+                              generation_config=generation_config)
+        response = out.sequences[:, prompt_ids.shape[1] :]
+        logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
+        pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
+        responses.append(nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id))
+        logprobs.append(nn.functional.pad(logprob, (0, pad)))
+    responses, logprobs = torch.cat(responses), torch.cat(logprobs)
+    response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
+    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
 
 
 @torch.inference_mode()
@@ -393,46 +407,28 @@ if __name__ == "__main__":
         del prompt_order[: args.batch_size]
 
         # 1. rollout: the policy writes the whole continuation
-        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
-        responses, logprobs, ref_logprobs, values, scores = ([] for _ in range(5))
-        generate_seconds = 0.0
+        with autocast:
+            prompt_ids, prompt_mask, responses, response_masks, logprobs = rollout(
+                policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device)
+        generate_seconds = time.perf_counter() - iteration_start
+        num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
+        responses, response_masks, logprobs = (x[:, :num_tokens] for x in (responses, response_masks, logprobs))
+        query_responses = torch.cat([prompt_ids, responses], 1)
+        attention_masks = torch.cat([prompt_mask, response_masks], 1)
+        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+        # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
+        ref_logprobs, values = [], []
         with torch.inference_mode(), autocast:
             for start in range(0, args.batch_size, args.rollout_batch_size):
                 chunk = slice(start, start + args.rollout_batch_size)
-                t0 = time.perf_counter()
-                response, logprob = generate(policy, prompt_ids[chunk], prompt_mask[chunk], generation_config,
-                                             args.temperature)
-                generate_seconds += time.perf_counter() - t0
-                # generate stops early when every row has ended: pad to the horizon H
-                pad = args.max_new_tokens - response.shape[1]
-                response = nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id)
-                logprob = nn.functional.pad(logprob, (0, pad))
-                # tokens after the first EOS are not part of the episode
-                response_mask = mask_after_eos(response, tokenizer.eos_token_id)
-                response = response.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-                query_response = torch.cat([prompt_ids[chunk], response], 1)
-                attention_mask = torch.cat([prompt_mask[chunk], response_mask], 1)
-
-                # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
-                ref_logits = response_logits(ref_policy, query_response, attention_mask, args.max_new_tokens)
-                ref_logprobs.append(token_logprobs(ref_logits, response, args.temperature))
-                values.append(critic(query_response, attention_mask, args.max_new_tokens))
-                texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-                score = reward_fn([e["prompt"] for e in batch[chunk]], texts, [e["references"] for e in batch[chunk]])
-                if args.missing_eos_penalty is not None:
-                    score = score - args.missing_eos_penalty * (response != tokenizer.eos_token_id).all(1).float()
-                responses.append(response)
-                logprobs.append(logprob)
-                scores.append(score.float())
-        responses, logprobs, ref_logprobs, values, scores = (
-            torch.cat(x) for x in (responses, logprobs, ref_logprobs, values, scores))
-        response_masks = mask_after_eos(responses, tokenizer.eos_token_id)
-        # drop the columns that no episode reached (every row had ended with EOS before them)
-        num_tokens = int(response_masks.sum(1).max())
-        responses, logprobs, ref_logprobs, values, response_masks = (
-            x[:, :num_tokens] for x in (responses, logprobs, ref_logprobs, values, response_masks))
-        query_responses = torch.cat([prompt_ids, responses], 1)
-        attention_masks = torch.cat([prompt_mask, response_masks], 1)
+                ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
+                ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
+                values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
+            ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
+            scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
+        if args.missing_eos_penalty is not None:
+            scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
         mask = response_masks.float()
 
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)

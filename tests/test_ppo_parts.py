@@ -1,5 +1,7 @@
 """Unit tests for the parts of ppo.py that are easy to get subtly wrong."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -99,27 +101,30 @@ def test_training_pass_reproduces_rollout_logprobs_before_the_first_update(asset
     tokenizer = assets["tokenizer"]
     policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
     texts = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love"]
-    prompt_ids, prompt_mask = ppo.left_pad([tokenizer(t).input_ids for t in texts], tokenizer.pad_token_id, "cpu")
+    prompts = [tokenizer(t).input_ids for t in texts]
 
     def rollout(eos_token_id):
         torch.manual_seed(0)
         config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=5, top_p=1.0,
                                   eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   return_dict_in_generate=True, output_logits=True)
-        return ppo.generate(policy, prompt_ids, prompt_mask, config, temperature=0.7)
+        args = ppo.Args(max_new_tokens=12, temperature=0.7, rollout_batch_size=3)  # two generate calls
+        ids = SimpleNamespace(eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return ppo.rollout(policy, ids, prompts, config, args, "cpu")
 
     # use as "EOS" a token the model samples often, so some episodes end early and others don't
-    responses, _ = rollout(tokenizer.eos_token_id)
+    responses = rollout(tokenizer.eos_token_id)[2]
     eos = int(torch.mode(responses.flatten()).values)
-    responses, logprobs = rollout(eos)
-    mask = ppo.mask_after_eos(responses, eos)
+    prompt_ids, prompt_mask, responses, mask, logprobs = rollout(eos)
     assert 0 < (mask.sum(1) < responses.shape[1]).sum() < len(texts), "want both early-EOS and full-length rows"
-    responses = responses.masked_fill(mask == 0, tokenizer.pad_token_id)
+    assert (prompt_mask == 0).any(), "want left padding"
+    assert (responses[mask == 0] == tokenizer.pad_token_id).all()
     query_responses = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)
 
-    logits = ppo.response_logits(policy, query_responses, attention_mask, responses.shape[1])
-    new_logprobs = ppo.token_logprobs(logits, responses, temperature=0.7)
+    with torch.no_grad():
+        logits = ppo.response_logits(policy, query_responses, attention_mask, responses.shape[1])
+        new_logprobs = ppo.token_logprobs(logits, responses, temperature=0.7)
     values = torch.zeros_like(new_logprobs)
     args = ppo.Args(clip_coef=0.2, clip_coef_value=0.2, vf_coef=0.1)
     _, stats = ppo.ppo_loss(new_logprobs, values, logprobs, values, torch.ones_like(values), values, mask.float(), args)
