@@ -391,7 +391,7 @@ if __name__ == "__main__":
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, global_episodes)
         writer.add_text("eval/samples", samples_table(samples), global_episodes)
-        print(f"eval @ iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     global_episodes, train_seconds = 0, 0.0
     if args.eval_every:
@@ -438,8 +438,8 @@ if __name__ == "__main__":
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
-        stats = {k: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
-                 for k in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
+        stats = {name: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
             for minibatch in range(args.num_minibatches):
@@ -455,8 +455,8 @@ if __name__ == "__main__":
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature), mask[idx])
-                    for k, v in micro_stats.items():
-                        stats[k][epoch, minibatch, micro] = v
+                    for name, value in micro_stats.items():
+                        stats[name][epoch, minibatch, micro] = value
                 if args.max_grad_norm > 0:
                     nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
                 optimizer.step()

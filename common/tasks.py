@@ -15,11 +15,14 @@ import random
 TASKS = ("imdb", "commongen", "tldr")
 
 # Per-task defaults for the flags that the scripts leave at None (tril's configs, DESIGN.md's table).
-# Every entry is a flag of the scripts: `--learning-rate 3e-6` overrides the task's value.
+# Every entry is a flag of the scripts: `--learning-rate 3e-6` overrides the task's value. The guide
+# (guided scripts only) is the paper's: the task's supervised model, sampled with nucleus sampling.
 TASK_DEFAULTS = {
     "imdb": dict(
         model_name_or_path="lvwerra/gpt2-imdb",
         reward_model="lvwerra/distilbert-imdb",
+        guide_model="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
+        guide_top_k=50,
         dataset_name="imdb",
         max_prompt_length=64,
         max_new_tokens=48,
@@ -39,6 +42,8 @@ TASK_DEFAULTS = {
         # train split and pass its folder (gpt2 itself is only a placeholder that runs)
         model_name_or_path="gpt2",
         reward_model="cider-d",
+        guide_model="gpt2",  # likewise: pass a CommonGen SFT model (the paper's guide)
+        guide_top_k=0,
         dataset_name="common_gen",
         max_prompt_length=32,
         max_new_tokens=20,
@@ -56,6 +61,8 @@ TASK_DEFAULTS = {
     "tldr": dict(
         model_name_or_path="CarperAI/openai_summarize_tldr_sft",
         reward_model="cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr",
+        guide_model="CarperAI/openai_summarize_tldr_sft",
+        guide_top_k=0,
         dataset_name="CarperAI/openai_summarize_tldr",
         max_prompt_length=500,
         max_new_tokens=50,
