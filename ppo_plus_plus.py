@@ -283,7 +283,7 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
 
 
 @torch.inference_mode()
-def rollout(policy, tokenizer, prompts, generation_config, args, device, horizons):
+def rollout(policy, tokenizer, prompts, generation_config, args, device, horizons=None):
     """The policy writes every continuation: sampled with the KV cache, --rollout-batch-size prompts a call.
 
     Returns the left-padded prompts and their mask, the responses padded to the horizon H, the
@@ -302,7 +302,8 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, horizon
         logprobs.append(nn.functional.pad(logprob, (0, pad)))
     responses, logprobs = torch.cat(responses), torch.cat(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    response_mask *= torch.arange(responses.shape[1], device=device) < horizons[:, None]  # nor what passes H - k
+    if horizons is not None:  # nor what passes the row's horizon (PPO++: H - k)
+        response_mask *= torch.arange(responses.shape[1], device=device) < horizons[:, None]
     return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
 
 

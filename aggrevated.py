@@ -1,0 +1,643 @@
+"""AggreVaTeD: the policy rolls in, the guide rolls out (Chang et al., 2023, arXiv 2306.11816, Alg. 3).
+
+A copy of ppo.py: `diff ppo.py aggrevated.py` is the algorithm. With probability beta per prompt the
+policy *rolls in*: it samples a continuation of length L and keeps its first k ~ U{1..L-1} tokens;
+the guide pi_g (a frozen LLM) then *rolls out*, completing the text to the horizon. The policy
+gradient runs on the policy's k tokens only; the value loss runs on the guide's tokens only, so the
+critic learns V of the guide, and the policy's advantages measure how much better than the guide's
+own continuation each of its tokens does (the paper's "guide's value" feedback). With probability
+1 - beta the guide writes the whole continuation and the episode trains only the critic.
+    Args -> helpers (batching, log-probs, critic, GAE, the PPO loss, the guide, evaluation) -> the loop:
+    1. rollout: the policy rolls in, the guide rolls out (KV cache, no grad)
+    2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
+    3. update: epochs of shuffled minibatches of the clipped PPO objective
+    4. logging, evaluation, checkpoint
+
+Token-level MDP: the state is prompt + tokens so far, the action is the next token, the horizon is
+--max-new-tokens. Reward: the task score at the last generated token, plus
+-kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) at every generated token.
+"""
+
+import os
+import random
+import time
+import copy
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from common import metrics, rewards, tasks
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when it is available (otherwise the CPU)"""
+    bf16: bool = False
+    """bfloat16 autocast for forward passes (weights stay fp32; log-probs are computed in fp32)"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlgf"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the trained policy (save_pretrained folder) at the end"""
+    save_path: Optional[str] = None
+    """where --save-model writes (default: models/{run_name})"""
+
+    # task, models, data (None = the task's default, see common/tasks.py)
+    task: str = "imdb"
+    """the task: imdb, commongen or tldr"""
+    model_name_or_path: Optional[str] = None
+    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone (None: the task's default)"""
+    reward_model: Optional[str] = None
+    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D) (None: the task's default)"""
+    reward_label: int = 1
+    """imdb: the classifier label whose probability is the reward (1 = positive)"""
+    perplexity_model: Optional[str] = None
+    """imdb eval: the LM that scores output perplexity (default: the frozen reference policy)"""
+    # the guide: a frozen LLM, called through text (any tokenizer)
+    guide_model: Optional[str] = None
+    """the guide pi_g: a causal LM checkpoint (hub id or local folder), frozen (None: the task's default)"""
+    guide_prompt_template: Optional[str] = None
+    """the guide's own prompt around the task prompt, containing {prompt} (None: the task prompt as is)"""
+    guide_temperature: float = 1.0
+    """the guide's sampling temperature"""
+    guide_top_k: Optional[int] = None
+    """the guide's top-k (0 = off) (None: the task's default)"""
+    guide_top_p: float = 0.92
+    """the guide's nucleus sampling"""
+    beta: Optional[float] = None
+    """mixing: the probability, per prompt, that the policy rolls in (None: 1.0 for tldr, 0.8 otherwise)"""
+    dataset_name: Optional[str] = None
+    """the hub dataset (None: the task's default)"""
+    dataset_path: Optional[str] = None
+    """a local JSON Lines file (every split) or a folder of train/validation/test .jsonl files, in the hub's schema"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (imdb: the last ones; tldr: the post is cut, 'TL;DR: ' kept) (None: the task's default)"""
+
+    # generation
+    max_new_tokens: Optional[int] = None
+    """the horizon H: tokens the policy generates per episode (None: the task's default)"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs use the same scaling)"""
+    top_k: Optional[int] = None
+    """top-k sampling during rollouts (0 = off) (None: the task's default)"""
+    top_p: float = 1.0
+    """nucleus sampling during rollouts (1.0 = off)"""
+    missing_eos_penalty: Optional[float] = None
+    """subtract this from the score of continuations that never emit EOS (None = no penalty)"""
+    rollout_batch_size: int = 64
+    """prompts per generate/scoring call (lower it if generation runs out of memory)"""
+
+    # evaluation
+    eval_every: int = 10
+    """evaluate every this many iterations, and before and after training (0 = never)"""
+    eval_split: str = "validation"
+    """the held-out split: validation (IMDB: 20% of train, seed 42) or test"""
+    num_eval_prompts: int = 256
+    """held-out prompts per evaluation"""
+    eval_greedy: Optional[bool] = None
+    """greedy decoding in evaluation (otherwise the rollout sampling settings) (None: the task's default)"""
+    num_sample_generations: int = 8
+    """sample generations logged as a text table at each evaluation"""
+
+    # PPO
+    total_episodes: Optional[int] = None
+    """total episodes (one prompt and its continuation each) (None: the task's default)"""
+    batch_size: Optional[int] = None
+    """episodes per iteration (rollout batch) (None: the task's default)"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch: one optimizer step each (None: the task's default)"""
+    micro_batch_size: Optional[int] = None
+    """episodes per forward/backward pass; gradients accumulate over a minibatch (default: the minibatch)"""
+    update_epochs: Optional[int] = None
+    """PPO epochs over each batch (None: the task's default)"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (policy and critic) (None: the task's default)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (0 = off)"""
+    gamma: Optional[float] = None
+    """discount factor (None: the task's default)"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.2
+    """policy ratio clip"""
+    clip_coef_value: float = 0.2
+    """value clip (around the rollout's values)"""
+    vf_coef: Optional[float] = None
+    """value-loss coefficient (None: the task's default)"""
+    kl_coef: Optional[float] = None
+    """per-token KL penalty coefficient (the initial one when --kl-target is set) (None: the task's default)"""
+    kl_target: Optional[float] = None
+    """adaptive KL controller: target KL per episode (None = fixed --kl-coef)"""
+    kl_horizon: int = 10000
+    """adaptive KL controller horizon in episodes"""
+
+    # computed at run time
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+    minibatch_size: int = 0
+    """episodes per minibatch (computed in runtime)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per minibatch (computed in runtime)"""
+
+
+# the paper's mixing probability per task (tril's configs)
+BETA_DEFAULTS = {"imdb": 0.8, "commongen": 0.8, "tldr": 1.0}
+
+
+def exact_div(a, b, what):
+    if b <= 0 or a % b:
+        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def left_pad(sequences, pad_token_id, device):
+    """Left-pad token lists into (ids, mask): generation then continues every row at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask):
+    """Positions count real tokens only, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits, tokens, temperature):
+    """log softmax(logits / temperature)[token], in fp32, over the full vocabulary (no top-k)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits, temperature):
+    logits = logits.float() / temperature
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def response_logits(model, input_ids, attention_mask, num_response_tokens):
+    """Logits that predict the last `num_response_tokens` tokens of each row (the LM head runs only there)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                logits_to_keep=num_response_tokens + 1)
+    return out.logits[:, :-1]
+
+
+class Critic(nn.Module):
+    """V(s_t): a scalar head on a transformer backbone initialised from the policy checkpoint."""
+
+    def __init__(self, model_name_or_path):
+        super().__init__()
+        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+        self.value_head = nn.Linear(self.backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, num_response_tokens):
+        """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
+        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+
+
+def mask_after_eos(responses, eos_token_id):
+    """1 on generated tokens up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_token_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef):
+    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every token the policy generated (k1
+    estimator), plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
+    kl = (logprobs - ref_logprobs) * policy_mask
+    rewards = -kl_coef * kl
+    last_token = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
+    return kl, rewards
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over the generated tokens (mask 0 = after the episode ended).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1};
+    V is 0 past the last token, so the last token's delta is r_T - V(s_T)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages[:, t] = last_advantage
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, value_mask, args):
+    """Clipped surrogate over the policy's tokens (`mask`) + clipped value loss over the guide's (`value_mask`)."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_loss = masked_mean(torch.max(-advantages * ratio,
+                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask)
+    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    v_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask)
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "clipfrac": masked_mean(((ratio - 1).abs() > args.clip_coef).float(), mask),
+            "ratio": masked_mean(ratio, mask),
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+        }
+    return pg_loss + args.vf_coef * v_loss, stats
+
+
+@torch.inference_mode()
+def rollout(policy, tokenizer, prompts, generation_config, args, device):
+    """The policy writes every continuation: sampled with the KV cache, --rollout-batch-size prompts a call.
+
+    Returns the left-padded prompts and their mask, the responses padded to the horizon H, the
+    response mask (1 up to and including the first EOS) and the sampled tokens' log-probs, taken
+    from generate's own logits (no second forward pass)."""
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    responses, logprobs = [], []
+    for start in range(0, len(prompts), args.rollout_batch_size):
+        chunk = slice(start, start + args.rollout_batch_size)
+        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk],
+                              generation_config=generation_config)
+        response = out.sequences[:, prompt_ids.shape[1] :]
+        logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
+        pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
+        responses.append(nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id))
+        logprobs.append(nn.functional.pad(logprob, (0, pad)))
+    responses, logprobs = torch.cat(responses), torch.cat(logprobs)
+    response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
+    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
+
+
+@torch.inference_mode()
+def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, device):
+    """The guide continues each prompt + prefix (policy tokens), for up to `max_new_tokens` of its tokens.
+
+    Through text: the prompt (in the guide's template) and the decoded prefix go in, and the guide's
+    text comes back re-tokenised for the policy, so any tokenizer works. A guide that shares the
+    policy's tokenizer and has no template gets the tokens directly (the same, without the round
+    trip). Returns per row (continuation as policy tokens, with EOS at the end if the guide ended it,
+    whether it ended)."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
+                              top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=guide.tokenizer.eos_token_id,
+                              pad_token_id=guide.tokenizer.pad_token_id)
+    if guide.same_tokenizer:
+        inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
+    else:
+        template = args.guide_prompt_template or "{prompt}"
+        inputs = [guide.tokenizer(template.format(prompt=e["prompt"]) + tokenizer.decode(prefix)).input_ids
+                  for e, prefix in zip(examples, prefixes)]
+    results = []
+    for start in range(0, len(inputs), args.rollout_batch_size):
+        input_ids, attention_mask = left_pad(inputs[start : start + args.rollout_batch_size],
+                                             guide.tokenizer.pad_token_id, device)
+        out = guide.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        for tokens in out[:, input_ids.shape[1] :].tolist():
+            ended = guide.tokenizer.eos_token_id in tokens
+            tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)] if ended else tokens
+            if not guide.same_tokenizer:
+                tokens = tokenizer(guide.tokenizer.decode(tokens, skip_special_tokens=True),
+                                   add_special_tokens=False).input_ids
+            results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
+    return results
+
+
+def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, device, rng):
+    """AggreVaTeD's episodes. With probability beta the policy rolls in for k ~ U{1..L-1} tokens of its
+    sample of length L, and the guide rolls out from there to the horizon H (in policy tokens);
+    otherwise the guide writes the whole continuation (k = 0).
+
+    k is drawn before the policy samples, so it samples only up to the largest k; where its sample
+    ends first (L <= k), k is drawn again within it, which gives exactly U{1..L-1} (a sample that is
+    just EOS is the whole episode). Returns the left-padded prompts and their mask, the responses
+    (roll-in + roll-out, padded to H), the policy's tokens (mask), the guide's tokens (mask) and the
+    policy's log-probs (0 on the guide's tokens)."""
+    H = args.max_new_tokens
+    mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
+    k_draw = {i: rng.randint(1, H - 1) for i in mixed}
+    prefixes, prefix_logprobs = [[] for _ in batch], [[] for _ in batch]
+    if mixed:  # roll-in: the policy samples
+        roll_in_config = copy.copy(generation_config)
+        roll_in_config.max_new_tokens = max(k_draw.values())
+        _, _, samples, sample_mask, sample_logprobs = rollout(
+            policy, tokenizer, [batch[i]["prompt_ids"] for i in mixed], roll_in_config, args, device)
+        for row, i in enumerate(mixed):
+            length = int(sample_mask[row].sum())
+            if samples[row, length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
+                k = rng.randint(1, length - 1) if length > 1 else 1
+            else:
+                k = k_draw[i]
+            prefixes[i], prefix_logprobs[i] = samples[row, :k].tolist(), sample_logprobs[row, :k].tolist()
+    # roll-out: the guide completes every episode the policy did not end
+    open_rows = [i for i in range(len(batch)) if not prefixes[i] or prefixes[i][-1] != tokenizer.eos_token_id]
+    suffixes = [[] for _ in batch]
+    if open_rows:
+        max_new_tokens = H - min(len(prefixes[i]) for i in open_rows)
+        samples = guide_continue(guide, tokenizer, [batch[i] for i in open_rows], [prefixes[i] for i in open_rows],
+                                 max_new_tokens, args, device)
+        for i, (tokens, _) in zip(open_rows, samples):
+            suffixes[i] = tokens[: H - len(prefixes[i])]
+    responses = torch.full((len(batch), H), tokenizer.pad_token_id, dtype=torch.long)
+    policy_mask, value_mask, logprobs = (torch.zeros(len(batch), H) for _ in range(3))
+    for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        k, n = len(prefix), len(prefix) + len(suffix)
+        responses[i, :n] = torch.tensor(prefix + suffix, dtype=torch.long)
+        policy_mask[i, :k], value_mask[i, k:n] = 1, 1
+        logprobs[i, :k] = torch.tensor(prefix_logprobs[i])
+    prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
+    return (prompt_ids, prompt_mask, responses.to(device), policy_mask.long().to(device),
+            value_mask.long().to(device), logprobs.to(device))
+
+
+@torch.inference_mode()
+def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
+    """Generate for held-out prompts and compute the task's metrics (eval/<metric>)."""
+    prompts, continuations, references, scores = [], [], [], []
+    for start in range(0, len(examples), args.rollout_batch_size):
+        batch = examples[start : start + args.rollout_batch_size]
+        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
+        with autocast:
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        responses = out[:, prompt_ids.shape[1] :]
+        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
+        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
+        prompts += batch_prompts
+        continuations += texts
+        references += batch_refs
+    result = {"score": torch.cat(scores).mean().item()}
+    result.update(metrics.task_metrics(args.task, prompts, continuations, references))
+    if args.task == "imdb":
+        lm, lm_tokenizer = perplexity_lm
+        result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
+    samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
+    return result, samples
+
+
+def samples_table(samples):
+    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
+    def cell(s):
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(p)} | {cell(c)} | {s:.3f} |" for p, c, s in samples)
+    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
+
+
+if __name__ == "__main__":
+    args = tasks.fill_task_defaults(tyro.cli(Args))
+    args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
+    transformers.logging.disable_progress_bar()
+    # derived sizes, checked before anything loads
+    args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
+    args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
+    args.micro_batch_size = args.micro_batch_size or args.minibatch_size
+    args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
+                                                 "minibatch size / --micro-batch-size")
+    if not 0 <= args.beta <= 1:
+        raise SystemExit(f"error: --beta must be a probability, got {args.beta}")
+    if args.max_new_tokens < 2 or args.max_prompt_length < 1 or args.rollout_batch_size < 1:
+        raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out); "
+                         "--max-prompt-length and --rollout-batch-size must be positive")
+    # data and model paths, checked before any model loads: bad input fails fast with one line
+    train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
+    eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
+    tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
+    if args.task != "commongen":
+        tasks.check_model_path(args.reward_model, "--reward-model")
+    tasks.check_model_path(args.perplexity_model, "--perplexity-model")
+    tasks.check_model_path(args.guide_model, "--guide-model")
+    if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
+        raise SystemExit("error: --guide-prompt-template must contain {prompt}")
+
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+
+    # seeding
+    random.seed(args.seed)
+    rng = random.Random(args.seed)  # mixing and k: a stream of their own
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # models: the policy, its frozen copy pi_ref, the critic; the task reward
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # every model stays in eval mode (no dropout), so the training pass reproduces the rollout's log-probs
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
+    ref_policy.requires_grad_(False)
+    critic = Critic(args.model_name_or_path).to(device).eval()  # learns V of the guide (its roll-outs)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's warning
+    # the guide: frozen, in eval mode, a model of its own (never the policy or a view of it)
+    guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
+    if guide_tokenizer.pad_token is None:
+        guide_tokenizer.pad_token = guide_tokenizer.eos_token
+    guide_model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=torch.float32).to(device).eval()
+    guide_model.requires_grad_(False)
+    guide_model.generation_config.pad_token_id = guide_tokenizer.pad_token_id
+    guide = SimpleNamespace(model=guide_model, tokenizer=guide_tokenizer, same_tokenizer=(
+        args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()))
+    train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
+    eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
+    reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label,
+                                       train_references=[e["references"] for e in train_examples])
+    perplexity_lm = (ref_policy, tokenizer)
+    if args.task == "imdb" and args.perplexity_model:
+        perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model).to(device).eval(),
+                         AutoTokenizer.from_pretrained(args.perplexity_model))
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=args.learning_rate,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    # rollouts sample (every setting explicit, so nothing comes from the checkpoint's generation_config)
+    lengths = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generation_config = GenerationConfig(**lengths, **sampling, return_dict_in_generate=True, output_logits=True)
+    eval_generation_config = GenerationConfig(**lengths, **({"do_sample": False} if args.eval_greedy else sampling))
+    kl_coef = args.kl_coef
+    print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
+          f"{args.batch_size} episodes on {device}; TensorBoard: runs/{run_name}")
+
+    def run_eval(iteration):
+        result, samples = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
+                                   perplexity_lm, args, device, autocast)
+        for name, value in result.items():
+            writer.add_scalar(f"eval/{name}", value, global_episodes)
+        writer.add_text("eval/samples", samples_table(samples), global_episodes)
+        print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
+
+    global_episodes, train_seconds = 0, 0.0
+    if args.eval_every:
+        run_eval(0)
+    prompt_order = torch.randperm(len(train_examples)).tolist()
+    for iteration in range(1, args.num_iterations + 1):
+        iteration_start = time.perf_counter()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+        if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
+            prompt_order += torch.randperm(len(train_examples)).tolist()
+        batch = [train_examples[i] for i in prompt_order[: args.batch_size]]
+        del prompt_order[: args.batch_size]
+
+        # 1. rollout: with probability beta the policy rolls in k tokens, then the guide rolls out to H
+        with autocast:
+            prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
+                policy, guide, tokenizer, batch, generation_config, args, device, rng)
+        response_masks = policy_masks + value_masks  # the episode: the policy's k tokens, then the guide's
+        generate_seconds = time.perf_counter() - iteration_start
+        num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
+        responses, response_masks, policy_masks, value_masks, logprobs = (
+            x[:, :num_tokens] for x in (responses, response_masks, policy_masks, value_masks, logprobs))
+        query_responses = torch.cat([prompt_ids, responses], 1)
+        attention_masks = torch.cat([prompt_mask, response_masks], 1)
+        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+        # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
+        ref_logprobs, values = [], []
+        with torch.inference_mode(), autocast:
+            for start in range(0, args.batch_size, args.rollout_batch_size):
+                chunk = slice(start, start + args.rollout_batch_size)
+                ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
+                ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
+                values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
+            ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
+            scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
+        if args.missing_eos_penalty is not None:
+            scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
+        mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
+
+        # KL on the policy's tokens; GAE over the whole episode; the policy gradient on the roll-in only
+        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
+        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
+        advantages = masked_whiten(advantages, policy_mask)
+        rollout_seconds = time.perf_counter() - iteration_start
+
+        # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
+        update_start = time.perf_counter()
+        stats = {name: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    start = minibatch * args.minibatch_size + micro * args.micro_batch_size
+                    idx = order[start : start + args.micro_batch_size]
+                    with autocast:
+                        logits = response_logits(policy, query_responses[idx], attention_masks[idx], num_tokens)
+                        new_values = critic(query_responses[idx], attention_masks[idx], num_tokens)
+                    new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
+                    loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
+                                                 advantages[idx], returns[idx], policy_mask[idx], value_mask[idx], args)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature),
+                                                             policy_mask[idx])
+                    for name, value in micro_stats.items():
+                        stats[name][epoch, minibatch, micro] = value
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_seconds = time.perf_counter() - update_start
+
+        # 4. logging (and the adaptive KL controller)
+        global_episodes += args.batch_size
+        train_seconds += time.perf_counter() - iteration_start
+        mean_kl = kl.sum(1).mean().item()
+        k = policy_masks.sum(1)  # the switch time: policy tokens before the guide took over
+        mean_score = scores.mean().item()
+        with torch.no_grad():
+            explained_variance = (1 - (returns - values)[value_mask.bool()].var()
+                                  / returns[value_mask.bool()].var().clamp(min=1e-8))
+        logs = {
+            "objective/scores": mean_score,
+            "objective/kl": mean_kl,
+            "objective/entropy": -(logprobs * policy_mask).sum(1).mean().item(),
+            "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
+            "objective/kl_coef": kl_coef,
+            "policy/approxkl_avg": stats["approxkl"].mean().item(),
+            "policy/clipfrac_avg": stats["clipfrac"].mean().item(),
+            "policy/entropy_avg": stats["entropy"].mean().item(),
+            "loss/policy_avg": stats["policy_loss"].mean().item(),
+            "loss/value_avg": stats["value_loss"].mean().item(),
+            "val/ratio": stats["ratio"].mean().item(),
+            "val/explained_variance": explained_variance.item(),
+            "val/num_eos_tokens": (responses == tokenizer.eos_token_id).sum().item(),
+            "charts/episodes": global_episodes,
+            "charts/eps": global_episodes / train_seconds,
+            "charts/lr": optimizer.param_groups[0]["lr"],
+            "guide/mixed_fraction": (k > 0).float().mean().item(),
+            "timing/generate_s": generate_seconds,
+            "timing/score_s": rollout_seconds - generate_seconds,
+            "timing/update_s": update_seconds,
+            "timing/iteration_s": time.perf_counter() - iteration_start,
+        }
+        if (k > 0).any():
+            logs["guide/mean_k"] = k[k > 0].float().mean().item()
+            logs["guide/score_mixed"] = scores[k > 0].mean().item()
+        if (k == 0).any():
+            logs["guide/score_unmixed"] = scores[k == 0].mean().item()
+        for name, value in logs.items():
+            writer.add_scalar(name, value, global_episodes)
+        print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
+              f"kl {mean_kl:.4f} mixed {(k > 0).float().mean().item():.2f} eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
+              f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
+        if args.kl_target is not None:  # Ziegler et al.'s proportional controller
+            error = float(np.clip(mean_kl / args.kl_target - 1, -0.2, 0.2))
+            kl_coef *= 1 + error * args.batch_size / args.kl_horizon
+        if args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
+            run_eval(iteration)
+
+    if args.save_model:
+        save_path = args.save_path or f"models/{run_name}"
+        policy.save_pretrained(save_path)
+        tokenizer.save_pretrained(save_path)
+        print(f"saved the policy to {save_path}")
+    writer.close()
