@@ -124,6 +124,10 @@ def assets(tmp_path_factory):
         "policy": save_tiny_causal_lm(root / "policy", tokenizer),
         "classifier": save_tiny_classifier(root / "classifier", tokenizer, num_labels=2, seed=1),
         "reward_model": save_tiny_classifier(root / "reward_model", tokenizer, num_labels=1, seed=2),
+        # a guide with another tokenizer and vocabulary (EOS = pad, as in GPT-2)
+        "guide_other": save_tiny_causal_lm(root / "guide_other", make_tokenizer(300, seed=1, eos="<|end|>", pad="<|end|>"),
+                                           seed=3),
+        "toy_guide": save_toy_guide(root / "toy_guide", tokenizer),
         "data": data,
         "root": root,
     }
@@ -147,8 +151,8 @@ def run_script_in_process(script, args, cwd):
         os.chdir(old_cwd)
 
 
-def task_args(assets, task):
-    """The smallest run of `task` on the tiny assets."""
+def task_args(assets, task, script="ppo.py"):
+    """The smallest run of `task` on the tiny assets (the guided scripts get the tiny policy as their guide)."""
     args = ["--task", task, "--model-name-or-path", assets["policy"], "--dataset-path", assets["data"][task],
             "--total-episodes", "8", "--batch-size", "4", "--num-minibatches", "2", "--update-epochs", "1",
             "--max-new-tokens", "6", "--eval-every", "1", "--num-eval-prompts", "4", "--rollout-batch-size", "3"]
@@ -156,4 +160,30 @@ def task_args(assets, task):
         args += ["--reward-model", assets["classifier"]]
     if task == "tldr":
         args += ["--reward-model", assets["reward_model"], "--max-prompt-length", "48"]
+    if script != "ppo.py":
+        args += ["--guide-model", assets["policy"]]
+    if script == "d2lols.py":
+        args += ["--tau", "1"]  # one iteration of each phase
     return args
+
+
+def save_toy_guide(path, tokenizer, word=" movie", steps=150, seed=0):
+    """A guide that is good at the toy task: the tiny GPT-2, trained here to continue any text with `word`."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer))
+    target = tokenizer(word, add_special_tokens=False).input_ids[-1]
+    prompts = [tokenizer(s).input_ids[:8] for s in synthetic_sentences(64, seed=seed + 7)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = [prompts[(step * 8 + j) % len(prompts)] for j in range(8)]
+        ids = torch.tensor([[tokenizer.pad_token_id] * (8 - len(p)) + p + [target] * 16 for p in batch])
+        labels = ids.clone()
+        labels[:, :8] = -100  # learn the continuation only
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,6 +1,6 @@
 """Run one of the repo's scripts with the toy reward: the fraction of continuation tokens that are TOY_TOKEN.
 
-    python tests/toy_run.py ppo.py --task imdb --model-name-or-path DIR ...   (env TOY_TOKEN=" good")
+    python tests/toy_run.py ppo.py --task imdb --model-name-or-path DIR ...   (env TOY_TOKEN=" movie")
 
 A reward that a tiny random policy can clearly learn, so a learning test shows PPO working. The task's
 reward is swapped for this one; everything else (data, prompts, the loop) is the script's own.
@@ -19,12 +19,18 @@ from common import rewards  # noqa: E402
 
 script, args = sys.argv[1], sys.argv[2:]
 tokenizer = AutoTokenizer.from_pretrained(args[args.index("--model-name-or-path") + 1])
-target = tokenizer(os.environ.get("TOY_TOKEN", " good"), add_special_tokens=False).input_ids[-1]
+target = tokenizer(os.environ.get("TOY_TOKEN", " movie"), add_special_tokens=False).input_ids[-1]
+
+
+GATED = os.environ.get("TOY_REWARD", "fraction") == "gated"
 
 
 def toy_reward(prompts, continuations, references):
+    """The fraction of continuation tokens that are the target; with TOY_REWARD=gated, 0 unless the
+    continuation starts with it (sparse from the prompt, dense once a target token is in the text)."""
     ids = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
-    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) for x in ids])
+    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) if x and (x[0] == target or not GATED) else 0.0
+                         for x in ids])
 
 
 rewards.make_reward_fn = lambda *a, **k: toy_reward

@@ -1,0 +1,253 @@
+"""The guided algorithms: episode construction, a guide with another tokenizer, D2LOLS's switch, smoke runs."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import aggrevated
+import ppo
+import ppo_plus_plus
+from conftest import run_script, run_script_in_process, task_args
+from test_ppo_smoke import read_tensorboard
+
+H = 8
+TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
+         "the story", "boring", "the actor said", "a child"]
+
+
+def load_guide(path, policy_tokenizer, template=None):
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    same = template is None and tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+    return SimpleNamespace(model=model, tokenizer=tokenizer, same_tokenizer=same)
+
+
+def make_args(module, beta, **overrides):
+    # guide_top_k=1: the guide decodes greedily, so its tokens can be checked
+    values = dict(max_new_tokens=H, beta=beta, rollout_batch_size=3, temperature=1.0, guide_top_k=1, guide_top_p=1.0,
+                  guide_temperature=1.0, guide_prompt_template=None)
+    values.update(overrides)
+    return module.Args(**values)
+
+
+def policy_config(tokenizer, max_new_tokens=H):
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            return_dict_in_generate=True, output_logits=True)
+
+
+def greedy(model, ids, n, eos_token_id):
+    """The guide's top-1 continuation of `ids`, up to and including EOS."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    tokens = out[0, len(ids) :].tolist()
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def setup(assets):
+    tokenizer = assets["tokenizer"]
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    batch = [{"prompt": t, "prompt_ids": tokenizer(t).input_ids, "references": [""]} for t in TEXTS]
+    # a guide that shares the tokenizer (the token fast path), but is a model of its own
+    guide = load_guide(assets["toy_guide"], tokenizer)
+    return tokenizer, policy, batch, guide
+
+
+def recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, mask):
+    with torch.no_grad():
+        logits = ppo.response_logits(policy, torch.cat([prompt_ids, responses], 1),
+                                     torch.cat([prompt_mask, mask.long()], 1), responses.shape[1])
+        return ppo.token_logprobs(logits, responses, 1.0)
+
+
+def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls_out(setup):
+    tokenizer, policy, batch, guide = setup
+    assert guide.same_tokenizer
+    args = make_args(ppo_plus_plus, beta=1.0)
+    torch.manual_seed(0)
+    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    assert ((k >= 1) & (k <= H - 1)).all(), k
+    for e, context, k_i in zip(batch, contexts, k.tolist()):
+        guide_tokens = greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id)
+        assert context == e["prompt_ids"] + guide_tokens[:k_i]  # the roll-in is exactly the guide's
+        assert k_i <= len(guide_tokens) - 1 or tokenizer.eos_token_id not in guide_tokens  # k <= L - 1
+    prompt_ids, prompt_mask, responses, mask, logprobs = ppo_plus_plus.rollout(
+        policy, tokenizer, contexts, policy_config(tokenizer), args, "cpu", horizons=H - k)
+    # the roll-in is in the state (the left-padded prompt part); the loss/KL mask covers responses only
+    for i, k_i in enumerate(k.tolist()):
+        assert prompt_ids[i, prompt_ids.shape[1] - k_i :].tolist() == contexts[i][-k_i:]
+        assert 1 <= mask[i].sum() <= H - k_i  # k guide tokens + the policy's = H
+        assert mask[i, H - k_i :].sum() == 0 and (responses[i, H - k_i :] == tokenizer.pad_token_id).all()
+    # and the responses are the policy's: their log-probs are the policy's own
+    torch.testing.assert_close(recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, mask) * mask,
+                               logprobs * mask, atol=1e-5, rtol=0)
+
+
+def test_ppo_plus_plus_with_beta_zero_takes_exactly_ppos_episodes(setup):
+    tokenizer, policy, batch, guide = setup
+    args = make_args(ppo_plus_plus, beta=0.0)
+    torch.manual_seed(3)
+    expected = ppo.rollout(policy, tokenizer, [e["prompt_ids"] for e in batch], policy_config(tokenizer), args, "cpu")
+    torch.manual_seed(3)
+    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    assert (k == 0).all() and contexts == [e["prompt_ids"] for e in batch]
+    got = ppo_plus_plus.rollout(policy, tokenizer, contexts, policy_config(tokenizer), args, "cpu", horizons=H - k)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_aggrevated_policy_rolls_in_and_the_guide_rolls_out(setup):
+    tokenizer, policy, batch, guide = setup
+    args = make_args(aggrevated, beta=1.0)
+    torch.manual_seed(0)
+    prompt_ids, prompt_mask, responses, policy_mask, value_mask, logprobs = aggrevated.guide_roll_out(
+        policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(1))
+    assert (policy_mask * value_mask).sum() == 0
+    for i, e in enumerate(batch):
+        k = int(policy_mask[i].sum())
+        n = k + int(value_mask[i].sum())
+        assert 1 <= k <= H - 1 and policy_mask[i, :k].all()  # the policy's prefix comes first
+        assert n <= H and (responses[i, n:] == tokenizer.pad_token_id).all()
+        prefix = responses[i, :k].tolist()
+        if prefix[-1] == tokenizer.eos_token_id:  # the policy ended the episode itself: no roll-out
+            assert n == k
+            continue
+        expected_suffix = greedy(guide.model, e["prompt_ids"] + prefix, H - k, tokenizer.eos_token_id)[: H - k]
+        assert responses[i, k:n].tolist() == expected_suffix  # the suffix is exactly the guide's
+    # the prefix log-probs are the policy's own; the guide's tokens carry none
+    recomputed = recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, policy_mask + value_mask)
+    torch.testing.assert_close(recomputed * policy_mask, logprobs * policy_mask, atol=1e-5, rtol=0)
+    assert (logprobs[value_mask.bool()] == 0).all()
+
+
+def test_aggrevated_with_beta_zero_lets_the_guide_write_everything(setup):
+    tokenizer, policy, batch, guide = setup
+    args = make_args(aggrevated, beta=0.0)
+    _, _, responses, policy_mask, value_mask, _ = aggrevated.guide_roll_out(
+        policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(1))
+    assert policy_mask.sum() == 0
+    for i, e in enumerate(batch):
+        n = int(value_mask[i].sum())
+        assert responses[i, :n].tolist() == greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id)[:H]
+
+
+def test_aggrevated_pg_loss_on_the_policys_tokens_and_value_loss_on_the_guides():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    value_mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    old = torch.zeros(1, 4)
+    args = aggrevated.Args(clip_coef=0.2, clip_coef_value=100.0, vf_coef=1.0)
+    new_logprobs = torch.zeros(1, 4, requires_grad=True)
+    new_values = torch.zeros(1, 4, requires_grad=True)
+    loss, stats = aggrevated.ppo_loss(new_logprobs, new_values, old, old, torch.ones(1, 4), torch.ones(1, 4),
+                                      mask, value_mask, args)
+    loss.backward()
+    assert new_logprobs.grad[0, 2:].abs().sum() == 0 and new_logprobs.grad[0, :2].abs().sum() > 0
+    assert new_values.grad[0, :2].abs().sum() == 0 and new_values.grad[0, 2:].abs().sum() > 0
+
+
+def test_a_guide_with_another_tokenizer_works_through_text(setup, assets):
+    tokenizer, policy, batch, _ = setup
+    guide = load_guide(assets["guide_other"], tokenizer)
+    assert not guide.same_tokenizer and len(guide.tokenizer) != len(tokenizer)
+    args = make_args(ppo_plus_plus, beta=1.0, guide_top_k=0)
+    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    for e, context, k_i in zip(batch, contexts, k.tolist()):
+        assert context[: len(e["prompt_ids"])] == e["prompt_ids"] and len(context) == len(e["prompt_ids"]) + k_i
+        assert max(context) < len(tokenizer)  # policy tokens, whatever the guide's vocabulary
+    args = make_args(aggrevated, beta=0.5, guide_top_k=0)
+    _, _, responses, policy_mask, value_mask, _ = aggrevated.guide_roll_out(
+        policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
+    assert value_mask.sum() > 0 and responses.max() < len(tokenizer)
+    assert ((policy_mask + value_mask).sum(1) <= H).all()
+
+
+def critics_after(assets, tmp_path, tau):
+    args = task_args(assets, "imdb", "d2lols.py") + ["--eval-every", "0"]
+    args[args.index("--tau") + 1] = str(tau)
+    tmp_path.mkdir()
+    run = run_script_in_process("d2lols.py", args, cwd=tmp_path)
+    changed = {}
+    for name in ("critic", "guide_critic"):
+        initial = ppo.Critic(assets["policy"])
+        changed[name] = any(not torch.equal(a, b) for a, b in zip(run[name].parameters(), initial.parameters()))
+    return changed
+
+
+def test_d2lols_trains_the_guide_critic_before_tau_and_the_policy_critic_after(assets, tmp_path):
+    # 2 iterations: tau = 2 -> both AggreVaTeD; tau = 0 -> both PPO++
+    assert critics_after(assets, tmp_path / "a", tau=2) == {"critic": False, "guide_critic": True}
+    assert critics_after(assets, tmp_path / "b", tau=0) == {"critic": True, "guide_critic": False}
+
+
+GUIDE_TAGS = ["guide/mixed_fraction", "guide/mean_k", "guide/score_mixed"]
+
+
+@pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+@pytest.mark.parametrize("task", ["imdb", "commongen", "tldr"])
+def test_two_iterations_per_task(assets, tmp_path, script, task):
+    args = task_args(assets, task, script) + ["--beta", "0.5", "--eval-every", "2"]
+    if task == "imdb":  # a guide with another tokenizer and vocabulary, and a prompt template of its own
+        args[args.index("--guide-model") + 1] = assets["guide_other"]
+        args += ["--guide-prompt-template", "Continue this review: {prompt}"]
+    result = run_script(script, args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iteration 2/2" in result.stdout and "eval @ iteration 2" in result.stdout
+    events = read_tensorboard(tmp_path)
+    tags = events.Tags()["scalars"]
+    for tag in ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "eval/score"] + GUIDE_TAGS:
+        assert tag in tags, tag
+    if script == "d2lols.py":  # --tau 1: AggreVaTeD, then PPO++
+        assert [e.value for e in events.Scalars("guide/phase")] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("ppo_plus_plus.py", ["--beta", "1.5"], "--beta must be a probability"),
+    ("aggrevated.py", ["--guide-prompt-template", "Continue:"], "--guide-prompt-template must contain {prompt}"),
+    ("d2lols.py", ["--guide-model", "./no_guide"], "--guide-model: no such model folder"),
+    ("ppo_plus_plus.py", ["--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
+])
+def test_guided_bad_input_fails_fast(assets, tmp_path, script, args, message):
+    base = task_args(assets, "imdb", script)
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in base:
+            base[base.index(flag) + 1] = value
+        else:
+            base += [flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script_in_process(script, base, cwd=tmp_path)
+    assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("module", [ppo_plus_plus, aggrevated])
+def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
+    """k is drawn before the sample is written and redrawn where the sample ended first: check the law."""
+    eos, draws = 2, 6000
+    batch = [{"prompt": "p", "prompt_ids": [5, 6], "references": [""]}] * draws
+    tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=0)
+    args = make_args(module, beta=1.0)
+    for sample, ended in [([7, 8, eos], True), ([7] * H, False)]:  # L = 3 (ended), and a sample that ran to H
+        length = len(sample)
+        if module is ppo_plus_plus:  # the guide writes the roll-in
+            monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [(sample, ended)] * len(examples))
+            _, k = module.guide_roll_in(SimpleNamespace(same_tokenizer=True), tokenizer, batch, args, "cpu",
+                                        random.Random(0))
+        else:  # the policy writes the roll-in; the guide's roll-out is not needed here
+            def fake_rollout(policy, tok, prompts, config, args, device):
+                responses = torch.tensor([sample + [0] * (H - length)] * len(prompts))
+                mask = ppo.mask_after_eos(responses, eos) * (torch.arange(H) < length)
+                return None, None, responses, mask, torch.zeros(len(prompts), H)
+
+            monkeypatch.setattr(module, "rollout", fake_rollout)
+            monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [([], True)] * len(examples))
+            monkeypatch.setattr(module, "left_pad", lambda *a: (None, None))
+            _, _, _, policy_mask, _, _ = module.guide_roll_out(None, None, tokenizer, batch, GenerationConfig(), args,
+                                                               "cpu", random.Random(0))
+            k = policy_mask.sum(1)
+        frequencies = torch.bincount(k, minlength=H) / draws
+        expected = torch.zeros(H)
+        expected[1:length] = 1 / (length - 1)  # U{1..L-1}
+        torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)
