@@ -179,9 +179,9 @@ def save_toy_guide(path, tokenizer, word=" movie", steps=150, seed=0):
     for step in range(steps):
         batch = [prompts[(step * 8 + j) % len(prompts)] for j in range(8)]
         ids = torch.tensor([[tokenizer.pad_token_id] * (8 - len(p)) + p + [target] * 16 for p in batch])
-        labels = ids.clone()
-        labels[:, :8] = -100  # learn the continuation only
-        model(input_ids=ids, labels=labels).loss.backward()
+        attention_mask = (ids != tokenizer.pad_token_id).long()
+        labels = ids.masked_fill(torch.arange(ids.shape[1]) < 8, -100)  # learn the continuation only
+        model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(path)

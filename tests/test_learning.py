@@ -1,23 +1,38 @@
-"""Learning evidence: PPO raises a toy reward that the tiny policy can learn (CPU, fixed seed)."""
+"""Learning evidence: the algorithms raise a toy reward that the tiny policy can learn (CPU, fixed seed).
+
+The toy reward (tests/toy_run.py) is the fraction of continuation tokens that are " movie". How the
+guided algorithms compare with PPO on it is a benchmark, not a test: benchmarks/toy_guided.py.
+"""
 
 import re
 
 from conftest import run_script
 
 
-def toy_scores(assets, cwd, script="ppo.py", iterations=30, extra=()):
+def run_toy(assets, cwd, script="ppo.py", iterations=30, extra=()):
+    """Training scores per iteration and eval scores (the policy alone) of one toy run."""
     args = [script, "--task", "imdb", "--model-name-or-path", assets["policy"], "--reward-model", assets["classifier"],
             "--dataset-path", assets["data"]["imdb"], "--total-episodes", str(32 * iterations), "--batch-size", "32",
             "--num-minibatches", "4", "--update-epochs", "4", "--max-new-tokens", "8", "--eval-every", "0",
             "--learning-rate", "3e-3", "--kl-coef", "0", "--gamma", "1", "--seed", "1", *extra]
     result = run_script("tests/toy_run.py", args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [float(s) for s in re.findall(r"^iteration \d+/\d+ episodes \d+ score ([-\d.]+)", result.stdout, re.M)]
+    train = [float(s) for s in re.findall(r"^iteration \d+/\d+ episodes \d+ score ([-\d.]+)", result.stdout, re.M)]
+    evals = [float(s) for s in re.findall(r"^eval @ iteration \d+: score ([-\d.]+)", result.stdout, re.M)]
+    return train, evals
 
 
 def test_ppo_raises_the_toy_reward(assets, tmp_path):
-    scores = toy_scores(assets, tmp_path)
+    scores, _ = run_toy(assets, tmp_path)
     assert len(scores) == 30
     start, end = sum(scores[:3]) / 3, sum(scores[-5:]) / 5
     # a random tiny policy writes the chosen token ~1/400 of the time; PPO makes it most of the continuation
     assert start < 0.05 and end > 0.5, scores
+
+
+def test_ppo_plus_plus_with_a_good_guide_raises_the_policys_own_reward(assets, tmp_path):
+    # training scores include the guide's roll-in tokens, so judge the policy alone: eval before and after
+    _, evals = run_toy(assets, tmp_path, "ppo_plus_plus.py",
+                       extra=["--guide-model", assets["toy_guide"], "--eval-every", "30", "--num-eval-prompts", "32"])
+    assert len(evals) == 2
+    assert evals[0] < 0.05 and evals[1] > 0.5, evals
