@@ -1,8 +1,9 @@
-"""Throughput of one PPO iteration, phase by phase (a benchmark, not a test).
+"""Throughput of one PPO iteration, phase by phase, for each algorithm (a benchmark, not a test).
 
-Runs the real script (ppo.py) for a few iterations in a subprocess and reads the per-phase times it
-logs to TensorBoard (timing/generate_s, timing/score_s, timing/update_s, timing/iteration_s):
-    generate  the policy samples the continuations (KV cache)
+Runs the real scripts (ppo.py, and with --scripts the guided ones at the same settings) for a few
+iterations in a subprocess and reads the per-phase times they log to TensorBoard
+(timing/generate_s, timing/score_s, timing/update_s, timing/iteration_s):
+    generate  the policy (and the guide) sample the continuations (KV cache)
     score     pi_ref log-probs, critic values, the task reward, KL, GAE
     update    the PPO epochs (forward, backward, AdamW)
 and prints episodes/s and tokens/s (generated tokens) per phase, as medians over the timed
@@ -11,6 +12,9 @@ iterations (the first, warm-up iteration is left out).
     # a real model (see ../shared/tools/offline_models.py): CPU, batch 16, 48 new tokens
     python benchmarks/throughput.py --model /tmp/models/smollm2-135m --reward-model /tmp/models/sentiment-imdb \\
         --dataset-path ../shared/data/imdb
+
+    # every algorithm at the same settings, each one's iteration time against PPO's
+    python benchmarks/throughput.py --model ... --reward-model ... --scripts ppo.py ppo_plus_plus.py aggrevated.py d2lols.py
 
     # the TRL peer's exact settings on its tiny models (../shared/bench/peer_trl), one RESULT line that
     # ../shared/bench/peer_trl/measure.py understands
@@ -51,15 +55,15 @@ def read_timings(run_dir):
     return {phase: [e.value for e in events.Scalars(f"timing/{phase}_s")] for phase in PHASES}
 
 
-def run_ppo(script_args, threads):
+def run_ppo(script, script_args, threads):
     with tempfile.TemporaryDirectory(prefix="throughput-") as run_dir:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *script_args], cwd=run_dir, env=env,
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *script_args], cwd=run_dir, env=env,
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            sys.exit(f"ppo.py failed:\n{result.stderr[-3000:]}")
+            sys.exit(f"{script} failed:\n{result.stderr[-3000:]}")
         return read_timings(run_dir)
 
 
@@ -76,22 +80,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="policy checkpoint (local folder)")
     parser.add_argument("--reward-model", help="reward model (local folder)")
+    parser.add_argument("--guide-model", help="the guided scripts' guide (default: the policy checkpoint)")
+    parser.add_argument("--scripts", nargs="+", default=["ppo.py"],
+                        help="scripts to time at the same settings: ppo.py ppo_plus_plus.py aggrevated.py d2lols.py")
     parser.add_argument("--task", default="imdb")
     parser.add_argument("--dataset-path", default=os.path.join(ROOT, "..", "shared", "data", "imdb"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--iterations", type=int, default=4, help="timed iterations (plus one warm-up)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per script (medians over all their iterations)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--peer-trl", metavar="FIXTURE", help="mirror the TRL peer on the folder make_tiny.py wrote")
-    parser.add_argument("--extra", default="", help="more ppo.py flags, e.g. '--bf16'")
+    parser.add_argument("--extra", default="", help="more flags for every script, e.g. '--bf16'")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:
         if args.peer_trl:
             fixture = os.path.abspath(args.peer_trl)
-            script_args = ["--task", "tldr", "--model-name-or-path", os.path.join(fixture, "policy"),
-                           "--reward-model", os.path.join(fixture, "policy"), "--dataset-path",
-                           peer_trl_data(fixture, data_dir), *PEER_TRL_ARGS]
+            policy = os.path.join(fixture, "policy")
             # the peer's reward model has no tokenizer files of its own: score with the policy's tokenizer
             reward_dir = os.path.join(data_dir, "reward")
             os.makedirs(reward_dir)
@@ -100,31 +106,48 @@ def main():
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if not os.path.exists(os.path.join(reward_dir, name)):
                     os.symlink(os.path.join(fixture, "tokenizer", name), os.path.join(reward_dir, name))
-            script_args[script_args.index("--reward-model") + 1] = reward_dir
-            batch_size, new_tokens, warmup = 16, 24, 0
+            script_args = ["--task", "tldr", "--model-name-or-path", policy, "--reward-model", reward_dir,
+                           "--dataset-path", peer_trl_data(fixture, data_dir), *PEER_TRL_ARGS]
+            batch_size, new_tokens, warmup, iterations = 16, 24, 0, 10
         else:
             if not args.model or not args.reward_model:
                 parser.error("--model and --reward-model are required (or --peer-trl)")
-            batch_size, new_tokens, warmup = args.batch_size, args.max_new_tokens, 1
+            policy = args.model
+            batch_size, new_tokens, warmup, iterations = args.batch_size, args.max_new_tokens, 1, args.iterations + 1
             script_args = ["--task", args.task, "--model-name-or-path", args.model, "--reward-model", args.reward_model,
                            "--dataset-path", args.dataset_path, "--batch-size", str(batch_size),
-                           "--total-episodes", str(batch_size * (args.iterations + 1)), "--num-minibatches", "2",
+                           "--total-episodes", str(batch_size * iterations), "--num-minibatches", "2",
                            "--update-epochs", "4", "--max-new-tokens", str(new_tokens), "--eval-every", "0",
                            "--rollout-batch-size", str(batch_size)]
-        timings = run_ppo(script_args + args.extra.split(), args.threads)
+        results = {}
+        for script in args.scripts:
+            extra = args.extra.split()
+            if script != "ppo.py":  # the guide: its own frozen copy of the policy checkpoint unless given
+                extra += ["--guide-model", args.guide_model or policy]
+            if script == "d2lols.py":  # half the iterations in each phase
+                extra += ["--tau", str(iterations // 2)]
+            runs = [run_ppo(script, script_args + extra, args.threads) for _ in range(args.repeats)]
+            results[script] = {phase: [t for run in runs for t in run[phase][warmup:]] for phase in PHASES}
 
-    if args.peer_trl:  # the peer's RESULT: every update timed, the first included
+    if args.peer_trl and args.scripts == ["ppo.py"]:  # the peer's RESULT: every update timed, the first included
+        timings = results["ppo.py"]
         seconds = sum(timings["iteration"])
         episodes = batch_size * len(timings["iteration"])
         print(" ".join(f"{p}={sum(timings[p]):.2f}" for p in PHASES), "(seconds, all iterations)")
         print(f"RESULT episodes={episodes} seconds={seconds:.1f} eps={episodes / seconds:.2f} updates={len(timings['iteration'])}")
         return
-    print(f"{len(timings['iteration']) - warmup} timed iterations of {batch_size} episodes x {new_tokens} new tokens "
-          f"(median; the warm-up iteration left out)")
-    print(f"{'phase':<10} {'seconds':>8} {'episodes/s':>11} {'tokens/s':>10}")
-    for phase in PHASES:
-        seconds = statistics.median(timings[phase][warmup:])
-        print(f"{phase:<10} {seconds:8.3f} {batch_size / seconds:11.2f} {batch_size * new_tokens / seconds:10.1f}")
+    print(f"{batch_size} episodes x {new_tokens} new tokens per iteration; medians over "
+          f"{len(results[args.scripts[0]]['iteration'])} timed iterations per script"
+          + ("" if args.peer_trl else " (the warm-up iteration left out)"))
+    print(f"{'script':<18} {'phase':<10} {'seconds':>8} {'episodes/s':>11} {'tokens/s':>10} {'x ppo.py':>9}")
+    for script, timings in results.items():
+        for phase in PHASES:
+            seconds = statistics.median(timings[phase])
+            ratio = ""
+            if phase == "iteration" and "ppo.py" in results:
+                ratio = f"{seconds / statistics.median(results['ppo.py']['iteration']):9.2f}"
+            print(f"{script:<18} {phase:<10} {seconds:8.3f} {batch_size / seconds:11.2f} "
+                  f"{batch_size * new_tokens / seconds:10.1f} {ratio}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ def eval_scores(script, seed, assets, args):
     return [float(x) for x in re.findall(r"^eval @ iteration \d+: score ([-\d.]+)", result.stdout, re.M)]
 
 
+def iterations_to_target(scores, target):
+    """The first iteration whose eval score reaches `target` (scores[0] is before training), else inf."""
+    return next((i for i, s in enumerate(scores) if s >= target), float("inf"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scripts", nargs="+", default=["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
@@ -70,9 +75,9 @@ def main():
             reached = []
             for seed in args.seeds:
                 scores = eval_scores(script, seed, assets, args)
-                first = next((i for i, s in enumerate(scores) if s >= args.target), None)  # index = iteration
-                reached.append(first if first is not None else float("inf"))
-                print(f"{script:<18} {seed:>4} {first if first is not None else '-':>21} {scores[-1]:>10.3f}", flush=True)
+                reached.append(iterations_to_target(scores, args.target))
+                first = "-" if reached[-1] == float("inf") else reached[-1]
+                print(f"{script:<18} {seed:>4} {first:>21} {scores[-1]:>10.3f}", flush=True)
             print(f"{script:<18} {'med':>4} {statistics.median(reached):>21}")
 
 
