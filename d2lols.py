@@ -288,13 +288,16 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
 
 
 @torch.inference_mode()
-def rollout(policy, tokenizer, prompts, generation_config, args, device, horizons=None):
-    """The policy writes every continuation: sampled with the KV cache, --rollout-batch-size prompts a call.
+def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_ins):
+    """The policy continues each prompt + roll-in to the horizon: sampled with the KV cache,
+    --rollout-batch-size prompts a call.
 
-    Returns the left-padded prompts and their mask, the responses padded to the horizon H, the
-    response mask (1 up to and including the first EOS, and within the row's horizon) and the
-    sampled tokens' log-probs, taken from generate's own logits (no second forward pass)."""
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    Returns the left-padded prompts and their mask, and the episodes laid out as in PPO, prompt |
+    response, where the response is the k roll-in tokens then the policy's H - k (k + policy tokens
+    = H): the response mask (1 up to and including the first EOS), the sampled tokens' log-probs,
+    taken from generate's own logits (no second forward pass), and the policy mask (1 on the
+    policy's tokens; the roll-in is state, with no loss)."""
+    prompt_ids, prompt_mask = left_pad([p + r for p, r in zip(prompts, roll_ins)], tokenizer.pad_token_id, device)
     responses, logprobs = [], []
     for start in range(0, len(prompts), args.rollout_batch_size):
         chunk = slice(start, start + args.rollout_batch_size)
@@ -307,9 +310,16 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, horizon
         logprobs.append(nn.functional.pad(logprob, (0, pad)))
     responses, logprobs = torch.cat(responses), torch.cat(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    if horizons is not None:  # nor what passes the row's horizon (PPO++: H - k)
-        response_mask *= torch.arange(responses.shape[1], device=device) < horizons[:, None]
-    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
+    # lay the episodes out as prompt | roll-in + policy tokens: every row is prompt + H tokens, as in PPO
+    episodes, episode_logprobs = torch.full_like(responses, tokenizer.pad_token_id), torch.zeros_like(logprobs)
+    episode_mask, policy_mask = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
+    for i, roll_in in enumerate(roll_ins):
+        k, n = len(roll_in), min(int(response_mask[i].sum()), args.max_new_tokens - len(roll_in))
+        episodes[i, :k] = torch.tensor(roll_in, dtype=torch.long)
+        episodes[i, k : k + n], episode_logprobs[i, k : k + n] = responses[i, :n], logprobs[i, :n]
+        episode_mask[i, : k + n], policy_mask[i, k : k + n] = 1, 1
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
 
 
 @torch.inference_mode()
@@ -348,7 +358,7 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     """PPO++'s restarts. With probability beta the guide rolls in: it writes the first k tokens of the
     continuation, k ~ U{1..L-1} for its sample of length L (in policy tokens). Returns the states the
-    policy starts from (prompt + roll-in) and k per row (0: a plain PPO episode).
+    policy starts from as roll-in tokens per row (k of them; none: a plain PPO episode).
 
     k is drawn before the guide writes, so the guide writes only up to the largest k (through text, k
     counts policy tokens, so up to H). Where its sample ends first (L <= k), k is drawn again within
@@ -356,19 +366,18 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     H = args.max_new_tokens
     mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
     k_draw = {i: rng.randint(1, H - 1) for i in mixed}
-    k = [0] * len(batch)
-    contexts = [e["prompt_ids"] for e in batch]
+    roll_ins = [[] for _ in batch]
     if mixed:
         max_new_tokens = max(k_draw.values()) if guide.same_tokenizer else H
         samples = guide_continue(guide, tokenizer, [batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens,
                                  args, device)
         for i, (tokens, ended) in zip(mixed, samples):
             if ended and len(tokens) <= k_draw[i]:
-                k[i] = rng.randint(1, len(tokens) - 1) if len(tokens) > 1 else 0
+                k = rng.randint(1, len(tokens) - 1) if len(tokens) > 1 else 0
             else:
-                k[i] = min(k_draw[i], len(tokens))
-            contexts[i] = contexts[i] + tokens[: k[i]]
-    return contexts, torch.tensor(k, device=device)
+                k = min(k_draw[i], len(tokens))
+            roll_ins[i] = tokens[:k]
+    return roll_ins
 
 
 def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, device, rng):
@@ -388,8 +397,8 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
     if mixed:  # roll-in: the policy samples
         roll_in_config = copy.copy(generation_config)
         roll_in_config.max_new_tokens = max(k_draw.values())
-        _, _, samples, sample_mask, sample_logprobs = rollout(
-            policy, tokenizer, [batch[i]["prompt_ids"] for i in mixed], roll_in_config, args, device)
+        _, _, samples, sample_mask, sample_logprobs, _ = rollout(
+            policy, tokenizer, [batch[i]["prompt_ids"] for i in mixed], roll_in_config, args, device, [[]] * len(mixed))
         for row, i in enumerate(mixed):
             length = int(sample_mask[row].sum())
             if samples[row, length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
@@ -564,28 +573,26 @@ if __name__ == "__main__":
         aggrevated_phase = iteration <= args.tau
         value_model = guide_critic if aggrevated_phase else critic
 
-        # 1. rollout: the phase's episodes
+        # 1. rollout: the phase's episodes, both laid out as prompt | k roll-in tokens + the rest
         with autocast:
             if aggrevated_phase:  # with probability beta the policy rolls in k tokens, the guide rolls out to H
                 prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
                     policy, guide, tokenizer, batch, generation_config, args, device, rng)
-                k, roll_ins = policy_masks.sum(1), [[] for _ in batch]
-            else:  # with probability beta the guide rolls in k tokens (part of the state), the policy rolls out
-                contexts, k = guide_roll_in(guide, tokenizer, batch, args, device, rng)
-                prompt_ids, prompt_mask, responses, policy_masks, logprobs = rollout(
-                    policy, tokenizer, contexts, generation_config, args, device, horizons=args.max_new_tokens - k)
-                value_masks = policy_masks
-                roll_ins = [c[len(e["prompt_ids"]) :] for c, e in zip(contexts, batch)]
-        response_masks = policy_masks | value_masks
+                response_masks = policy_masks + value_masks
+                k = policy_masks.sum(1)
+            else:  # with probability beta the guide rolls in k tokens (state), the policy rolls out to H
+                roll_ins = guide_roll_in(guide, tokenizer, batch, args, device, rng)
+                prompt_ids, prompt_mask, responses, response_masks, logprobs, policy_masks = rollout(
+                    policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device, roll_ins)
+                value_masks = policy_masks  # the policy's critic learns V of the policy on its own tokens
+                k = torch.tensor([len(r) for r in roll_ins], device=device)
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
         responses, response_masks, policy_masks, value_masks, logprobs = (
             x[:, :num_tokens] for x in (responses, response_masks, policy_masks, value_masks, logprobs))
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_masks = torch.cat([prompt_mask, response_masks], 1)
-        # the task scores the whole continuation (PPO++: the guide's roll-in and the policy's roll-out)
-        continuations = tokenizer.batch_decode([r + t for r, t in zip(roll_ins, responses.tolist())],
-                                               skip_special_tokens=True)
+        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
         ref_logprobs, values = [], []
@@ -601,9 +608,11 @@ if __name__ == "__main__":
             scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
         mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
 
-        # KL on the policy's tokens; GAE over the whole episode; the policy gradient on the policy's tokens
+        # KL and the policy gradient on the policy's tokens
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
-        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
+        # GAE runs over the episode's actions: AggreVaTeD's policy and guide tokens, PPO++'s policy tokens
+        advantages, returns = compute_gae(rewards_per_token, values, torch.maximum(policy_mask, value_mask),
+                                          args.gamma, args.gae_lambda)
         advantages = masked_whiten(advantages, policy_mask)
         rollout_seconds = time.perf_counter() - iteration_start
 

@@ -237,10 +237,10 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every generated token (k1 estimator),
-    plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
-    kl = (logprobs - ref_logprobs) * mask
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef):
+    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every token the policy generated (k1
+    estimator), plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
+    kl = (logprobs - ref_logprobs) * policy_mask
     rewards = -kl_coef * kl
     last_token = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
@@ -283,13 +283,16 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
 
 
 @torch.inference_mode()
-def rollout(policy, tokenizer, prompts, generation_config, args, device, horizons=None):
-    """The policy writes every continuation: sampled with the KV cache, --rollout-batch-size prompts a call.
+def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_ins):
+    """The policy continues each prompt + roll-in to the horizon: sampled with the KV cache,
+    --rollout-batch-size prompts a call.
 
-    Returns the left-padded prompts and their mask, the responses padded to the horizon H, the
-    response mask (1 up to and including the first EOS, and within the row's horizon) and the
-    sampled tokens' log-probs, taken from generate's own logits (no second forward pass)."""
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    Returns the left-padded prompts and their mask, and the episodes laid out as in PPO, prompt |
+    response, where the response is the k roll-in tokens then the policy's H - k (k + policy tokens
+    = H): the response mask (1 up to and including the first EOS), the sampled tokens' log-probs,
+    taken from generate's own logits (no second forward pass), and the policy mask (1 on the
+    policy's tokens; the roll-in is state, with no loss)."""
+    prompt_ids, prompt_mask = left_pad([p + r for p, r in zip(prompts, roll_ins)], tokenizer.pad_token_id, device)
     responses, logprobs = [], []
     for start in range(0, len(prompts), args.rollout_batch_size):
         chunk = slice(start, start + args.rollout_batch_size)
@@ -302,9 +305,16 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, horizon
         logprobs.append(nn.functional.pad(logprob, (0, pad)))
     responses, logprobs = torch.cat(responses), torch.cat(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    if horizons is not None:  # nor what passes the row's horizon (PPO++: H - k)
-        response_mask *= torch.arange(responses.shape[1], device=device) < horizons[:, None]
-    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
+    # lay the episodes out as prompt | roll-in + policy tokens: every row is prompt + H tokens, as in PPO
+    episodes, episode_logprobs = torch.full_like(responses, tokenizer.pad_token_id), torch.zeros_like(logprobs)
+    episode_mask, policy_mask = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
+    for i, roll_in in enumerate(roll_ins):
+        k, n = len(roll_in), min(int(response_mask[i].sum()), args.max_new_tokens - len(roll_in))
+        episodes[i, :k] = torch.tensor(roll_in, dtype=torch.long)
+        episodes[i, k : k + n], episode_logprobs[i, k : k + n] = responses[i, :n], logprobs[i, :n]
+        episode_mask[i, : k + n], policy_mask[i, k : k + n] = 1, 1
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
 
 
 @torch.inference_mode()
@@ -343,7 +353,7 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     """PPO++'s restarts. With probability beta the guide rolls in: it writes the first k tokens of the
     continuation, k ~ U{1..L-1} for its sample of length L (in policy tokens). Returns the states the
-    policy starts from (prompt + roll-in) and k per row (0: a plain PPO episode).
+    policy starts from as roll-in tokens per row (k of them; none: a plain PPO episode).
 
     k is drawn before the guide writes, so the guide writes only up to the largest k (through text, k
     counts policy tokens, so up to H). Where its sample ends first (L <= k), k is drawn again within
@@ -351,19 +361,18 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     H = args.max_new_tokens
     mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
     k_draw = {i: rng.randint(1, H - 1) for i in mixed}
-    k = [0] * len(batch)
-    contexts = [e["prompt_ids"] for e in batch]
+    roll_ins = [[] for _ in batch]
     if mixed:
         max_new_tokens = max(k_draw.values()) if guide.same_tokenizer else H
         samples = guide_continue(guide, tokenizer, [batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens,
                                  args, device)
         for i, (tokens, ended) in zip(mixed, samples):
             if ended and len(tokens) <= k_draw[i]:
-                k[i] = rng.randint(1, len(tokens) - 1) if len(tokens) > 1 else 0
+                k = rng.randint(1, len(tokens) - 1) if len(tokens) > 1 else 0
             else:
-                k[i] = min(k_draw[i], len(tokens))
-            contexts[i] = contexts[i] + tokens[: k[i]]
-    return contexts, torch.tensor(k, device=device)
+                k = min(k_draw[i], len(tokens))
+            roll_ins[i] = tokens[:k]
+    return roll_ins
 
 
 @torch.inference_mode()
@@ -507,19 +516,17 @@ if __name__ == "__main__":
 
         # 1. rollout: with probability beta the guide rolls in k tokens, then the policy rolls out to H
         with autocast:
-            contexts, k = guide_roll_in(guide, tokenizer, batch, args, device, rng)
-            # the roll-in is part of the state (the prompt): no policy, value or KL loss on its tokens
-            prompt_ids, prompt_mask, responses, response_masks, logprobs = rollout(
-                policy, tokenizer, contexts, generation_config, args, device, horizons=args.max_new_tokens - k)
+            roll_ins = guide_roll_in(guide, tokenizer, batch, args, device, rng)
+            prompt_ids, prompt_mask, responses, response_masks, logprobs, policy_masks = rollout(
+                policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device, roll_ins)
+        k = torch.tensor([len(r) for r in roll_ins], device=device)
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
-        responses, response_masks, logprobs = (x[:, :num_tokens] for x in (responses, response_masks, logprobs))
+        responses, response_masks, logprobs, policy_masks = (
+            x[:, :num_tokens] for x in (responses, response_masks, logprobs, policy_masks))
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_masks = torch.cat([prompt_mask, response_masks], 1)
-        # the task scores the whole continuation: the guide's roll-in and the policy's roll-out
-        roll_ins = [c[len(e["prompt_ids"]) :] for c, e in zip(contexts, batch)]
-        continuations = tokenizer.batch_decode([r + t for r, t in zip(roll_ins, responses.tolist())],
-                                               skip_special_tokens=True)
+        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
         ref_logprobs, values = [], []
@@ -533,11 +540,11 @@ if __name__ == "__main__":
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
         if args.missing_eos_penalty is not None:
             scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
-        mask = response_masks.float()
-
-        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
-        advantages = masked_whiten(advantages, mask)
+        # the roll-in is state: KL, GAE and every loss run over the policy's tokens only
+        mask, policy_mask = response_masks.float(), policy_masks.float()
+        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
+        advantages, returns = compute_gae(rewards_per_token, values, policy_mask, args.gamma, args.gae_lambda)
+        advantages = masked_whiten(advantages, policy_mask)
         rollout_seconds = time.perf_counter() - iteration_start
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
@@ -555,10 +562,11 @@ if __name__ == "__main__":
                         new_values = critic(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
-                                                 advantages[idx], returns[idx], mask[idx], args)
+                                                 advantages[idx], returns[idx], policy_mask[idx], args)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
-                        micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature), mask[idx])
+                        micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature),
+                                                             policy_mask[idx])
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch, micro] = value
                 if args.max_grad_norm > 0:
@@ -573,11 +581,12 @@ if __name__ == "__main__":
         mean_kl = kl.sum(1).mean().item()
         mean_score = scores.mean().item()
         with torch.no_grad():
-            explained_variance = 1 - (returns - values)[mask.bool()].var() / returns[mask.bool()].var().clamp(min=1e-8)
+            explained_variance = (1 - (returns - values)[policy_mask.bool()].var()
+                                  / returns[policy_mask.bool()].var().clamp(min=1e-8))
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
-            "objective/entropy": -(logprobs * mask).sum(1).mean().item(),
+            "objective/entropy": -(logprobs * policy_mask).sum(1).mean().item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
             "policy/approxkl_avg": stats["approxkl"].mean().item(),

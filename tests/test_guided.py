@@ -69,35 +69,42 @@ def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls
     assert guide.same_tokenizer
     args = make_args(ppo_plus_plus, beta=1.0)
     torch.manual_seed(0)
-    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
-    assert ((k >= 1) & (k <= H - 1)).all(), k
-    for e, context, k_i in zip(batch, contexts, k.tolist()):
+    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    k = [len(r) for r in roll_ins]
+    assert all(1 <= k_i <= H - 1 for k_i in k), k
+    for e, roll_in in zip(batch, roll_ins):
         guide_tokens = greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id)
-        assert context == e["prompt_ids"] + guide_tokens[:k_i]  # the roll-in is exactly the guide's
-        assert k_i <= len(guide_tokens) - 1 or tokenizer.eos_token_id not in guide_tokens  # k <= L - 1
-    prompt_ids, prompt_mask, responses, mask, logprobs = ppo_plus_plus.rollout(
-        policy, tokenizer, contexts, policy_config(tokenizer), args, "cpu", horizons=H - k)
-    # the roll-in is in the state (the left-padded prompt part); the loss/KL mask covers responses only
-    for i, k_i in enumerate(k.tolist()):
-        assert prompt_ids[i, prompt_ids.shape[1] - k_i :].tolist() == contexts[i][-k_i:]
-        assert 1 <= mask[i].sum() <= H - k_i  # k guide tokens + the policy's = H
-        assert mask[i, H - k_i :].sum() == 0 and (responses[i, H - k_i :] == tokenizer.pad_token_id).all()
-    # and the responses are the policy's: their log-probs are the policy's own
-    torch.testing.assert_close(recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, mask) * mask,
-                               logprobs * mask, atol=1e-5, rtol=0)
+        assert roll_in == guide_tokens[: len(roll_in)]  # the roll-in is exactly the guide's
+        assert tokenizer.eos_token_id not in roll_in  # k <= L - 1
+    prompt_ids, prompt_mask, responses, mask, logprobs, policy_mask = ppo_plus_plus.rollout(
+        policy, tokenizer, [e["prompt_ids"] for e in batch], policy_config(tokenizer), args, "cpu", roll_ins)
+    for i, k_i in enumerate(k):
+        # the response opens with the roll-in: in the episode (attended) but state, with zero loss/KL mask
+        assert responses[i, :k_i].tolist() == roll_ins[i]
+        assert mask[i, :k_i].all() and not policy_mask[i, :k_i].any()
+        # then the policy's tokens, k + policy tokens <= H, padding after
+        n = int(policy_mask[i].sum())
+        assert n >= 1 and policy_mask[i, k_i : k_i + n].all() and mask[i].sum() == k_i + n <= H
+        assert (responses[i, k_i + n :] == tokenizer.pad_token_id).all()
+    # the policy's tokens are the policy's samples: their log-probs are its own (the ratio starts at 1)
+    torch.testing.assert_close(recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, mask) * policy_mask,
+                               logprobs * policy_mask, atol=1e-5, rtol=0)
+    assert (logprobs[policy_mask == 0] == 0).all()
 
 
 def test_ppo_plus_plus_with_beta_zero_takes_exactly_ppos_episodes(setup):
     tokenizer, policy, batch, guide = setup
     args = make_args(ppo_plus_plus, beta=0.0)
+    prompts = [e["prompt_ids"] for e in batch]
     torch.manual_seed(3)
-    expected = ppo.rollout(policy, tokenizer, [e["prompt_ids"] for e in batch], policy_config(tokenizer), args, "cpu")
+    expected = ppo.rollout(policy, tokenizer, prompts, policy_config(tokenizer), args, "cpu")
     torch.manual_seed(3)
-    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
-    assert (k == 0).all() and contexts == [e["prompt_ids"] for e in batch]
-    got = ppo_plus_plus.rollout(policy, tokenizer, contexts, policy_config(tokenizer), args, "cpu", horizons=H - k)
+    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    assert roll_ins == [[]] * len(batch)
+    *got, policy_mask = ppo_plus_plus.rollout(policy, tokenizer, prompts, policy_config(tokenizer), args, "cpu", roll_ins)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+    assert torch.equal(policy_mask, expected[3])  # every episode token is the policy's
 
 
 def test_aggrevated_policy_rolls_in_and_the_guide_rolls_out(setup):
@@ -154,10 +161,9 @@ def test_a_guide_with_another_tokenizer_works_through_text(setup, assets):
     guide = load_guide(assets["guide_other"], tokenizer)
     assert not guide.same_tokenizer and len(guide.tokenizer) != len(tokenizer)
     args = make_args(ppo_plus_plus, beta=1.0, guide_top_k=0)
-    contexts, k = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
-    for e, context, k_i in zip(batch, contexts, k.tolist()):
-        assert context[: len(e["prompt_ids"])] == e["prompt_ids"] and len(context) == len(e["prompt_ids"]) + k_i
-        assert max(context) < len(tokenizer)  # policy tokens, whatever the guide's vocabulary
+    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    assert any(roll_ins) and all(len(r) <= H - 1 for r in roll_ins)
+    assert max(max(r, default=0) for r in roll_ins) < len(tokenizer)  # policy tokens, whatever the guide's vocabulary
     args = make_args(aggrevated, beta=0.5, guide_top_k=0)
     _, _, responses, policy_mask, value_mask, _ = aggrevated.guide_roll_out(
         policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
@@ -233,8 +239,9 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
         length = len(sample)
         if module is ppo_plus_plus:  # the guide writes the roll-in
             monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [(sample, ended)] * len(examples))
-            _, k = module.guide_roll_in(SimpleNamespace(same_tokenizer=True), tokenizer, batch, args, "cpu",
-                                        random.Random(0))
+            roll_ins = module.guide_roll_in(SimpleNamespace(same_tokenizer=True), tokenizer, batch, args, "cpu",
+                                            random.Random(0))
+            k = torch.tensor([len(r) for r in roll_ins])
         else:  # the policy writes the roll-in; the guide's roll-out is not needed here
             def fake_rollout(policy, tok, prompts, config, args, device):
                 responses = torch.tensor([sample + [0] * (H - length)] * len(prompts))
