@@ -62,9 +62,9 @@ class Args:
     task: str = "imdb"
     """the task: imdb, commongen or tldr"""
     model_name_or_path: Optional[str] = None
-    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone (None: the task's default)"""
+    """the starting policy (hub id or local folder), also pi_ref and the critic's backbone (None: the task's default)"""
     reward_model: Optional[str] = None
-    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D) (None: the task's default)"""
+    """imdb: a sentiment classifier; tldr: a one-label reward model; commongen: unused (None: the task's default)"""
     reward_label: int = 1
     """imdb: the classifier label whose probability is the reward (1 = positive)"""
     perplexity_model: Optional[str] = None
@@ -304,7 +304,8 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device):
         logprobs.append(nn.functional.pad(logprob, (0, pad)))
     responses, logprobs = torch.cat(responses), torch.cat(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
+    responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return prompt_ids, prompt_mask, responses, response_mask, logprobs
 
 
 @torch.inference_mode()
@@ -323,8 +324,9 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
         inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
     else:
         template = args.guide_prompt_template or "{prompt}"
-        inputs = [guide.tokenizer(template.format(prompt=e["prompt"]) + tokenizer.decode(prefix)).input_ids
-                  for e, prefix in zip(examples, prefixes)]
+        texts = [template.format(prompt=e["prompt"]) + tokenizer.decode(prefix, skip_special_tokens=True)
+                 for e, prefix in zip(examples, prefixes)]
+        inputs = [guide.tokenizer(text).input_ids for text in texts]
     results = []
     for start in range(0, len(inputs), args.rollout_batch_size):
         input_ids, attention_mask = left_pad(inputs[start : start + args.rollout_batch_size],
@@ -397,7 +399,8 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
         with autocast:
             out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
         responses = out[:, prompt_ids.shape[1] :]
-        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0, tokenizer.pad_token_id)
+        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
+                                          tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
         scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
@@ -561,7 +564,8 @@ if __name__ == "__main__":
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
-        stats = {name: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
+        stats = {name: torch.zeros(stats_shape, device=device)
                  for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
@@ -627,7 +631,8 @@ if __name__ == "__main__":
         for name, value in logs.items():
             writer.add_scalar(name, value, global_episodes)
         print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-              f"kl {mean_kl:.4f} mixed {(k > 0).float().mean().item():.2f} eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
+              f"kl {mean_kl:.4f} mixed {(k > 0).float().mean().item():.2f} eps {logs['charts/eps']:.2f} "
+              f"(generate {generate_seconds:.2f}s, "
               f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller
             error = float(np.clip(mean_kl / args.kl_target - 1, -0.2, 0.2))

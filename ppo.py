@@ -56,9 +56,9 @@ class Args:
     task: str = "imdb"
     """the task: imdb, commongen or tldr"""
     model_name_or_path: Optional[str] = None
-    """the starting policy (hub id or local folder); also the reference policy and the critic's backbone (None: the task's default)"""
+    """the starting policy (hub id or local folder), also pi_ref and the critic's backbone (None: the task's default)"""
     reward_model: Optional[str] = None
-    """imdb: a sentiment classifier; tldr: a one-label reward model (hub id or local folder); commongen: unused (CIDEr-D) (None: the task's default)"""
+    """imdb: a sentiment classifier; tldr: a one-label reward model; commongen: unused (None: the task's default)"""
     reward_label: int = 1
     """imdb: the classifier label whose probability is the reward (1 = positive)"""
     perplexity_model: Optional[str] = None
@@ -281,7 +281,8 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device):
         logprobs.append(nn.functional.pad(logprob, (0, pad)))
     responses, logprobs = torch.cat(responses), torch.cat(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    return prompt_ids, prompt_mask, responses.masked_fill(response_mask == 0, tokenizer.pad_token_id), response_mask, logprobs
+    responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return prompt_ids, prompt_mask, responses, response_mask, logprobs
 
 
 @torch.inference_mode()
@@ -294,7 +295,8 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
         with autocast:
             out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
         responses = out[:, prompt_ids.shape[1] :]
-        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0, tokenizer.pad_token_id)
+        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
+                                          tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
         scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
@@ -438,7 +440,8 @@ if __name__ == "__main__":
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
-        stats = {name: torch.zeros(args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
+        stats = {name: torch.zeros(stats_shape, device=device)
                  for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
