@@ -4,16 +4,9 @@ The toy reward (tests/toy_run.py) is the fraction of continuation tokens that ar
 guided algorithms compare with PPO on it is a benchmark, not a test: benchmarks/toy_guided.py.
 """
 
-import os
 import re
-import statistics
-import sys
-from types import SimpleNamespace
 
-from conftest import ROOT, run_script
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import toy_guided  # noqa: E402
+from conftest import run_script
 
 
 def run_toy(assets, cwd, script="ppo.py", iterations=30, extra=()):
@@ -37,19 +30,13 @@ def test_ppo_raises_the_toy_reward(assets, tmp_path):
     assert start < 0.05 and end > 0.5, scores
 
 
-def test_ppo_plus_plus_with_a_good_guide_reaches_the_target_in_fewer_iterations_than_ppo(assets):
-    """The paper's claim in miniature, over three fixed seeds: the first iteration at which the policy
-    alone (held-out eval, no guide) scores 0.5 on the toy task, PPO++ (guide rolls in, beta 0.6)
-    against PPO. Measured when written (benchmarks/toy_guided.py, same settings): PPO 17 / 18 / 21,
-    PPO++ 19 / 12 / 15, so PPO++ is faster on two seeds of three and in the median and the mean,
-    not on every seed. AggreVaTeD does not reach 0.5 in this budget (see the README)."""
-    settings = SimpleNamespace(iterations=30, learning_rate=3e-3, beta=None, tau=10)
-    toy_assets = {"policy": assets["policy"], "guide": assets["toy_guide"], "data": assets["data"]["imdb"]}
-    reached = {}
-    for script in ("ppo.py", "ppo_plus_plus.py"):
-        reached[script] = [toy_guided.iterations_to_target(toy_guided.eval_scores(script, seed, toy_assets, settings), 0.5)
-                           for seed in (1, 2, 3)]
-    ppo, ppo_plus_plus = reached["ppo.py"], reached["ppo_plus_plus.py"]
-    assert max(ppo_plus_plus) < float("inf"), reached  # PPO++ gets there on every seed
-    assert statistics.median(ppo_plus_plus) < statistics.median(ppo), reached
-    assert sum(ppo_plus_plus) < sum(ppo), reached
+def test_ppo_plus_plus_with_a_good_guide_raises_the_policys_own_reward(assets, tmp_path):
+    """PPO++ learns the toy task: the policy alone (held-out eval, no guide) goes from ~0 to most of
+    the continuation. Training scores include the guide's roll-in tokens, so they are not the measure.
+
+    Whether PPO++ gets there in fewer iterations than PPO (the paper's claim) is not asserted: on this
+    toy the difference is within seed noise (benchmarks/toy_guided.py; numbers in the README)."""
+    _, evals = run_toy(assets, tmp_path, "ppo_plus_plus.py", iterations=40,
+                       extra=["--guide-model", assets["toy_guide"], "--eval-every", "40", "--num-eval-prompts", "32"])
+    assert len(evals) == 2
+    assert evals[0] < 0.05 and evals[1] > 0.5, evals
