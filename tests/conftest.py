@@ -4,6 +4,7 @@ Nothing is downloaded: the BPE tokenizer is trained here on synthetic text and e
 randomly initialised 2-layer GPT-2.
 """
 
+import glob
 import json
 import os
 import random
@@ -131,6 +132,16 @@ def assets(tmp_path_factory):
         "data": data,
         "root": root,
     }
+
+
+def read_tensorboard(run_dir):
+    """The TensorBoard events of the one run under run_dir/runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events_dir] = glob.glob(os.path.join(run_dir, "runs", "*"))
+    accumulator = EventAccumulator(events_dir, size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
 
 
 def run_script(script, args, cwd, timeout=300, env=None):

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import aggrevated
 import ppo
 import ppo_plus_plus
-from conftest import run_script, run_script_in_process, task_args
-from test_ppo_smoke import read_tensorboard
+from conftest import read_tensorboard, run_script, run_script_in_process, task_args
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",

@@ -1,14 +1,12 @@
 """ppo.py end to end on the tiny assets (a subprocess, as a user runs it), and its bad-input errors."""
 
-import glob
 import os
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_script, run_script_in_process, task_args, write_jsonl
+from conftest import read_tensorboard, run_script, run_script_in_process, task_args, write_jsonl
 
 DOCUMENTED_TAGS = [
     "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -20,13 +18,6 @@ EVAL_TAGS = {
     "commongen": ["eval/rouge_1", "eval/rouge_2", "eval/rouge_L", "eval/bleu_4", "eval/cider_d"],
     "tldr": ["eval/rouge_1", "eval/rouge_2", "eval/rouge_L"],
 }
-
-
-def read_tensorboard(run_dir):
-    [events_dir] = glob.glob(os.path.join(run_dir, "runs", "*"))
-    accumulator = EventAccumulator(events_dir, size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
 
 
 @pytest.mark.parametrize("task,extra", [("imdb", ["--save-model", "--save-path", "saved"]),
