@@ -1,0 +1,342 @@
+"""Supervised fine-tuning (SFT) on a task's references: the paper's "SL" baseline, and how a guide is made.
+
+"Learning to Generate Better Than Your LLM" (Chang et al., 2023) starts every RL run from, and
+guides it with, a model fine-tuned on the task's references:
+    imdb       the second halves of the positive training reviews (--imdb-label), given the first halves
+    commongen  every target sentence of a concept set, given "generate a sentence with: ..."
+    tldr       the reference summary, given the post and "TL;DR:"
+The prompts are exactly the RL scripts' (common/tasks.py); the loss is the mean negative
+log-likelihood of the continuation tokens only (prompt and padding carry no loss). The result
+loads with AutoModelForCausalLM.from_pretrained, as --model-name-or-path or --guide-model of the
+RL scripts. Read it top to bottom: Args -> helpers -> the loop (batches, loss, eval, checkpoint).
+"""
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from common import metrics, rewards, tasks
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when it is available (otherwise the CPU)"""
+    bf16: bool = False
+    """bfloat16 autocast for forward passes (weights stay fp32; the loss is computed in fp32)"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "rlgf"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the fine-tuned model (save_pretrained folder) at the end"""
+    save_path: Optional[str] = None
+    """where --save-model writes (default: models/{run_name})"""
+
+    # task, models, data (None = the task's default, see common/tasks.py)
+    task: str = "imdb"
+    """the task: imdb, commongen or tldr"""
+    model_name_or_path: Optional[str] = None
+    """the model to fine-tune (hub id or local folder) (None: the task's default policy)"""
+    reward_model: Optional[str] = None
+    """eval only: imdb's sentiment classifier, tldr's reward model (None: the task's default)"""
+    reward_label: int = 1
+    """imdb eval: the classifier label whose probability is the score (1 = positive)"""
+    imdb_label: int = 1
+    """imdb: train on the reviews with this label only (1 = positive, the paper's SL model; -1 = all)"""
+    perplexity_model: Optional[str] = None
+    """imdb eval: the LM that scores output perplexity (default: the starting model)"""
+    dataset_name: Optional[str] = None
+    """the hub dataset (None: the task's default)"""
+    dataset_path: Optional[str] = None
+    """a local JSON Lines file (every split) or a folder of train/validation/test .jsonl files, in the hub's schema"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept, as in the RL scripts (None: the task's default)"""
+    max_target_length: Optional[int] = None
+    """continuation tokens trained on, EOS included when it fits (None: the task's --max-new-tokens)"""
+
+    # optimisation
+    num_epochs: float = 1.0
+    """passes over the training examples (fractions allowed)"""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0 = run --num-epochs)"""
+    batch_size: int = 16
+    """examples per optimizer step"""
+    micro_batch_size: Optional[int] = None
+    """examples per forward/backward pass; gradients accumulate over a batch (default: the batch)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then linear decay to 0"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (0 = off)"""
+
+    # evaluation (generation with the RL scripts' settings)
+    eval_every: int = 100
+    """evaluate every this many steps, and before and after training (0 = never)"""
+    eval_split: str = "validation"
+    """the held-out split: validation (IMDB: 20% of train, seed 42) or test"""
+    num_eval_prompts: int = 256
+    """held-out prompts per evaluation"""
+    max_new_tokens: Optional[int] = None
+    """tokens generated per eval prompt (None: the task's default)"""
+    top_k: Optional[int] = None
+    """eval top-k sampling (0 = off) (None: the task's default)"""
+    eval_greedy: Optional[bool] = None
+    """greedy decoding in evaluation (otherwise top-k sampling) (None: the task's default)"""
+    eval_batch_size: int = 64
+    """prompts per generate/scoring call in evaluation"""
+    num_sample_generations: int = 8
+    """sample generations logged as a text table at each evaluation"""
+
+    # computed at run time
+    num_steps: int = 0
+    """optimizer steps (computed in runtime)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per batch (computed in runtime)"""
+
+
+def exact_div(a, b, what):
+    if b <= 0 or a % b:
+        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def left_pad(sequences, pad_token_id, device):
+    """Left-pad token lists into (ids, mask), as the RL scripts batch prompts."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask):
+    """Positions count real tokens only, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sft_examples(task, rows, tokenizer, max_prompt_length, max_target_length, imdb_label):
+    """(prompt_ids, target_ids) pairs: the RL scripts' prompt, then one reference + EOS, cut to max_target_length.
+
+    CommonGen gives one pair per reference sentence. A reference that does not begin with a space is
+    joined to its prompt with one (" The dog..." after "...dog.", " I like..." after "TL;DR:")."""
+    if task == "imdb" and imdb_label >= 0:
+        rows = [row for row in rows if row.get("label") == imdb_label]
+        if not rows:
+            raise SystemExit(f"error: no training review has label {imdb_label} (--imdb-label)")
+    pairs = []
+    for example in tasks.make_examples(task, rows, tokenizer, max_prompt_length):
+        for reference in example["references"]:
+            if not reference.strip():
+                continue
+            separator = "" if example["prompt"][-1:].isspace() or reference[:1].isspace() else " "
+            target = tokenizer(separator + reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            pairs.append((example["prompt_ids"], target[:max_target_length]))
+    return pairs
+
+
+def sft_batch(pairs, pad_token_id, device):
+    """Left-padded prompt + target rows and the loss mask: 1 on target tokens only (not prompt, not padding)."""
+    input_ids, attention_mask = left_pad([p + t for p, t in pairs], pad_token_id, device)
+    loss_mask = torch.zeros_like(attention_mask)
+    for i, (_, target) in enumerate(pairs):
+        loss_mask[i, input_ids.shape[1] - len(target) :] = 1
+    return input_ids, attention_mask, loss_mask
+
+
+def sft_loss(model, input_ids, attention_mask, loss_mask):
+    """Mean negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, :-1].float()
+    token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    mask = loss_mask[:, 1:].float()
+    return (token_nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mask_after_eos(responses, eos_token_id):
+    """1 on generated tokens up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_token_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
+    """Generate for held-out prompts and compute the task's metrics (eval/<metric>), as the RL scripts do."""
+    prompts, continuations, references, scores = [], [], [], []
+    for start in range(0, len(examples), args.eval_batch_size):
+        batch = examples[start : start + args.eval_batch_size]
+        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
+        with autocast:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        responses = out[:, prompt_ids.shape[1] :]
+        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
+                                          tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
+        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
+        prompts += batch_prompts
+        continuations += texts
+        references += batch_refs
+    result = {"score": torch.cat(scores).mean().item()}
+    result.update(metrics.task_metrics(args.task, prompts, continuations, references))
+    if args.task == "imdb":
+        lm, lm_tokenizer = perplexity_lm
+        result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
+    samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
+    return result, samples
+
+
+def samples_table(samples):
+    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
+    def cell(s):
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(p)} | {cell(c)} | {s:.3f} |" for p, c, s in samples)
+    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
+
+
+if __name__ == "__main__":
+    args = tasks.fill_task_defaults(tyro.cli(Args))
+    transformers.logging.disable_progress_bar()
+    args.max_target_length = args.max_target_length or args.max_new_tokens
+    args.micro_batch_size = args.micro_batch_size or args.batch_size
+    args.gradient_accumulation_steps = exact_div(args.batch_size, args.micro_batch_size,
+                                                 "--batch-size / --micro-batch-size")
+    if min(args.max_prompt_length, args.max_target_length, args.max_new_tokens, args.eval_batch_size) < 1:
+        raise SystemExit("error: --max-prompt-length, --max-target-length, --max-new-tokens and --eval-batch-size "
+                         "must be positive")
+    if args.num_epochs <= 0 and args.max_steps <= 0:
+        raise SystemExit("error: --num-epochs or --max-steps must be positive")
+    # data and model paths, checked before any model loads: bad input fails fast with one line
+    train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
+    eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path) if args.eval_every else []
+    tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
+    if args.task != "commongen" and args.eval_every:
+        tasks.check_model_path(args.reward_model, "--reward-model")
+    tasks.check_model_path(args.perplexity_model, "--perplexity-model")
+
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # the model (eval mode: no dropout, as in the RL scripts), the training pairs, the eval setup
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    train_pairs = sft_examples(args.task, train_rows, tokenizer, args.max_prompt_length, args.max_target_length,
+                               args.imdb_label)
+    if not train_pairs:
+        raise SystemExit("error: the training split has no non-empty reference to train on")
+    steps_per_epoch = max(1, len(train_pairs) // args.batch_size)  # the last incomplete batch is dropped
+    args.num_steps = args.max_steps or max(1, round(args.num_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
+
+    if args.eval_every:
+        eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)
+        eval_examples = eval_examples[: args.num_eval_prompts]
+        train_references = ([g["references"] for g in tasks.group_commongen(train_rows)]
+                            if args.task == "commongen" else None)  # CIDEr-D's idf
+        reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label, train_references)
+        perplexity_path = args.perplexity_model or args.model_name_or_path  # the starting model, frozen
+        perplexity_lm = (None, None)
+        if args.task == "imdb":
+            perplexity_lm = (AutoModelForCausalLM.from_pretrained(perplexity_path).to(device).eval(),
+                             AutoTokenizer.from_pretrained(perplexity_path))
+        sampling = dict(do_sample=True, top_k=args.top_k)
+        eval_generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  **({"do_sample": False} if args.eval_greedy else sampling))
+    print(f"{run_name}: {len(train_pairs)} training examples, {args.num_steps} steps of {args.batch_size} "
+          f"on {device}; TensorBoard: runs/{run_name}")
+
+    def run_eval(step):
+        result, samples = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
+                                   perplexity_lm, args, device, autocast)
+        for name, value in result.items():
+            writer.add_scalar(f"eval/{name}", value, step * args.batch_size)
+        writer.add_text("eval/samples", samples_table(samples), step * args.batch_size)
+        print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
+
+    if args.eval_every:
+        run_eval(0)
+    train_start = time.perf_counter()
+    order = []
+    for step in range(1, args.num_steps + 1):
+        if len(order) < args.batch_size:  # a new epoch, reshuffled
+            order += torch.randperm(len(train_pairs)).tolist()
+        batch = [train_pairs[i] for i in order[: args.batch_size]]
+        del order[: args.batch_size]
+
+        # one optimizer step: the batch's loss, accumulated over micro-batches
+        step_loss = 0.0
+        for start in range(0, args.batch_size, args.micro_batch_size):
+            input_ids, attention_mask, loss_mask = sft_batch(batch[start : start + args.micro_batch_size],
+                                                             tokenizer.pad_token_id, device)
+            with autocast:
+                loss = sft_loss(model, input_ids, attention_mask, loss_mask)
+            (loss / args.gradient_accumulation_steps).backward()
+            step_loss += loss.item() / args.gradient_accumulation_steps
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # logging, evaluation
+        examples_seen = step * args.batch_size
+        elapsed = time.perf_counter() - train_start
+        logs = {"loss/sft": step_loss, "loss/grad_norm": grad_norm.item(), "charts/episodes": examples_seen,
+                "charts/eps": examples_seen / elapsed, "charts/lr": scheduler.get_last_lr()[0]}
+        for name, value in logs.items():
+            writer.add_scalar(name, value, examples_seen)
+        if step % 10 == 0 or step == 1 or step == args.num_steps:
+            print(f"step {step}/{args.num_steps} examples {examples_seen} loss {step_loss:.4f} "
+                  f"eps {logs['charts/eps']:.2f}", flush=True)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.num_steps):
+            run_eval(step)
+
+    if args.save_model:
+        save_path = args.save_path or f"models/{run_name}"
+        model.save_pretrained(save_path)
+        tokenizer.save_pretrained(save_path)
+        print(f"saved the model to {save_path}")
+    writer.close()

@@ -1,0 +1,114 @@
+"""sft.py: the continuation-only loss mask, 2-step runs per task, and a saved model whose loss went down."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, read_tensorboard, run_script, run_script_in_process
+
+spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "sft.py"))
+sft = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sft)
+
+
+def sft_args(assets, task, steps=2):
+    args = ["--task", task, "--model-name-or-path", assets["policy"], "--dataset-path", assets["data"][task],
+            "--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "6",
+            "--eval-every", "1", "--num-eval-prompts", "4", "--eval-batch-size", "3"]
+    if task == "imdb":
+        args += ["--reward-model", assets["classifier"]]
+    if task == "tldr":
+        args += ["--reward-model", assets["reward_model"], "--max-prompt-length", "48"]
+    return args
+
+
+def test_loss_mask_covers_the_target_tokens_only():
+    pairs = [([5, 6, 7], [8, 9]), ([5], [8, 9, 10])]
+    input_ids, attention_mask, loss_mask = sft.sft_batch(pairs, pad_token_id=0, device="cpu")
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [0, 5, 8, 9, 10]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert loss_mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+
+
+def test_loss_is_the_continuation_nll_of_each_unpadded_row(assets):
+    """Left padding changes nothing: the batch loss equals the token-weighted NLL of the rows one by one."""
+    model = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    tokenizer = assets["tokenizer"]
+    pairs = [(tokenizer("the film was").input_ids, tokenizer(" good fun").input_ids + [tokenizer.eos_token_id]),
+             (tokenizer("a long prompt about a movie and a plot").input_ids, tokenizer(" yes").input_ids)]
+    with torch.no_grad():
+        loss = sft.sft_loss(model, *sft.sft_batch(pairs, tokenizer.pad_token_id, "cpu"))
+        nll, count = 0.0, 0
+        for prompt, target in pairs:
+            ids = torch.tensor([prompt + target])
+            logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            target_positions = range(len(prompt) - 1, len(prompt) + len(target) - 1)
+            nll -= sum(logprobs[p, ids[0, p + 1]].item() for p in target_positions)
+            count += len(target)
+    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_examples_per_task(assets):
+    tokenizer = assets["tokenizer"]
+    eos = tokenizer.eos_token_id
+    rows = [{"text": "one two three four five six", "label": 1}, {"text": "bad bad bad bad", "label": 0}]
+    [(prompt, target)] = sft.sft_examples("imdb", rows, tokenizer, 64, 48, imdb_label=1)  # positives only
+    assert tokenizer.decode(prompt) == "one two three" and tokenizer.decode(target) == " four five six</s>"
+    assert len(sft.sft_examples("imdb", rows, tokenizer, 64, 48, imdb_label=-1)) == 2
+    [(_, cut)] = sft.sft_examples("imdb", rows[:1], tokenizer, 64, 2, imdb_label=1)
+    assert len(cut) == 2 and eos not in cut  # a cut reference has no EOS
+    rows = [{"concepts": ["dog", "ball"], "target": "The dog runs."}, {"concepts": ["dog", "ball"], "target": "A ball."}]
+    pairs = sft.sft_examples("commongen", rows, tokenizer, 32, 20, imdb_label=1)
+    assert [tokenizer.decode(t) for _, t in pairs] == [" The dog runs.</s>", " A ball.</s>"]
+    assert tokenizer.decode(pairs[0][0]) == "generate a sentence with: dog ball."
+    rows = [{"prompt": "POST: hi\nTL;DR:", "label": "short"}]
+    [(prompt, target)] = sft.sft_examples("tldr", rows, tokenizer, 64, 50, imdb_label=1)
+    assert tokenizer.decode(prompt + target) == "POST: hi\nTL;DR: short</s>"
+    with pytest.raises(SystemExit, match="no training review has label 1"):
+        sft.sft_examples("imdb", [{"text": "a b", "label": 0}], tokenizer, 64, 48, imdb_label=1)
+
+
+@pytest.mark.parametrize("task", ["imdb", "commongen", "tldr"])
+def test_two_steps_per_task(assets, tmp_path, task):
+    result = run_script("sft.py", sft_args(assets, task) + (["--bf16"] if task == "tldr" else []), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2" in result.stdout
+    events = read_tensorboard(tmp_path)
+    tags = events.Tags()["scalars"]
+    for tag in ["loss/sft", "charts/episodes", "charts/lr", "eval/score"]:
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("loss/sft")] == [4, 8]
+    assert [e.step for e in events.Scalars("eval/score")] == [0, 4, 8]
+
+
+def test_saved_model_reloads_and_its_training_loss_went_down(assets, tmp_path):
+    args = sft_args(assets, "commongen", steps=8) + ["--eval-every", "0", "--learning-rate", "3e-3",
+                                                      "--save-model", "--save-path", "saved"]
+    result = run_script("sft.py", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    from common import tasks
+
+    rows = tasks.load_rows("commongen", "train", dataset_path=assets["data"]["commongen"])
+    batch = sft.sft_batch(sft.sft_examples("commongen", rows, tokenizer, 32, 6, 1), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        before = sft.sft_loss(AutoModelForCausalLM.from_pretrained(assets["policy"]).eval(), *batch).item()
+        after = sft.sft_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval(), *batch).item()
+    assert after < before - 0.5, (before, after)
+
+
+def test_bad_input_fails_fast(assets, tmp_path):
+    cases = [
+        (["--task", "poems"], "unknown task 'poems'"),
+        (sft_args(assets, "imdb") + ["--batch-size", "3"], "--batch-size / --micro-batch-size: 3 is not divisible by 2"),
+        (sft_args(assets, "imdb") + ["--dataset-path", str(tmp_path / "nope.jsonl")], "--dataset-path not found"),
+        (sft_args(assets, "imdb") + ["--model-name-or-path", str(tmp_path / "nope")], "no such model folder"),
+        (sft_args(assets, "imdb") + ["--max-steps", "0", "--num-epochs", "0"], "--num-epochs or --max-steps"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as error:
+            run_script_in_process("sft.py", args, tmp_path)
+        assert message in str(error.value), (args, error.value)
