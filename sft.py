@@ -108,6 +108,8 @@ class Args:
     """prompts per generate/scoring call in evaluation"""
     num_sample_generations: int = 8
     """sample generations logged as a text table at each evaluation"""
+    eval_only: bool = False
+    """evaluate --model-name-or-path on the held-out prompts and stop (no training): any checkpoint's task metrics"""
 
     # computed at run time
     num_steps: int = 0
@@ -168,11 +170,14 @@ def sft_batch(pairs, pad_token_id, device):
 
 
 def sft_loss(model, input_ids, attention_mask, loss_mask):
-    """Mean negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, :-1].float()
-    token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-    mask = loss_mask[:, 1:].float()
+    """Mean negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before.
+
+    Left padding puts every target at the end of its row, so the LM head runs only on the last columns."""
+    num_target_tokens = int(loss_mask.sum(1).max())
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=num_target_tokens + 1).logits[:, :-1].float()
+    targets, mask = input_ids[:, -num_target_tokens:], loss_mask[:, -num_target_tokens:].float()
+    token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (token_nll * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -232,9 +237,10 @@ if __name__ == "__main__":
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
-    eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path) if args.eval_every else []
+    evaluating = bool(args.eval_every or args.eval_only)
+    eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path) if evaluating else []
     tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
-    if args.task != "commongen" and args.eval_every:
+    if args.task != "commongen" and evaluating:
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
 
@@ -271,7 +277,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
 
-    if args.eval_every:
+    if evaluating:
         eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)
         eval_examples = eval_examples[: args.num_eval_prompts]
         train_references = ([g["references"] for g in tasks.group_commongen(train_rows)]
@@ -290,15 +296,21 @@ if __name__ == "__main__":
           f"on {device}; TensorBoard: runs/{run_name}")
 
     def run_eval(step):
-        result, samples = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
-                                   perplexity_lm, args, device, autocast)
+        # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            result, samples = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
+                                       perplexity_lm, args, device, autocast)
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, step * args.batch_size)
         writer.add_text("eval/samples", samples_table(samples), step * args.batch_size)
         print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
-    if args.eval_every:
+    if evaluating:
         run_eval(0)
+    if args.eval_only:
+        writer.close()
+        raise SystemExit(0)
     train_start = time.perf_counter()
     order = []
     for step in range(1, args.num_steps + 1):
