@@ -388,8 +388,11 @@ if __name__ == "__main__":
           f"{args.batch_size} episodes on {device}; TensorBoard: runs/{run_name}")
 
     def run_eval(iteration):
-        result, samples = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
-                                   perplexity_lm, args, device, autocast)
+        # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            result, samples = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
+                                       perplexity_lm, args, device, autocast)
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, global_episodes)
         writer.add_text("eval/samples", samples_table(samples), global_episodes)

@@ -77,3 +77,18 @@ def test_bad_input_fails_fast_with_one_clear_line(assets, tmp_path):
     # and once as a real process: one line on stderr, exit code 1
     result = run_script("ppo.py", cases[1][0], cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == ["error: " + cases[1][1]]
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py"])
+def test_evaluation_does_not_change_training(assets, tmp_path, script):
+    """Evaluations sample from their own seeded stream: the same seed trains the same with or without them,
+    and every evaluation of the same model samples the same continuations."""
+    scores = {}
+    for eval_every in ("0", "1"):
+        cwd = tmp_path / eval_every
+        cwd.mkdir()
+        args = task_args(assets, "imdb", script) + ["--eval-every", eval_every]
+        result = run_script(script, args, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores[eval_every] = [e.value for e in read_tensorboard(cwd).Scalars("objective/scores")]
+    assert scores["0"] == scores["1"]
