@@ -1,0 +1,242 @@
+"""The paper's IMDB table in miniature, offline, on 2 CPU cores: SL, PPO, PPO++, AggreVaTeD, D2LOLS.
+
+    pip install -r requirements.txt -r benchmarks/requirements.txt
+    python benchmarks/imdb_offline.py            # ~45 minutes on 2 cores; builds the models if missing
+
+Real assets: SmolLM2-135M-Instruct (policy, pi_ref and critic backbone) and the small IMDB sentiment
+classifier (reward), both built by ../shared/tools/offline_models.py; the real reviews of
+../shared/data/imdb. Every method starts from the same SmolLM2 checkpoint and sees the same number
+of episodes; the guide of the three guided methods is the SL model trained here first (the
+paper's guide: supervised on the positive training reviews, nucleus-sampled).
+
+Writes benchmarks/results/imdb_offline.md (the table: held-out sentiment score, output perplexity
+under the starting model, distinct-1/2; mean and spread over seeds; episodes and wall time) and
+benchmarks/results/imdb_offline.png (held-out score against episodes, one line per method). Every
+run's log and TensorBoard events stay under --work-dir. Held-out = the test split: nothing here
+was chosen by looking at it.
+"""
+
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+@dataclass
+class Args:
+    models_dir: str = "/tmp/rlgf-offline-models"
+    """where the real offline models are (built there with ../shared/tools/offline_models.py if missing)"""
+    data_dir: str = os.path.join(SHARED, "data")
+    """../shared/data (its imdb/ folder holds train.jsonl and test.jsonl)"""
+    work_dir: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline_runs")
+    """every run's log, TensorBoard events and the SL model go here"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline")
+    """the table and the picture: {out}.md and {out}.png"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2])
+    """one run of every method per seed"""
+    methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "aggrevated", "d2lols"])
+    """the RL scripts to run (after SL)"""
+
+    # the size every method shares (the paper's IMDB setting, shrunk to fit 2 CPU cores)
+    max_prompt_length: int = 32
+    """prompt tokens (the last ones of the review's first half)"""
+    max_new_tokens: int = 24
+    """the horizon H"""
+    batch_size: int = 16
+    """episodes per RL iteration"""
+    num_iterations: int = 8
+    """RL iterations: every method sees batch_size * num_iterations episodes"""
+    num_minibatches: int = 2
+    """PPO minibatches per epoch"""
+    update_epochs: int = 1
+    """PPO epochs per batch"""
+    learning_rate: float = 2e-5
+    """RL learning rate (policy and critic)"""
+    tau: int = 3
+    """D2LOLS switch iteration (the paper: 20 of 50 iterations, 40%; here 3 of 8)"""
+    sl_steps: int = 96
+    """SL (sft.py) optimizer steps of --batch-size positive training reviews (one run, seed 1)"""
+    sl_learning_rate: float = 1e-4
+    """SL learning rate"""
+    eval_every: int = 4
+    """held-out evaluation every this many RL iterations (and at the start and the end)"""
+    num_eval_prompts: int = 64
+    """held-out (test split) prompts per evaluation"""
+
+
+LABELS = {"zero_shot": "Zero-shot (start)", "sl": "SL (sft.py)", "ppo": "PPO", "ppo_plus_plus": "PPO++",
+          "aggrevated": "AggreVaTeD", "d2lols": "D2LOLS"}
+METRICS = [("score", "sentiment score ↑"), ("perplexity", "perplexity ↓"), ("distinct_1", "distinct-1"),
+           ("distinct_2", "distinct-2")]
+
+
+def run(name, script, script_args, work_dir):
+    """Run one script in its own folder (log + runs/), return its wall time; a failure stops the driver."""
+    folder = os.path.join(work_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    for old in glob.glob(os.path.join(folder, "runs", "*")):  # a re-run replaces the old events
+        for f in glob.glob(os.path.join(old, "*")):
+            os.remove(f)
+        os.rmdir(old)
+    start = time.perf_counter()
+    with open(os.path.join(folder, "log.txt"), "w") as log:
+        process = subprocess.run([sys.executable, os.path.join(ROOT, script), *script_args], cwd=folder,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        with open(os.path.join(folder, "log.txt")) as f:
+            tail = f.read()[-2000:]
+        raise SystemExit(f"error: {name} failed (exit {process.returncode}); its log ends:\n{tail}")
+    return seconds
+
+
+def read_scalars(work_dir, name):
+    """{tag: [(step, value), ...]} of the run `name`."""
+    [events_dir] = glob.glob(os.path.join(work_dir, name, "runs", "*"))
+    events = EventAccumulator(events_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def mean_spread(values):
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_table(args, results, seconds, episodes, sizes_line, guide_line):
+    lines = [
+        "# IMDB in miniature, offline (CPU, 2 cores)", "",
+        f"Command: `python benchmarks/imdb_offline.py` (seeds {', '.join(map(str, args.seeds))}). {sizes_line}", "",
+        guide_line, "",
+        "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
+        "|-|" + "-|" * (len(METRICS) + 2),
+    ]
+    for method in results:
+        cells = []
+        for key, _ in METRICS:
+            mean, spread = mean_spread([r[key] for r in results[method]])
+            cells.append(f"{mean:.3f} ± {spread:.3f}")
+        wall = f"{statistics.mean(seconds[method]):.0f}" if seconds.get(method) else "–"
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {episodes[method]} | {wall} |")
+    lines += ["", f"Mean ± standard deviation over {len(args.seeds)} seeds, each evaluated on the first "
+              f"{args.num_eval_prompts} test-split prompts (sampled continuations, top-k 50). Per seed:", ""]
+    for method in results:
+        per_seed = ", ".join(f"{r['score']:.3f}" for r in results[method])
+        lines.append(f"- {LABELS[method]}: sentiment score {per_seed}")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(args, curves, sl_scores):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for method, runs in curves.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in run_curve) for run_curve in runs)))
+        means = [statistics.mean(dict(run_curve)[s] for run_curve in runs) for s in steps]
+        axes.plot(steps, means, marker="o", label=LABELS[method])
+        for run_curve in runs:  # each seed, faint
+            axes.plot(*zip(*run_curve), color=axes.lines[-1].get_color(), alpha=0.25, linewidth=1)
+    axes.axhline(statistics.mean(sl_scores), color="gray", linestyle="--", label="SL (the guide)")
+    axes.set_xlabel("episodes")
+    axes.set_ylabel(f"held-out sentiment score ({args.num_eval_prompts} test prompts)")
+    axes.set_title(f"IMDB, SmolLM2-135M-Instruct, CPU; mean of seeds {', '.join(map(str, args.seeds))}")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(args.out + ".png", dpi=120)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    policy = os.path.join(args.models_dir, "smollm2-135m")
+    classifier = os.path.join(args.models_dir, "sentiment-imdb")
+    imdb = os.path.join(args.data_dir, "imdb")
+    if not os.path.isfile(os.path.join(imdb, "test.jsonl")):
+        raise SystemExit(f"error: no IMDB data at {imdb} (expected train.jsonl and test.jsonl)")
+    unknown = [m for m in args.methods if m not in LABELS or m in ("zero_shot", "sl")]
+    if unknown or not args.seeds:
+        raise SystemExit(f"error: unknown method(s) {unknown} or no seeds; methods: ppo ppo_plus_plus aggrevated d2lols")
+    import matplotlib  # noqa: F401  (fail now, not after 45 minutes: pip install -r benchmarks/requirements.txt)
+
+    if not (os.path.isdir(policy) and os.path.isdir(classifier)):
+        print(f"building the offline models in {args.models_dir} (a few minutes)", flush=True)
+        subprocess.run([sys.executable, os.path.join(SHARED, "tools", "offline_models.py"), "--out", args.models_dir,
+                        "--data", args.data_dir], check=True)
+    os.makedirs(args.work_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+
+    task = ["--task", "imdb", "--dataset-path", imdb, "--reward-model", classifier,
+            "--max-prompt-length", str(args.max_prompt_length), "--max-new-tokens", str(args.max_new_tokens),
+            "--eval-split", "test", "--num-eval-prompts", str(args.num_eval_prompts)]
+    episodes = args.batch_size * args.num_iterations
+    rl = ["--model-name-or-path", policy, "--total-episodes", str(episodes), "--batch-size", str(args.batch_size),
+          "--num-minibatches", str(args.num_minibatches), "--update-epochs", str(args.update_epochs),
+          "--learning-rate", str(args.learning_rate), "--eval-every", str(args.eval_every)]
+    results, seconds, curves = {"zero_shot": [], "sl": []}, {"sl": []}, {}
+    episode_counts = {"zero_shot": 0, "sl": args.sl_steps * args.batch_size}
+    total_runs, started = len(args.seeds) * (2 + len(args.methods)), time.perf_counter()
+    done = 0
+
+    def progress(name, wall):
+        global done
+        done += 1
+        elapsed = time.perf_counter() - started
+        print(f"[{done}/{total_runs}] {name} done in {wall:.0f}s; {elapsed / 60:.1f} min so far, "
+              f"~{elapsed / done * (total_runs - done) / 60:.0f} min to go", flush=True)
+
+    # SL: supervised on the positive training reviews, once (seed 1); the guide of every guided run
+    sl_model = os.path.join(args.work_dir, "sl", "model")
+    total_runs += 1
+    wall = run("sl", "sft.py", task + ["--model-name-or-path", policy, "--max-steps", str(args.sl_steps),
+                                       "--batch-size", str(args.batch_size), "--learning-rate",
+                                       str(args.sl_learning_rate), "--eval-every", "0", "--save-model",
+                                       "--save-path", sl_model], args.work_dir)
+    seconds["sl"].append(wall)
+    progress("sl (training)", wall)
+    for seed in args.seeds:
+        # the starting model and the SL model, evaluated by the same code, with this seed's sampling
+        for method, model in (("zero_shot", policy), ("sl", sl_model)):
+            name = f"{method}_seed{seed}"
+            wall = run(name, "sft.py", task + ["--model-name-or-path", model, "--perplexity-model", policy,
+                                               "--seed", str(seed), "--eval-only"], args.work_dir)
+            results[method].append({key: read_scalars(args.work_dir, name)[f"eval/{key}"][0][1] for key, _ in METRICS})
+            progress(f"{method} seed {seed} (eval)", wall)
+        for method in args.methods:
+            name = f"{method}_seed{seed}"
+            guide = [] if method == "ppo" else ["--guide-model", sl_model]
+            if method == "d2lols":
+                guide += ["--tau", str(args.tau)]
+            wall = run(name, f"{method}.py", task + rl + guide + ["--seed", str(seed)], args.work_dir)
+            scalars = read_scalars(args.work_dir, name)
+            results.setdefault(method, []).append({key: scalars[f"eval/{key}"][-1][1] for key, _ in METRICS})
+            curves.setdefault(method, []).append(scalars["eval/score"])
+            seconds.setdefault(method, []).append(wall)
+            episode_counts[method] = episodes
+            progress(f"{method} seed {seed}", wall)
+
+    sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; reward: P(positive) of the small IMDB "
+             f"classifier; prompts: the last {args.max_prompt_length} tokens of a review's first half; "
+             f"{args.max_new_tokens} new tokens (top-k 50); RL: {args.num_iterations} iterations of "
+             f"{args.batch_size} episodes, {args.update_epochs} epoch(s) x {args.num_minibatches} minibatches, "
+             f"lr {args.learning_rate}, kl-coef 0.001; D2LOLS tau {args.tau}; SL: {args.sl_steps} steps of "
+             f"{args.batch_size} positive reviews, lr {args.sl_learning_rate}.")
+    guide = ("Guide (PPO++, AggreVaTeD, D2LOLS): the SL model, nucleus-sampled (top-p 0.92, "
+             "top-k 50), as in the paper. Zero-shot = the starting model, evaluated by the same code.")
+    write_table(args, results, seconds, episode_counts, sizes, guide)
+    plot(args, curves, [r["score"] for r in results["sl"]])
+    print(open(args.out + ".md").read())
+    print(f"wrote {args.out}.md and {args.out}.png in {(time.perf_counter() - started) / 60:.1f} minutes")
