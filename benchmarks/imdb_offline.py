@@ -68,6 +68,8 @@ class Args:
     """SL (sft.py) optimizer steps of --batch-size positive training reviews (one run, seed 1)"""
     sl_learning_rate: float = 1e-4
     """SL learning rate"""
+    sl_model: str = ""
+    """use this SL model instead of training one (e.g. {work-dir}/sl/model from an earlier run of this driver)"""
     eval_every: int = 4
     """held-out evaluation every this many RL iterations (and at the start and the end)"""
     num_eval_prompts: int = 64
@@ -116,7 +118,7 @@ def mean_spread(values):
 def write_table(args, results, seconds, episodes, sizes_line, guide_line):
     lines = [
         "# IMDB in miniature, offline (CPU, 2 cores)", "",
-        f"Command: `python benchmarks/imdb_offline.py` (seeds {', '.join(map(str, args.seeds))}). {sizes_line}", "",
+        f"Command: `{' '.join(['python benchmarks/imdb_offline.py', *sys.argv[1:]])}`. {sizes_line}", "",
         guide_line, "",
         "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
         "|-|" + "-|" * (len(METRICS) + 2),
@@ -172,6 +174,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: unknown method(s) {unknown} or no seeds; methods: ppo ppo_plus_plus aggrevated d2lols")
     import matplotlib  # noqa: F401  (fail now, not after 45 minutes: pip install -r benchmarks/requirements.txt)
 
+    if args.sl_model and not os.path.isfile(os.path.join(args.sl_model, "config.json")):
+        raise SystemExit(f"error: --sl-model {args.sl_model} is not a saved model folder")
     if not (os.path.isdir(policy) and os.path.isdir(classifier)):
         print(f"building the offline models in {args.models_dir} (a few minutes)", flush=True)
         subprocess.run([sys.executable, os.path.join(SHARED, "tools", "offline_models.py"), "--out", args.models_dir,
@@ -199,14 +203,15 @@ if __name__ == "__main__":
               f"~{elapsed / done * (total_runs - done) / 60:.0f} min to go", flush=True)
 
     # SL: supervised on the positive training reviews, once (seed 1); the guide of every guided run
-    sl_model = os.path.join(args.work_dir, "sl", "model")
-    total_runs += 1
-    wall = run("sl", "sft.py", task + ["--model-name-or-path", policy, "--max-steps", str(args.sl_steps),
-                                       "--batch-size", str(args.batch_size), "--learning-rate",
-                                       str(args.sl_learning_rate), "--eval-every", "0", "--save-model",
-                                       "--save-path", sl_model], args.work_dir)
-    seconds["sl"].append(wall)
-    progress("sl (training)", wall)
+    sl_model = args.sl_model or os.path.join(args.work_dir, "sl", "model")
+    if not args.sl_model:
+        total_runs += 1
+        wall = run("sl", "sft.py", task + ["--model-name-or-path", policy, "--max-steps", str(args.sl_steps),
+                                           "--batch-size", str(args.batch_size), "--learning-rate",
+                                           str(args.sl_learning_rate), "--eval-every", "0", "--save-model",
+                                           "--save-path", sl_model], args.work_dir)
+        seconds["sl"].append(wall)
+        progress("sl (training)", wall)
     for seed in args.seeds:
         # the starting model and the SL model, evaluated by the same code, with this seed's sampling
         for method, model in (("zero_shot", policy), ("sl", sl_model)):
@@ -233,7 +238,8 @@ if __name__ == "__main__":
              f"{args.max_new_tokens} new tokens (top-k 50); RL: {args.num_iterations} iterations of "
              f"{args.batch_size} episodes, {args.update_epochs} epoch(s) x {args.num_minibatches} minibatches, "
              f"lr {args.learning_rate}, kl-coef 0.001; D2LOLS tau {args.tau}; SL: {args.sl_steps} steps of "
-             f"{args.batch_size} positive reviews, lr {args.sl_learning_rate}.")
+             f"{args.batch_size} positive reviews, lr {args.sl_learning_rate}"
+             + (f" (trained by an earlier run: {args.sl_model})." if args.sl_model else "."))
     guide = ("Guide (PPO++, AggreVaTeD, D2LOLS): the SL model, nucleus-sampled (top-p 0.92, "
              "top-k 50), as in the paper. Zero-shot = the starting model, evaluated by the same code.")
     write_table(args, results, seconds, episode_counts, sizes, guide)
