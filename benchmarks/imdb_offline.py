@@ -164,6 +164,9 @@ def plot(args, curves, sl_scores):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
     policy = os.path.join(args.models_dir, "smollm2-135m")
     classifier = os.path.join(args.models_dir, "sentiment-imdb")
     imdb = os.path.join(args.data_dir, "imdb")
