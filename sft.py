@@ -292,8 +292,9 @@ if __name__ == "__main__":
         eval_generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                                   pad_token_id=tokenizer.pad_token_id,
                                                   **({"do_sample": False} if args.eval_greedy else sampling))
-    print(f"{run_name}: {len(train_pairs)} training examples, {args.num_steps} steps of {args.batch_size} "
-          f"on {device}; TensorBoard: runs/{run_name}")
+    plan = (f"evaluating {args.model_name_or_path} on {len(eval_examples)} {args.eval_split} prompts" if args.eval_only
+            else f"{len(train_pairs)} training examples, {args.num_steps} steps of {args.batch_size}")
+    print(f"{run_name}: {plan} on {device}; TensorBoard: runs/{run_name}")
 
     def run_eval(step):
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was

@@ -130,7 +130,9 @@ def write_table(args, results, seconds, episodes, sizes_line, guide_line):
             cells.append(f"{mean:.3f} ± {spread:.3f}")
         wall = f"{statistics.mean(seconds[method]):.0f}" if seconds.get(method) else "–"
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {episodes[method]} | {wall} |")
-    lines += ["", f"Mean ± standard deviation over {len(args.seeds)} seeds, each evaluated on the first "
+    over = (f"Mean ± standard deviation over {len(args.seeds)} seeds" if len(args.seeds) > 1
+            else f"One seed ({args.seeds[0]}), so ± 0 is no spread, not no noise")
+    lines += ["", f"{over}; each evaluated on the first "
               f"{args.num_eval_prompts} test-split prompts (sampled continuations, top-k 50). Per seed:", ""]
     for method in results:
         per_seed = ", ".join(f"{r['score']:.3f}" for r in results[method])
@@ -155,7 +157,8 @@ def plot(args, curves, sl_scores):
     axes.axhline(statistics.mean(sl_scores), color="gray", linestyle="--", label="SL (the guide)")
     axes.set_xlabel("episodes")
     axes.set_ylabel(f"held-out sentiment score ({args.num_eval_prompts} test prompts)")
-    axes.set_title(f"IMDB, SmolLM2-135M-Instruct, CPU; mean of seeds {', '.join(map(str, args.seeds))}")
+    seeds = f"mean of seeds {', '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+    axes.set_title(f"IMDB, SmolLM2-135M-Instruct, CPU; {seeds}")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -242,7 +245,7 @@ if __name__ == "__main__":
              f"{args.batch_size} episodes, {args.update_epochs} epoch(s) x {args.num_minibatches} minibatches, "
              f"lr {args.learning_rate}, kl-coef 0.001; D2LOLS tau {args.tau}; SL: {args.sl_steps} steps of "
              f"{args.batch_size} positive reviews, lr {args.sl_learning_rate}"
-             + (f" (trained by an earlier run: {args.sl_model})." if args.sl_model else "."))
+             + (f" (trained by an earlier run: {os.path.relpath(args.sl_model, ROOT)})." if args.sl_model else "."))
     guide = ("Guide (PPO++, AggreVaTeD, D2LOLS): the SL model, nucleus-sampled (top-p 0.92, "
              "top-k 50), as in the paper. Zero-shot = the starting model, evaluated by the same code.")
     write_table(args, results, seconds, episode_counts, sizes, guide)
