@@ -616,7 +616,7 @@ if __name__ == "__main__":
             "loss/value_avg": stats["value_loss"].mean().item(),
             "val/ratio": stats["ratio"].mean().item(),
             "val/explained_variance": explained_variance.item(),
-            "val/num_eos_tokens": (responses == tokenizer.eos_token_id).sum().item(),
+            "val/num_eos_tokens": (responses == tokenizer.eos_token_id).any(1).sum().item(),  # episodes that ended
             "charts/episodes": global_episodes,
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],

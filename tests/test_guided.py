@@ -1,16 +1,17 @@
 """The guided algorithms: episode construction, a guide with another tokenizer, D2LOLS's switch, smoke runs."""
 
+import math
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2LMHeadModel
 
 import aggrevated
 import ppo
 import ppo_plus_plus
-from conftest import read_tensorboard, run_script, run_script_in_process, task_args
+from conftest import make_tokenizer, read_tensorboard, run_script, run_script_in_process, task_args, tiny_gpt2_config
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
@@ -257,3 +258,33 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
         expected = torch.zeros(H)
         expected[1:length] = 1 / (length - 1)  # U{1..L-1}
         torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)
+
+
+def save_often_eos_model(path):
+    """A tiny GPT-2 that says EOS with p = 0.2 at every step, with pad = EOS (as GPT-2 and SmolLM2 are used)."""
+    tokenizer = make_tokenizer(300, seed=1, eos="<|end|>", pad="<|end|>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer))
+    with torch.no_grad():  # tied head: logits = ln_f(h) @ wte.T; ln_f's output := the EOS embedding e
+        eos = model.transformer.wte.weight[tokenizer.eos_token_id]
+        eos.mul_(math.log(75) ** 0.5 / eos.norm())  # EOS logit |e|^2 = ln 75, the others ~0: p = 75 / (75 + 299)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(eos)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path, script):
+    # episodes (and guide roll-ins) end early and at different steps; the padding after an EOS is EOS too
+    often_eos = save_often_eos_model(tmp_path / "often_eos")
+    args = task_args(assets, "imdb", script)
+    args[args.index("--model-name-or-path") + 1] = often_eos
+    args[args.index("--max-new-tokens") + 1] = "16"  # long padding tails after the early EOSes
+    if "--guide-model" in args:
+        args[args.index("--guide-model") + 1] = often_eos
+    result = run_script(script, args + ["--eval-every", "0"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [e.value for e in read_tensorboard(tmp_path).Scalars("val/num_eos_tokens")]
+    assert len(counts) == 2 and all(0 <= c <= 4 for c in counts) and sum(counts) > 0, counts  # batches of 4
