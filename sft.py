@@ -236,7 +236,8 @@ if __name__ == "__main__":
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
     # data and model paths, checked before any model loads: bad input fails fast with one line
-    train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
+    needs_train_rows = not args.eval_only or args.task == "commongen"  # CommonGen's CIDEr-D idf reads them
+    train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path) if needs_train_rows else []
     evaluating = bool(args.eval_every or args.eval_only)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path) if evaluating else []
     tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
@@ -267,9 +268,9 @@ if __name__ == "__main__":
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    train_pairs = sft_examples(args.task, train_rows, tokenizer, args.max_prompt_length, args.max_target_length,
-                               args.imdb_label)
-    if not train_pairs:
+    train_pairs = [] if args.eval_only else sft_examples(args.task, train_rows, tokenizer, args.max_prompt_length,
+                                                          args.max_target_length, args.imdb_label)
+    if not (train_pairs or args.eval_only):
         raise SystemExit("error: the training split has no non-empty reference to train on")
     steps_per_epoch = max(1, len(train_pairs) // args.batch_size)  # the last incomplete batch is dropped
     args.num_steps = args.max_steps or max(1, round(args.num_epochs * steps_per_epoch))
@@ -289,7 +290,8 @@ if __name__ == "__main__":
             perplexity_lm = (AutoModelForCausalLM.from_pretrained(perplexity_path).to(device).eval(),
                              AutoTokenizer.from_pretrained(perplexity_path))
         sampling = dict(do_sample=True, top_k=args.top_k)
-        eval_generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        eval_generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                                  eos_token_id=tokenizer.eos_token_id,
                                                   pad_token_id=tokenizer.pad_token_id,
                                                   **({"do_sample": False} if args.eval_greedy else sampling))
     plan = (f"evaluating {args.model_name_or_path} on {len(eval_examples)} {args.eval_split} prompts" if args.eval_only
