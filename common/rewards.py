@@ -15,7 +15,9 @@ from common import metrics
 
 def load_classifier(path, device, num_labels=None):
     """A frozen sequence classifier and its tokenizer; fails with one line if the label count is wrong."""
-    tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")  # keep the continuation's end
+    # keep the continuation's end; right padding, so absolute-position models (GPT-2, BERT) see the
+    # positions of the text alone, and a text's reward does not depend on the batch it is scored in
+    tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left", padding_side="right")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device).eval()

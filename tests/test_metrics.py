@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from common import metrics
+from common import metrics, rewards
 from conftest import tiny_gpt2_config
 
 PREDICTIONS = [
@@ -97,3 +97,24 @@ def test_output_perplexity_counts_only_continuation_tokens(assets):
         logprobs = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
     expected = math.exp(-logprobs[n_prompt - 1 :].mean().item())
     assert metrics.output_perplexity(model, tokenizer, [prompt], [continuation], "cpu") == pytest.approx(expected, rel=1e-4)
+
+
+def test_imdb_reward_is_the_probability_of_the_chosen_label(assets):
+    prompts, continuations = ["the movie was", "a sad film"], [" good fun", " and boring"]
+    positive = rewards.make_reward_fn("imdb", assets["classifier"], "cpu", reward_label=1)(prompts, continuations, None)
+    negative = rewards.make_reward_fn("imdb", assets["classifier"], "cpu", reward_label=0)(prompts, continuations, None)
+    assert ((positive > 0) & (positive < 1)).all() and not torch.allclose(positive, negative)
+    torch.testing.assert_close(positive + negative, torch.ones(2))
+    with pytest.raises(SystemExit, match="--reward-label 2 is not a label"):
+        rewards.make_reward_fn("imdb", assets["classifier"], "cpu", reward_label=2)
+
+
+@pytest.mark.parametrize("task", ["imdb", "tldr"])
+def test_a_texts_reward_does_not_depend_on_its_batch(assets, task):
+    """The tiny reward models are GPT-2s (absolute positions) whose tokenizers pad on the left: padding
+    must not shift a short text's positions when it is scored beside a long one."""
+    reward_fn = rewards.make_reward_fn(task, assets["classifier" if task == "imdb" else "reward_model"], "cpu")
+    prompts = ["a dog", "the movie was long and the story of the actor was very sad and boring"]
+    continuations = [" runs", " but the music was good"]
+    alone = torch.cat([reward_fn([p], [c], None) for p, c in zip(prompts, continuations)])
+    torch.testing.assert_close(reward_fn(prompts, continuations, None), alone)
