@@ -555,8 +555,8 @@ if __name__ == "__main__":
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
-        if args.missing_eos_penalty is not None:
-            scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
+            if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
+                scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
         mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
 
         # KL on the policy's tokens; GAE over the whole episode; the policy gradient on the roll-in only
