@@ -4,13 +4,17 @@ Nothing is downloaded: the BPE tokenizer is trained here on synthetic text and e
 randomly initialised 2-layer GPT-2.
 """
 
+import ast
 import glob
+import inspect
 import json
+import math
 import os
 import random
-import runpy
 import subprocess
 import sys
+import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import aggrevated  # noqa: E402  (the scripts, imported for their helpers: the loop runs only as __main__)
+import d2lols  # noqa: E402
+import ppo  # noqa: E402
+import ppo_plus_plus  # noqa: E402
+import sft  # noqa: E402,F401  (its helpers are tested too)
+
+# every script carries its own copy of the helpers it uses: tests run against each copy
+RL_MODULES = [ppo, ppo_plus_plus, aggrevated, d2lols]
+GUIDED_MODULES = [ppo_plus_plus, aggrevated, d2lols]
+RL_SCRIPTS = [m.__name__ + ".py" for m in RL_MODULES]
+
+
+def module_name(module):
+    return module.__name__
 
 WORDS = ("the movie film story actor plot scene good great bad boring funny sad love hate music ending "
          "dog cat ball park play run jump tree water eat food table sit chair book read child man woman "
@@ -31,15 +50,16 @@ def synthetic_sentences(n, seed=0):
             for _ in range(n)]
 
 
-def make_tokenizer(vocab_size=400, seed=0, eos="</s>", pad="<pad>"):
-    """A byte-level BPE trained in-process; left padding, as the scripts use it."""
+def make_tokenizer(vocab_size=400, seed=0, eos="</s>", pad="<pad>", reserved=0):
+    """A byte-level BPE trained in-process; left padding, as the scripts use it. `reserved` extra special
+    tokens come first, so every other id is shifted (another model family's ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    special = [eos] if pad == eos else [eos, pad]
+    special = [f"<|reserved_{i}|>" for i in range(reserved)] + ([eos] if pad == eos else [eos, pad])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = synthetic_sentences(3000, seed) + ["SUBREDDIT: r/test\nTITLE: a title\nPOST: a post\nTL;DR: summary",
@@ -128,10 +148,30 @@ def assets(tmp_path_factory):
         # a guide with another tokenizer and vocabulary (EOS = pad, as in GPT-2)
         "guide_other": save_tiny_causal_lm(root / "guide_other", make_tokenizer(300, seed=1, eos="<|end|>", pad="<|end|>"),
                                            seed=3),
+        # a guide with a larger vocabulary whose ids all differ from the policy's for the same text
+        "guide_bigger": save_tiny_causal_lm(root / "guide_bigger", make_tokenizer(600, seed=2, reserved=7), seed=4),
         "toy_guide": save_toy_guide(root / "toy_guide", tokenizer),
+        "often_eos": save_often_eos_model(root / "often_eos"),
         "data": data,
         "root": root,
     }
+
+
+def save_often_eos_model(path):
+    """A tiny GPT-2 that says EOS with p = 0.2 at every step, with pad = EOS (as GPT-2 and SmolLM2 are used)."""
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = make_tokenizer(300, seed=1, eos="<|end|>", pad="<|end|>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer))
+    with torch.no_grad():  # tied head: logits = ln_f(h) @ wte.T; ln_f's output := the EOS embedding e
+        eos = model.transformer.wte.weight[tokenizer.eos_token_id]
+        eos.mul_(math.log(75) ** 0.5 / eos.norm())  # EOS logit |e|^2 = ln 75, the others ~0: p = 75 / (75 + 299)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(eos)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def read_tensorboard(run_dir):
@@ -150,16 +190,49 @@ def run_script(script, args, cwd, timeout=300, env=None):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_script_in_process(script, args, cwd):
-    """Run a script's `__main__` block in this process (fast, for checks that end before any model loads)."""
+class Spy:
+    """Wraps one of a script's helpers: records every call's arguments (by name) and result, then returns it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wrap(self, function):
+        signature = inspect.signature(function)
+
+        def wrapper(*args, **kwargs):
+            result = function(*args, **kwargs)
+            self.calls.append(SimpleNamespace(result=result, **signature.bind(*args, **kwargs).arguments))
+            return result
+
+        return wrapper
+
+
+def run_script_in_process(script, args, cwd, spies=None):
+    """Run a script's `__main__` block in this process, as `python script args` would, and return its globals.
+
+    Faster than a subprocess (no start-up cost). `spies` maps names of the script's own helpers to
+    Spy objects: the helper is wrapped after the script defines it and before the loop runs, so the
+    test sees what the loop passes it and what it returns."""
+    path = os.path.join(ROOT, script)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    *definitions, main = tree.body
+    assert isinstance(main, ast.If) and "__main__" in ast.unparse(main.test), f"{script} must end in its main block"
+    module = types.ModuleType(f"_run_{script[:-3]}")
+    module.__file__ = path
     old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = [script, *args]
+    sys.argv, sys.modules[module.__name__] = [script, *args], module  # dataclasses and tyro look the module up
     os.chdir(cwd)
     try:
-        return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        exec(compile(ast.Module(definitions, type_ignores=[]), path, "exec"), module.__dict__)
+        for name, spy in (spies or {}).items():
+            setattr(module, name, spy.wrap(getattr(module, name)))
+        exec(compile(ast.Module(main.body, type_ignores=[]), path, "exec"), module.__dict__)
+        return module.__dict__
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
+        del sys.modules[module.__name__]
 
 
 def task_args(assets, task, script="ppo.py"):
@@ -175,6 +248,17 @@ def task_args(assets, task, script="ppo.py"):
         args += ["--guide-model", assets["policy"]]
     if script == "d2lols.py":
         args += ["--tau", "1"]  # one iteration of each phase
+    return args
+
+
+def set_flags(args, *flags):
+    """args with `--flag value` pairs set: replaced where present, appended otherwise."""
+    args = list(args)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
     return args
 
 

@@ -1,17 +1,17 @@
 """The guided algorithms: episode construction, a guide with another tokenizer, D2LOLS's switch, smoke runs."""
 
-import math
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import aggrevated
+import d2lols
 import ppo
 import ppo_plus_plus
-from conftest import make_tokenizer, read_tensorboard, run_script, run_script_in_process, task_args, tiny_gpt2_config
+from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, task_args
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
@@ -64,19 +64,24 @@ def recomputed_logprobs(policy, prompt_ids, prompt_mask, responses, mask):
         return ppo.token_logprobs(logits, responses, 1.0)
 
 
-def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls_out(setup):
+ROLL_IN_MODULES = [ppo_plus_plus, d2lols]  # PPO++'s guide_roll_in and rollout (D2LOLS: its second phase)
+ROLL_OUT_MODULES = [aggrevated, d2lols]  # AggreVaTeD's guide_roll_out and ppo_loss (D2LOLS: its first phase)
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls_out(setup, module):
     tokenizer, policy, batch, guide = setup
     assert guide.same_tokenizer
-    args = make_args(ppo_plus_plus, beta=1.0)
+    args = make_args(module, beta=1.0)
     torch.manual_seed(0)
-    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
     k = [len(r) for r in roll_ins]
     assert all(1 <= k_i <= H - 1 for k_i in k), k
     for e, roll_in in zip(batch, roll_ins):
         guide_tokens = greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id)
         assert roll_in == guide_tokens[: len(roll_in)]  # the roll-in is exactly the guide's
         assert tokenizer.eos_token_id not in roll_in  # k <= L - 1
-    prompt_ids, prompt_mask, responses, mask, logprobs, policy_mask = ppo_plus_plus.rollout(
+    prompt_ids, prompt_mask, responses, mask, logprobs, policy_mask = module.rollout(
         policy, tokenizer, [e["prompt_ids"] for e in batch], policy_config(tokenizer), args, "cpu", roll_ins)
     for i, k_i in enumerate(k):
         # the response opens with the roll-in: in the episode (attended) but state, with zero loss/KL mask
@@ -92,26 +97,28 @@ def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls
     assert (logprobs[policy_mask == 0] == 0).all()
 
 
-def test_ppo_plus_plus_with_beta_zero_takes_exactly_ppos_episodes(setup):
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_ppo_plus_plus_with_beta_zero_takes_exactly_ppos_episodes(setup, module):
     tokenizer, policy, batch, guide = setup
-    args = make_args(ppo_plus_plus, beta=0.0)
+    args = make_args(module, beta=0.0)
     prompts = [e["prompt_ids"] for e in batch]
     torch.manual_seed(3)
     expected = ppo.rollout(policy, tokenizer, prompts, policy_config(tokenizer), args, "cpu")
     torch.manual_seed(3)
-    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
     assert roll_ins == [[]] * len(batch)
-    *got, policy_mask = ppo_plus_plus.rollout(policy, tokenizer, prompts, policy_config(tokenizer), args, "cpu", roll_ins)
+    *got, policy_mask = module.rollout(policy, tokenizer, prompts, policy_config(tokenizer), args, "cpu", roll_ins)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
     assert torch.equal(policy_mask, expected[3])  # every episode token is the policy's
 
 
-def test_aggrevated_policy_rolls_in_and_the_guide_rolls_out(setup):
+@pytest.mark.parametrize("module", ROLL_OUT_MODULES, ids=module_name)
+def test_aggrevated_policy_rolls_in_and_the_guide_rolls_out(setup, module):
     tokenizer, policy, batch, guide = setup
-    args = make_args(aggrevated, beta=1.0)
+    args = make_args(module, beta=1.0)
     torch.manual_seed(0)
-    prompt_ids, prompt_mask, responses, policy_mask, value_mask, logprobs = aggrevated.guide_roll_out(
+    prompt_ids, prompt_mask, responses, policy_mask, value_mask, logprobs = module.guide_roll_out(
         policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(1))
     assert (policy_mask * value_mask).sum() == 0
     for i, e in enumerate(batch):
@@ -131,10 +138,11 @@ def test_aggrevated_policy_rolls_in_and_the_guide_rolls_out(setup):
     assert (logprobs[value_mask.bool()] == 0).all()
 
 
-def test_aggrevated_with_beta_zero_lets_the_guide_write_everything(setup):
+@pytest.mark.parametrize("module", ROLL_OUT_MODULES, ids=module_name)
+def test_aggrevated_with_beta_zero_lets_the_guide_write_everything(setup, module):
     tokenizer, policy, batch, guide = setup
-    args = make_args(aggrevated, beta=0.0)
-    _, _, responses, policy_mask, value_mask, _ = aggrevated.guide_roll_out(
+    args = make_args(module, beta=0.0)
+    _, _, responses, policy_mask, value_mask, _ = module.guide_roll_out(
         policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(1))
     assert policy_mask.sum() == 0
     for i, e in enumerate(batch):
@@ -142,33 +150,127 @@ def test_aggrevated_with_beta_zero_lets_the_guide_write_everything(setup):
         assert responses[i, :n].tolist() == greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id)[:H]
 
 
-def test_aggrevated_pg_loss_on_the_policys_tokens_and_value_loss_on_the_guides():
+@pytest.mark.parametrize("module", ROLL_OUT_MODULES, ids=module_name)
+def test_aggrevated_pg_loss_on_the_policys_tokens_and_value_loss_on_the_guides(module):
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     value_mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     old = torch.zeros(1, 4)
-    args = aggrevated.Args(clip_coef=0.2, clip_coef_value=100.0, vf_coef=1.0)
+    args = module.Args(clip_coef=0.2, clip_coef_value=100.0, vf_coef=1.0)
     new_logprobs = torch.zeros(1, 4, requires_grad=True)
     new_values = torch.zeros(1, 4, requires_grad=True)
-    loss, stats = aggrevated.ppo_loss(new_logprobs, new_values, old, old, torch.ones(1, 4), torch.ones(1, 4),
+    loss, stats = module.ppo_loss(new_logprobs, new_values, old, old, torch.ones(1, 4), torch.ones(1, 4),
                                       mask, value_mask, args)
     loss.backward()
     assert new_logprobs.grad[0, 2:].abs().sum() == 0 and new_logprobs.grad[0, :2].abs().sum() > 0
     assert new_values.grad[0, :2].abs().sum() == 0 and new_values.grad[0, 2:].abs().sum() > 0
 
 
-def test_a_guide_with_another_tokenizer_works_through_text(setup, assets):
+def record_generate(guide, monkeypatch):
+    """Wrap the guide's generate (for this test only): record (input ids, generated ids, config) per call."""
+    calls, generate = [], guide.model.generate
+
+    def recorded(**kwargs):
+        out = generate(**kwargs)
+        calls.append((kwargs["input_ids"], out[:, kwargs["input_ids"].shape[1] :], kwargs["generation_config"]))
+        return out
+
+    monkeypatch.setattr(guide.model, "generate", recorded)
+    return calls
+
+
+def guide_texts(guide, calls):
+    """Per row, over every recorded call: (the guide's input text, the text it wrote, up to its EOS)."""
+    rows = []
+    for input_ids, new_ids, _ in calls:
+        for inputs, tokens in zip(input_ids.tolist(), new_ids.tolist()):
+            if guide.tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)]
+            rows.append((guide.tokenizer.decode(inputs, skip_special_tokens=True),
+                         guide.tokenizer.decode(tokens, skip_special_tokens=True)))
+    return rows
+
+
+TEMPLATE = "Continue this review: {prompt}"
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+def test_the_guide_reads_its_template_and_the_policy_gets_the_guides_text(setup, assets, monkeypatch, module):
+    """A guide with another, larger vocabulary (every id differs from the policy's): it reads its template
+    around the prompt plus the decoded policy prefix, and what it writes reaches the policy as the
+    policy's tokenisation of the guide's own text (never the guide's ids)."""
+    tokenizer, _, batch, _ = setup
+    guide = load_guide(assets["guide_bigger"], tokenizer, template=TEMPLATE)
+    assert not guide.same_tokenizer and len(guide.tokenizer) > len(tokenizer)
+    calls = record_generate(guide, monkeypatch)
+    args = make_args(module, beta=1.0, guide_top_k=0, guide_prompt_template=TEMPLATE)
+    prefixes = [tokenizer(" the film").input_ids if i % 2 else [] for i in range(len(batch))]
+    torch.manual_seed(0)
+    results = module.guide_continue(guide, tokenizer, batch, prefixes, H, args, "cpu")
+    seen = guide_texts(guide, calls)
+    for e, prefix, (guide_input, guide_text), (tokens, ended) in zip(batch, prefixes, seen, results, strict=True):
+        assert guide_input == TEMPLATE.format(prompt=e["prompt"]) + tokenizer.decode(prefix)
+        expected = tokenizer(guide_text, add_special_tokens=False).input_ids
+        assert tokens == expected + [tokenizer.eos_token_id] * ended
+    raw = [t for _, new_ids, _ in calls for row in new_ids.tolist() for t in row]
+    assert max(raw) >= len(tokenizer), "the guide should write ids the policy's vocabulary does not have"
+
+
+@pytest.mark.parametrize("module", [ppo_plus_plus, d2lols], ids=module_name)
+def test_the_roll_in_is_the_guides_own_text(setup, assets, monkeypatch, module):
+    tokenizer, _, batch, _ = setup
+    guide = load_guide(assets["guide_bigger"], tokenizer)
+    calls = record_generate(guide, monkeypatch)
+    args = make_args(module, beta=1.0, guide_top_k=0)
+    torch.manual_seed(0)
+    roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+    assert sum(map(len, roll_ins)) > 0 and all(len(r) <= H - 1 for r in roll_ins)
+    for (_, guide_text), roll_in in zip(guide_texts(guide, calls), roll_ins, strict=True):
+        assert roll_in == tokenizer(guide_text, add_special_tokens=False).input_ids[: len(roll_in)]
+        assert guide_text.startswith(tokenizer.decode(roll_in))
+
+
+@pytest.mark.parametrize("module", [aggrevated, d2lols], ids=module_name)
+def test_the_guide_rolls_out_from_the_policys_prefix_as_text(setup, assets, monkeypatch, module):
     tokenizer, policy, batch, _ = setup
-    guide = load_guide(assets["guide_other"], tokenizer)
-    assert not guide.same_tokenizer and len(guide.tokenizer) != len(tokenizer)
-    args = make_args(ppo_plus_plus, beta=1.0, guide_top_k=0)
-    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
-    assert any(roll_ins) and all(len(r) <= H - 1 for r in roll_ins)
-    assert max(max(r, default=0) for r in roll_ins) < len(tokenizer)  # policy tokens, whatever the guide's vocabulary
-    args = make_args(aggrevated, beta=0.5, guide_top_k=0)
-    _, _, responses, policy_mask, value_mask, _ = aggrevated.guide_roll_out(
+    guide = load_guide(assets["guide_bigger"], tokenizer)
+    calls = record_generate(guide, monkeypatch)
+    args = make_args(module, beta=1.0, guide_top_k=0)
+    torch.manual_seed(0)
+    _, _, responses, policy_mask, value_mask, _ = module.guide_roll_out(
         policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
-    assert value_mask.sum() > 0 and responses.max() < len(tokenizer)
-    assert ((policy_mask + value_mask).sum(1) <= H).all()
+    open_rows = [i for i in range(len(batch)) if value_mask[i].any() or policy_mask[i].sum() < H]
+    open_rows = [i for i in open_rows if responses[i, int(policy_mask[i].sum()) - 1] != tokenizer.eos_token_id]
+    seen = guide_texts(guide, calls)
+    assert len(seen) == len(open_rows) > 0
+    for i, (guide_input, guide_text) in zip(open_rows, seen):
+        k, n = int(policy_mask[i].sum()), int((policy_mask[i] + value_mask[i]).sum())
+        prefix = responses[i, :k].tolist()
+        assert guide_input == batch[i]["prompt"] + tokenizer.decode(prefix)
+        written = tokenizer(guide_text, add_special_tokens=False).input_ids
+        assert responses[i, k:n].tolist() == (written + [tokenizer.eos_token_id])[: n - k]
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+def test_the_guides_sampling_flags_reach_its_generate(setup, assets, monkeypatch, module):
+    """--guide-temperature, --guide-top-k and --guide-top-p are the guide's own: they reach its generate
+    and change what it writes (a tiny top-p or temperature leaves only its top token: greedy)."""
+    tokenizer, _, batch, _ = setup
+    guide = load_guide(assets["policy"], tokenizer)  # a flat distribution: free sampling is far from greedy
+    greedy_text = [greedy(guide.model, e["prompt_ids"], H, tokenizer.eos_token_id) for e in batch]
+    calls = record_generate(guide, monkeypatch)
+
+    def continuations(**flags):
+        torch.manual_seed(0)
+        args = make_args(module, beta=1.0, **flags)
+        return [tokens for tokens, _ in module.guide_continue(guide, tokenizer, batch, [[]] * len(batch), H, args, "cpu")]
+
+    continuations(guide_temperature=0.7, guide_top_k=5, guide_top_p=0.5)
+    config = calls[-1][2]
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 5, 0.5)
+    free = continuations(guide_temperature=1.0, guide_top_k=0, guide_top_p=1.0)
+    assert free != greedy_text
+    assert continuations(guide_temperature=1.0, guide_top_k=0, guide_top_p=1e-9) == greedy_text
+    assert continuations(guide_temperature=1e-4, guide_top_k=0, guide_top_p=1.0) == greedy_text
 
 
 def critics_after(assets, tmp_path, tau):
@@ -194,20 +296,28 @@ GUIDE_TAGS = ["guide/mixed_fraction", "guide/mean_k", "guide/score_mixed"]
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
 @pytest.mark.parametrize("task", ["imdb", "commongen", "tldr"])
-def test_two_iterations_per_task(assets, tmp_path, script, task):
+def test_two_iterations_per_task(assets, tmp_path, capsys, script, task):
     args = task_args(assets, task, script) + ["--beta", "0.5", "--eval-every", "2"]
     if task == "imdb":  # a guide with another tokenizer and vocabulary, and a prompt template of its own
         args[args.index("--guide-model") + 1] = assets["guide_other"]
-        args += ["--guide-prompt-template", "Continue this review: {prompt}"]
-    result = run_script(script, args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "iteration 2/2" in result.stdout and "eval @ iteration 2" in result.stdout
+        args += ["--guide-prompt-template", "Continue this review: {prompt}", "--save-model", "--save-path", "saved"]
+    if task == "tldr":
+        args += ["--bf16"]
+    run = run_script_in_process(script, args, cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert "iteration 2/2" in out and "eval @ iteration 2" in out
     events = read_tensorboard(tmp_path)
     tags = events.Tags()["scalars"]
     for tag in ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "eval/score"] + GUIDE_TAGS:
         assert tag in tags, tag
     if script == "d2lols.py":  # --tau 1: AggreVaTeD, then PPO++
         assert [e.value for e in events.Scalars("guide/phase")] == [0.0, 1.0]
+    if "--save-model" in args:  # the trained policy, loadable as a model (e.g. the next run's --guide-model)
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+        assert AutoTokenizer.from_pretrained(tmp_path / "saved").get_vocab() == assets["tokenizer"].get_vocab()
+        start = AutoModelForCausalLM.from_pretrained(assets["policy"])
+        assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), run["policy"].parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters()))
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -228,8 +338,9 @@ def test_guided_bad_input_fails_fast(assets, tmp_path, script, args, message):
     assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
 
 
-@pytest.mark.parametrize("module", [ppo_plus_plus, aggrevated])
-def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
+@pytest.mark.parametrize("module,episodes", [(ppo_plus_plus, "roll_in"), (aggrevated, "roll_out"), (d2lols, "roll_in"),
+                                             (d2lols, "roll_out")], ids=lambda x: getattr(x, "__name__", x))
+def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkeypatch):
     """k is drawn before the sample is written and redrawn where the sample ended first: check the law."""
     eos, draws = 2, 6000
     batch = [{"prompt": "p", "prompt_ids": [5, 6], "references": [""]}] * draws
@@ -237,16 +348,16 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
     args = make_args(module, beta=1.0)
     for sample, ended in [([7, 8, eos], True), ([7] * H, False)]:  # L = 3 (ended), and a sample that ran to H
         length = len(sample)
-        if module is ppo_plus_plus:  # the guide writes the roll-in
+        if episodes == "roll_in":  # PPO++: the guide writes the roll-in
             monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [(sample, ended)] * len(examples))
             roll_ins = module.guide_roll_in(SimpleNamespace(same_tokenizer=True), tokenizer, batch, args, "cpu",
                                             random.Random(0))
             k = torch.tensor([len(r) for r in roll_ins])
-        else:  # the policy writes the roll-in; the guide's roll-out is not needed here
-            def fake_rollout(policy, tok, prompts, config, args, device):
+        else:  # AggreVaTeD: the policy writes the roll-in; the guide's roll-out is not needed here
+            def fake_rollout(policy, tok, prompts, config, args, device, *roll_ins):
                 responses = torch.tensor([sample + [0] * (H - length)] * len(prompts))
                 mask = ppo.mask_after_eos(responses, eos) * (torch.arange(H) < length)
-                return None, None, responses, mask, torch.zeros(len(prompts), H)
+                return (None, None, responses, mask, torch.zeros(len(prompts), H)) + (mask,) * len(roll_ins)
 
             monkeypatch.setattr(module, "rollout", fake_rollout)
             monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [([], True)] * len(examples))
@@ -260,31 +371,15 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, monkeypatch):
         torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)
 
 
-def save_often_eos_model(path):
-    """A tiny GPT-2 that says EOS with p = 0.2 at every step, with pad = EOS (as GPT-2 and SmolLM2 are used)."""
-    tokenizer = make_tokenizer(300, seed=1, eos="<|end|>", pad="<|end|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer))
-    with torch.no_grad():  # tied head: logits = ln_f(h) @ wte.T; ln_f's output := the EOS embedding e
-        eos = model.transformer.wte.weight[tokenizer.eos_token_id]
-        eos.mul_(math.log(75) ** 0.5 / eos.norm())  # EOS logit |e|^2 = ln 75, the others ~0: p = 75 / (75 + 299)
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(eos)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
 def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path, script):
     # episodes (and guide roll-ins) end early and at different steps; the padding after an EOS is EOS too
-    often_eos = save_often_eos_model(tmp_path / "often_eos")
+    often_eos = assets["often_eos"]
     args = task_args(assets, "imdb", script)
     args[args.index("--model-name-or-path") + 1] = often_eos
     args[args.index("--max-new-tokens") + 1] = "16"  # long padding tails after the early EOSes
     if "--guide-model" in args:
         args[args.index("--guide-model") + 1] = often_eos
-    result = run_script(script, args + ["--eval-every", "0"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script_in_process(script, args + ["--eval-every", "0"], cwd=tmp_path)
     counts = [e.value for e in read_tensorboard(tmp_path).Scalars("val/num_eos_tokens")]
     assert len(counts) == 2 and all(0 <= c <= 4 for c in counts) and sum(counts) > 0, counts  # batches of 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_tensorboard, run_script, run_script_in_process, task_args, write_jsonl
+from conftest import RL_SCRIPTS, read_tensorboard, run_script, run_script_in_process, task_args, write_jsonl
 
 DOCUMENTED_TAGS = [
     "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -79,15 +79,13 @@ def test_bad_input_fails_fast_with_one_clear_line(assets, tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == ["error: " + cases[1][1]]
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py"])
+@pytest.mark.parametrize("script", RL_SCRIPTS)
 def test_evaluation_does_not_change_training(assets, tmp_path, script):
     """Evaluations sample from their own seeded stream: the same seed trains the same with or without them."""
     scores = {}
     for eval_every in ("0", "1"):
         cwd = tmp_path / eval_every
         cwd.mkdir()
-        args = task_args(assets, "imdb", script) + ["--eval-every", eval_every]
-        result = run_script(script, args, cwd=cwd)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script_in_process(script, task_args(assets, "imdb", script) + ["--eval-every", eval_every], cwd)
         scores[eval_every] = [e.value for e in read_tensorboard(cwd).Scalars("objective/scores")]
     assert scores["0"] == scores["1"]
