@@ -22,15 +22,18 @@ tokenizer = AutoTokenizer.from_pretrained(args[args.index("--model-name-or-path"
 target = tokenizer(os.environ.get("TOY_TOKEN", " movie"), add_special_tokens=False).input_ids[-1]
 
 
-GATED = os.environ.get("TOY_REWARD", "fraction") == "gated"
+KIND = os.environ.get("TOY_REWARD", "fraction")
 
 
 def toy_reward(prompts, continuations, references):
     """The fraction of continuation tokens that are the target; with TOY_REWARD=gated, 0 unless the
-    continuation starts with it (sparse from the prompt, dense once a target token is in the text)."""
+    continuation starts with it (sparse from the prompt, dense once a target token is in the text);
+    with TOY_REWARD=zero, always 0 (the KL penalty is the only reward)."""
     ids = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
-    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) if x and (x[0] == target or not GATED) else 0.0
-                         for x in ids])
+    if KIND == "zero":
+        return torch.zeros(len(ids))
+    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) if x and (x[0] == target or KIND != "gated")
+                         else 0.0 for x in ids])
 
 
 rewards.make_reward_fn = lambda *a, **k: toy_reward

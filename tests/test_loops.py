@@ -1,0 +1,219 @@
+"""The four training loops: what each passes its helpers, and every flag that changes a loop.
+
+The scripts run in-process (tests/conftest.py: run_script_in_process) with some of their own helpers
+wrapped by a Spy, which records what the loop hands them; nothing in the scripts is changed.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common import metrics, rewards
+from conftest import RL_SCRIPTS, Spy, read_tensorboard, run_script_in_process, set_flags, task_args
+
+rl_scripts = pytest.mark.parametrize("script", RL_SCRIPTS)
+SPIED = {  # the helpers that build each script's episodes, and the ones the loop feeds
+    "ppo.py": ["rollout"],
+    "ppo_plus_plus.py": ["guide_roll_in", "rollout"],
+    "aggrevated.py": ["guide_roll_out"],
+    "d2lols.py": ["guide_roll_out", "guide_roll_in", "rollout"],
+}
+LOOP_HELPERS = ["kl_penalized_rewards", "compute_gae", "ppo_loss"]
+
+
+def run(script, args, cwd, spy_names=()):
+    spies = {name: Spy() for name in spy_names}
+    namespace = run_script_in_process(script, args, cwd, spies)
+    return namespace, spies, read_tensorboard(cwd)
+
+
+def scalars(events, tag):
+    return [e.value for e in events.Scalars(tag)]
+
+
+def episodes_built(script, spies, iteration):
+    """What the script's episode builder returned in `iteration` (0-based): the tokens and masks the loop
+    must pass on. `policy` = tokens the policy sampled (policy gradient, KL), `value` = the value loss's
+    tokens, `episode` = every token of the episode (the score sits on its last), `roll_in` = PPO++'s k."""
+    phase = "ppo" if script == "ppo.py" else "ppo++" if script == "ppo_plus_plus.py" else "aggrevated"
+    if script == "d2lols.py" and iteration > 0:  # --tau 1: AggreVaTeD, then PPO++
+        phase, iteration = "ppo++", iteration - 1
+    if phase == "ppo":
+        _, _, responses, episode, logprobs = spies["rollout"].calls[iteration].result
+        return dict(responses=responses, episode=episode, policy=episode, value=episode, logprobs=logprobs,
+                    gae=episode)
+    if phase == "ppo++":
+        roll_ins = spies["guide_roll_in"].calls[iteration].result
+        [rollout_call] = [c for c in spies["rollout"].calls if c.roll_ins is roll_ins]  # rolls out from the roll-ins
+        _, _, responses, episode, logprobs, policy = rollout_call.result
+        return dict(responses=responses, episode=episode, policy=policy, value=policy, logprobs=logprobs,
+                    gae=policy, roll_ins=roll_ins)
+    _, _, responses, policy, value, logprobs = spies["guide_roll_out"].calls[iteration].result
+    return dict(responses=responses, episode=policy + value, policy=policy, value=value, logprobs=logprobs,
+                gae=policy + value)
+
+
+@rl_scripts
+def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(assets, tmp_path, script):
+    """One epoch of one minibatch: the policy that scores the ratio is the one that sampled, so the ratio
+    is 1 and approx-KL 0 on every iteration, and the loop hands KL, GAE and the PPO loss the masks the
+    algorithm says: PPO++'s roll-in is state (no loss, no KL), AggreVaTeD's value loss runs on the
+    guide's tokens and its policy gradient on the policy's, D2LOLS does one then the other."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--max-new-tokens", 8,
+                     "--eval-every", 0, "--kl-coef", 0.1, "--learning-rate", 1e-3, "--gamma", 0.9, "--gae-lambda", 0.8)
+    if script != "ppo.py":
+        args = set_flags(args, "--beta", 1)
+    _, spies, events = run(script, args + ["--no-anneal-lr"], tmp_path, SPIED[script] + LOOP_HELPERS)
+    assert len(spies["ppo_loss"].calls) == 2  # 2 iterations x 1 epoch x 1 minibatch
+    for value in scalars(events, "val/ratio"):
+        assert value == pytest.approx(1, abs=1e-5)
+    assert max(scalars(events, "policy/approxkl_avg")) < 1e-9
+    assert scalars(events, "policy/clipfrac_avg") == [0, 0]
+    assert scalars(events, "charts/lr") == pytest.approx([1e-3, 1e-3])  # --no-anneal-lr
+    if script != "ppo.py":
+        assert min(scalars(events, "guide/mixed_fraction")) >= 0.75  # beta 1: (nearly) every episode is mixed
+
+    for iteration in range(2):
+        built = episodes_built(script, spies, iteration)
+        loss_call = spies["ppo_loss"].calls[iteration]
+        num_tokens = loss_call.mask.shape[1]
+        assert num_tokens == int(built["episode"].sum(1).max())  # only the columns no episode reached are dropped
+        built = {name: x[:, :num_tokens] if torch.is_tensor(x) else x for name, x in built.items()}
+        policy, episode = built["policy"].float(), built["episode"].float()
+        assert policy.sum() > 0
+
+        # KL on the policy's tokens, the score on the episode's last token; GAE over the episode's actions
+        kl_call = spies["kl_penalized_rewards"].calls[iteration]
+        assert torch.equal(kl_call.logprobs, built["logprobs"]) and kl_call.kl_coef == 0.1
+        if script == "ppo.py":
+            assert torch.equal(kl_call.mask, episode)
+        else:
+            assert torch.equal(kl_call.policy_mask, policy) and torch.equal(kl_call.mask, episode)
+        gae_call = spies["compute_gae"].calls[iteration]
+        assert torch.equal(gae_call.mask, built["gae"].float()) and (gae_call.gamma, gae_call.lam) == (0.9, 0.8)
+
+        # the PPO loss sees a shuffled minibatch: match its rows to the episodes by their (unique) old log-probs
+        rows = [[j for j in range(len(policy)) if torch.equal(built["logprobs"][j], old)] for old in loss_call.old_logprobs]
+        assert all(len(r) == 1 for r in rows), "the old log-probs should identify each episode"
+        order = [r[0] for r in rows]
+        assert sorted(order) == list(range(len(policy)))
+        assert torch.equal(loss_call.mask, policy[order])  # the policy gradient on the policy's tokens only
+        value_mask = vars(loss_call).get("value_mask", loss_call.mask)
+        # one minibatch is the whole batch: the advantages are whitened over exactly the policy's tokens
+        advantages, mask = loss_call.advantages, loss_call.mask
+        mean = (advantages * mask).sum() / mask.sum()
+        assert abs(mean) < 1e-5 and ((advantages - mean) ** 2 * mask).sum() / mask.sum() == pytest.approx(1, abs=1e-4)
+        assert (advantages[mask == 0] == 0).all()
+        assert torch.equal(value_mask, built["value"].float()[order])
+
+        # and those masks are the algorithm's
+        if "roll_ins" in built:  # PPO++: k roll-in tokens (state: in the episode, no loss), then the policy's
+            assert any(built["roll_ins"])
+            for i, roll_in in enumerate(built["roll_ins"]):
+                k, n = len(roll_in), int(episode[i].sum())
+                assert built["responses"][i, :k].tolist() == roll_in
+                assert episode[i, :k].all() and not policy[i, :k].any() and policy[i, k:n].all()
+        elif script != "ppo.py":  # AggreVaTeD: the policy's k tokens, then the guide's; the critic on the guide's
+            value = built["value"].float()
+            assert (policy * value).sum() == 0 and value.sum() > 0
+            for i in range(len(policy)):
+                k, n = int(policy[i].sum()), int(episode[i].sum())
+                assert policy[i, :k].all() and value[i, k:n].all()
+
+
+def record_rewards(monkeypatch):
+    """Wrap common.rewards.make_reward_fn: record its arguments and every score it returns."""
+    calls, scores = [], []
+    make_reward_fn = rewards.make_reward_fn
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        reward_fn = make_reward_fn(*args, **kwargs)
+
+        def recorded(*a):
+            result = reward_fn(*a)
+            scores.append(result.clone())  # a copy: the loop may change its scores in place
+            return result
+
+        return recorded
+
+    monkeypatch.setattr(rewards, "make_reward_fn", wrapped)
+    return calls, scores
+
+
+@rl_scripts
+def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
+    """--kl-target (the adaptive controller), --missing-eos-penalty, --micro-batch-size and --anneal-lr,
+    each checked against what it must do. Episodes end at different steps (a policy that says EOS with
+    p = 0.2), so some are penalised and some are not."""
+    args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", assets["often_eos"],
+                     "--total-episodes", 12, "--eval-every", 0, "--learning-rate", 1e-2, "--kl-coef", 0.05,
+                     "--kl-target", 0.001, "--kl-horizon", 8, "--missing-eos-penalty", 0.5, "--micro-batch-size", 1,
+                     "--max-new-tokens", 3, "--top-k", 0)
+    if script != "ppo.py":  # the full distribution (top-k 50 would make EOS p = 0.6)
+        args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-top-k", 0, "--guide-top-p", 1.0)
+    _, raw_scores = record_rewards(monkeypatch)
+    namespace, spies, events = run(script, args, tmp_path, SPIED[script] + ["kl_penalized_rewards", "ppo_loss"])
+    eos = namespace["tokenizer"].eos_token_id
+
+    # --missing-eos-penalty: exactly the episodes without an EOS lose 0.5
+    penalised = 0
+    for iteration, (raw, call) in enumerate(zip(raw_scores, spies["kl_penalized_rewards"].calls, strict=True)):
+        no_eos = (episodes_built(script, spies, iteration)["responses"] != eos).all(1).float()
+        torch.testing.assert_close(call.scores, raw.float() - 0.5 * no_eos)
+        penalised += int(no_eos.sum())
+    assert 0 < penalised < 12, "want both kinds of episode"
+
+    # --kl-target: kl_coef <- kl_coef * (1 + clip(kl / target - 1, -0.2, 0.2) * batch / horizon), after every iteration
+    kl_coefs, kls = scalars(events, "objective/kl_coef"), scalars(events, "objective/kl")
+    assert kl_coefs[0] == pytest.approx(0.05)
+    for i in range(2):
+        error = min(max(kls[i] / 0.001 - 1, -0.2), 0.2)
+        assert kl_coefs[i + 1] == pytest.approx(kl_coefs[i] * (1 + error * 4 / 8), rel=1e-5)
+    assert len(set(kl_coefs)) == 3
+
+    # --micro-batch-size 1: every loss is one episode's, 2 per minibatch of 2, 2 minibatches, 3 iterations
+    assert [call.mask.shape[0] for call in spies["ppo_loss"].calls] == [1] * 12
+    # --anneal-lr (on by default): linear decay from the learning rate, one step per iteration
+    assert scalars(events, "charts/lr") == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+
+
+def parameter_change(model, start_path):
+    start = AutoModelForCausalLM.from_pretrained(start_path)
+    return sum((a - b).norm() ** 2 for a, b in zip(model.parameters(), start.parameters())).sqrt().item()
+
+
+@rl_scripts
+def test_max_grad_norm_clips_the_update(assets, tmp_path, script):
+    """A tiny --max-grad-norm leaves Adam's first step at ~lr * g / eps instead of ~lr: the policy barely moves."""
+    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4, "--num-minibatches", 1,
+                     "--eval-every", 0, "--learning-rate", 1e-3)
+    change = {}
+    for max_grad_norm in ("1.0", "1e-9"):
+        (tmp_path / max_grad_norm).mkdir()
+        namespace, _, _ = run(script, args + ["--max-grad-norm", max_grad_norm], tmp_path / max_grad_norm)
+        change[max_grad_norm] = parameter_change(namespace["policy"], assets["policy"])
+    assert change["1.0"] > 1e-3 and change["1e-9"] < 1e-3 * change["1.0"], change
+
+
+@rl_scripts
+def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, script):
+    """--reward-label picks the classifier's label (0: P(negative)); --perplexity-model is the LM that
+    scores eval/perplexity (default: the frozen reference policy)."""
+    reward_calls, _ = record_rewards(monkeypatch)
+    perplexity_lms = []
+    output_perplexity = metrics.output_perplexity
+
+    def recorded_perplexity(lm, *args):
+        perplexity_lms.append(lm.name_or_path)
+        return output_perplexity(lm, *args)
+
+    monkeypatch.setattr(metrics, "output_perplexity", recorded_perplexity)
+    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4)
+    run(script, args + ["--reward-label", "0", "--perplexity-model", assets["toy_guide"]], tmp_path)
+    [(reward_args, _)] = reward_calls
+    assert reward_args[3] == 0  # make_reward_fn(task, reward_model, device, reward_label, ...)
+    assert perplexity_lms == [assets["toy_guide"]] * 2  # before and after the one iteration
+    (tmp_path / "default").mkdir()
+    run(script, args, tmp_path / "default")
+    assert reward_calls[1][0][3] == 1 and perplexity_lms[2:] == [assets["policy"]] * 2
