@@ -308,36 +308,56 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device):
     return prompt_ids, prompt_mask, responses, response_mask, logprobs
 
 
+def decode_in_context(tokenizer, context_ids, ids):
+    """The text `ids` add after `context_ids`, decoded in context: a SentencePiece tokenizer (Llama,
+    Mistral) drops a word's leading space when its piece is decoded alone ("was" + "great")."""
+    context = tokenizer.decode(context_ids, skip_special_tokens=True)
+    text = tokenizer.decode(context_ids + ids, skip_special_tokens=True)
+    return text[len(context) :] if text.startswith(context) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def encode_in_context(tokenizer, context, text):
+    """Token ids for `text` written after the string `context`, encoded in context (a SentencePiece
+    tokenizer opens a string encoded alone with a word boundary: "the" + "!" would read "the !"). Where
+    the text's first piece would fuse with the context's last token, no continuation of the context's
+    ids is the tokenizer's own: then the text is encoded alone."""
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    ids = tokenizer(context + text, add_special_tokens=False).input_ids
+    if ids[: len(context_ids)] == context_ids:
+        return ids[len(context_ids) :]
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 @torch.inference_mode()
 def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, device):
     """The guide continues each prompt + prefix (policy tokens), for up to `max_new_tokens` of its tokens.
 
-    Through text: the prompt (in the guide's template) and the decoded prefix go in, and the guide's
-    text comes back re-tokenised for the policy, so any tokenizer works. A guide that shares the
-    policy's tokenizer and has no template gets the tokens directly (the same, without the round
-    trip). Returns per row (continuation as policy tokens, with EOS at the end if the guide ended it,
-    whether it ended)."""
+    Through text: the prompt (in the guide's template) and the prefix's text go in, and the guide's
+    text comes back re-tokenised for the policy, so any tokenizer works; both ways in context (the
+    whole text minus what came before). A guide that shares the policy's tokenizer and has no
+    template gets the tokens directly (the same, without the round trip). Returns per row
+    (continuation as policy tokens, with EOS at the end if the guide ended it, whether it ended)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
                               top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=guide.tokenizer.eos_token_id,
                               pad_token_id=guide.tokenizer.pad_token_id)
     if guide.same_tokenizer:
         inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
-    else:
+    else:  # the policy's text so far (its prompt text is its prompt ids decoded), and the guide's input
+        contexts = [e["prompt"] + decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
         template = args.guide_prompt_template or "{prompt}"
-        texts = [template.format(prompt=e["prompt"]) + tokenizer.decode(prefix, skip_special_tokens=True)
-                 for e, prefix in zip(examples, prefixes)]
-        inputs = [guide.tokenizer(text).input_ids for text in texts]
+        inputs = [guide.tokenizer(template.format(prompt=e["prompt"]) + context[len(e["prompt"]) :]).input_ids
+                  for e, context in zip(examples, contexts)]
     results = []
     for start in range(0, len(inputs), args.rollout_batch_size):
-        input_ids, attention_mask = left_pad(inputs[start : start + args.rollout_batch_size],
-                                             guide.tokenizer.pad_token_id, device)
+        chunk = inputs[start : start + args.rollout_batch_size]
+        input_ids, attention_mask = left_pad(chunk, guide.tokenizer.pad_token_id, device)
         out = guide.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for tokens in out[:, input_ids.shape[1] :].tolist():
+        for row, tokens in enumerate(out[:, input_ids.shape[1] :].tolist()):
             ended = guide.tokenizer.eos_token_id in tokens
             tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)] if ended else tokens
             if not guide.same_tokenizer:
-                tokens = tokenizer(guide.tokenizer.decode(tokens, skip_special_tokens=True),
-                                   add_special_tokens=False).input_ids
+                text = decode_in_context(guide.tokenizer, chunk[row], tokens)
+                tokens = encode_in_context(tokenizer, contexts[start + row], text)
             results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
     return results
 
@@ -429,17 +449,22 @@ if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
     transformers.logging.disable_progress_bar()
-    # derived sizes, checked before anything loads
+    # numeric flags and derived sizes, checked before anything loads
+    tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
+                                       "update_epochs", "learning_rate", "max_new_tokens", "max_prompt_length",
+                                       "rollout_batch_size", "temperature", "adam_eps", "clip_coef",
+                                       "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
+                                       "guide_temperature"),
+                       non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
+                                     "num_sample_generations", "guide_top_k"),
+                       fraction=("gae_lambda", "beta"), unit=("gamma", "top_p", "guide_top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
     args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
-    if not 0 <= args.beta <= 1:
-        raise SystemExit(f"error: --beta must be a probability, got {args.beta}")
-    if args.max_new_tokens < 2 or args.max_prompt_length < 1 or args.rollout_batch_size < 1:
-        raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out); "
-                         "--max-prompt-length and --rollout-batch-size must be positive")
+    if args.max_new_tokens < 2:
+        raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out)")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
@@ -478,14 +503,18 @@ if __name__ == "__main__":
     ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     ref_policy.requires_grad_(False)
     critic = Critic(args.model_name_or_path).to(device).eval()  # learns V of the guide (its roll-outs)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's warning
+    # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
+    # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
+    checkpoint_generation_config = policy.generation_config
+    policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     # the guide: frozen, in eval mode, a model of its own (never the policy or a view of it)
     guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
     if guide_tokenizer.pad_token is None:
         guide_tokenizer.pad_token = guide_tokenizer.eos_token
     guide_model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=torch.float32).to(device).eval()
     guide_model.requires_grad_(False)
-    guide_model.generation_config.pad_token_id = guide_tokenizer.pad_token_id
+    guide_model.generation_config = GenerationConfig(pad_token_id=guide_tokenizer.pad_token_id,  # the --guide-* flags
+                                                     eos_token_id=guide_tokenizer.eos_token_id)  # decide, not its own
     guide = SimpleNamespace(model=guide_model, tokenizer=guide_tokenizer, same_tokenizer=(
         args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()))
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
@@ -546,18 +575,25 @@ if __name__ == "__main__":
         continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
-        ref_logprobs, values = [], []
+        ref_logprobs, values, bf16_logprobs = [], [], []
         with torch.inference_mode(), autocast:
             for start in range(0, args.batch_size, args.rollout_batch_size):
                 chunk = slice(start, start + args.rollout_batch_size)
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
+                if args.bf16:  # generate's cached bf16 pass rounds unlike training's full pass: take the latter's
+                    logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
+                    bf16_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
                 scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
+        if not torch.isfinite(scores).all():
+            raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
+                             "any update")
         mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
+        logprobs = torch.cat(bf16_logprobs) * policy_mask if args.bf16 else logprobs
 
         # KL on the policy's tokens; GAE over the whole episode; the policy gradient on the roll-in only
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
@@ -569,7 +605,7 @@ if __name__ == "__main__":
         update_start = time.perf_counter()
         stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(stats_shape, device=device)
-                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
+                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
             for minibatch in range(args.num_minibatches):
@@ -584,12 +620,17 @@ if __name__ == "__main__":
                                                  advantages[idx], returns[idx], policy_mask[idx], value_mask[idx], args)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
+                        micro_stats["loss"] = loss.detach()
                         micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature),
                                                              policy_mask[idx])
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch, micro] = value
-                if args.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()),
+                                                     args.max_grad_norm or float("inf"))  # 0: no clip, the norm only
+                if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
+                    quantity = "gradient" if torch.isfinite(stats["loss"][epoch, minibatch]).all() else "loss"
+                    raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
+                                     "stopped before the optimizer step")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         update_seconds = time.perf_counter() - update_start
@@ -645,6 +686,7 @@ if __name__ == "__main__":
 
     if args.save_model:
         save_path = args.save_path or f"models/{run_name}"
+        policy.generation_config = checkpoint_generation_config
         policy.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)
         print(f"saved the policy to {save_path}")

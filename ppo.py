@@ -324,14 +324,19 @@ def samples_table(samples):
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     transformers.logging.disable_progress_bar()
-    # derived sizes, checked before anything loads
+    # numeric flags and derived sizes, checked before anything loads
+    tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
+                                       "update_epochs", "learning_rate", "max_new_tokens", "max_prompt_length",
+                                       "rollout_batch_size", "temperature", "adam_eps", "clip_coef",
+                                       "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts"),
+                       non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
+                                     "num_sample_generations"),
+                       fraction=("gae_lambda",), unit=("gamma", "top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
     args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
-    if args.max_new_tokens < 1 or args.max_prompt_length < 1 or args.rollout_batch_size < 1:
-        raise SystemExit("error: --max-new-tokens, --max-prompt-length and --rollout-batch-size must be positive")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
@@ -366,7 +371,10 @@ if __name__ == "__main__":
     ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     ref_policy.requires_grad_(False)
     critic = Critic(args.model_name_or_path).to(device).eval()
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's warning
+    # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
+    # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
+    checkpoint_generation_config = policy.generation_config
+    policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
     eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
     reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label,
@@ -423,18 +431,25 @@ if __name__ == "__main__":
         continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
-        ref_logprobs, values = [], []
+        ref_logprobs, values, bf16_logprobs = [], [], []
         with torch.inference_mode(), autocast:
             for start in range(0, args.batch_size, args.rollout_batch_size):
                 chunk = slice(start, start + args.rollout_batch_size)
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
+                if args.bf16:  # generate's cached bf16 pass rounds unlike training's full pass: take the latter's
+                    logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
+                    bf16_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
                 scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
+        if not torch.isfinite(scores).all():
+            raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
+                             "any update")
         mask = response_masks.float()
+        logprobs = torch.cat(bf16_logprobs) * mask if args.bf16 else logprobs
 
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
@@ -445,7 +460,7 @@ if __name__ == "__main__":
         update_start = time.perf_counter()
         stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(stats_shape, device=device)
-                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy")}
+                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
             for minibatch in range(args.num_minibatches):
@@ -460,11 +475,16 @@ if __name__ == "__main__":
                                                  advantages[idx], returns[idx], mask[idx], args)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
+                        micro_stats["loss"] = loss.detach()
                         micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature), mask[idx])
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch, micro] = value
-                if args.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()),
+                                                     args.max_grad_norm or float("inf"))  # 0: no clip, the norm only
+                if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
+                    quantity = "gradient" if torch.isfinite(stats["loss"][epoch, minibatch]).all() else "loss"
+                    raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
+                                     "stopped before the optimizer step")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         update_seconds = time.perf_counter() - update_start
@@ -511,6 +531,7 @@ if __name__ == "__main__":
 
     if args.save_model:
         save_path = args.save_path or f"models/{run_name}"
+        policy.generation_config = checkpoint_generation_config
         policy.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)
         print(f"saved the policy to {save_path}")

@@ -109,9 +109,36 @@ def looks_like_local_path(name):
 
 
 def check_model_path(name, flag):
-    """Fail fast, before any model loads, on a local model path that does not exist."""
-    if name and not os.path.exists(os.path.expanduser(name)) and looks_like_local_path(name):
+    """Fail fast, before any model loads, on a local model path that does not exist or a hub id that
+    cannot be reached (offline, or no such model) and is not in the local cache."""
+    if not name or os.path.exists(os.path.expanduser(name)):
+        return
+    if looks_like_local_path(name):
         raise SystemExit(f"error: {flag}: no such model folder: {name}")
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return  # downloaded before: from_pretrained finds it offline too
+    try:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set and it is not in the local cache")
+        huggingface_hub.model_info(name, timeout=10)
+    except Exception as e:  # offline, no such repository, gated: all end the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {flag}: cannot load {name} from the Hugging Face hub ({reason}); "
+                         "pass a local model folder (save_pretrained layout) instead")
+
+
+def check_ranges(args, positive=(), non_negative=(), fraction=(), unit=()):
+    """Fail fast, with one line naming the flag, on a numeric flag out of its range (None: unset, skipped).
+    positive: > 0; non_negative: >= 0; fraction: in [0, 1]; unit: in (0, 1]."""
+    rules = [(positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "at least 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (unit, lambda v: 0 < v <= 1, "in (0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                raise SystemExit(f"error: --{name.replace('_', '-')} must be {expected}, got {value}")
 
 
 def read_jsonl(path):
@@ -161,7 +188,17 @@ def load_rows(task, split, dataset_name=None, dataset_path=None):
         import datasets
 
         source = f"{dataset_name} ({source_split})"
-        rows = list(datasets.load_dataset(dataset_name, split=source_split))
+        import huggingface_hub
+
+        try:
+            if not huggingface_hub.constants.HF_HUB_OFFLINE:  # fail fast (datasets retries for half a minute)
+                huggingface_hub.dataset_info(dataset_name, timeout=10)
+            rows = list(datasets.load_dataset(dataset_name, split=source_split))
+        except Exception as e:  # offline, no such dataset, no such split
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: cannot load the hub dataset {source} ({reason}); without the hub, pass "
+                             "--dataset-path (a JSON Lines file or a folder of them, in the hub's schema), or set "
+                             "HF_HUB_OFFLINE=1 to use a copy in the local cache")
     if not rows:
         raise SystemExit(f"error: dataset {source} is empty")
     for i, row in enumerate(rows):

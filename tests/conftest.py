@@ -69,6 +69,21 @@ def make_tokenizer(vocab_size=400, seed=0, eos="</s>", pad="<pad>", reserved=0):
                                    unk_token=eos, padding_side="left", model_max_length=256)
 
 
+def make_metaspace_tokenizer(vocab_size=300, seed=0):
+    """A SentencePiece-style tokenizer (Metaspace "▁" word boundaries, as Llama-2, Mistral and TinyLlama's):
+    a word's leading space lives in its piece, and a piece decoded alone loses it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.train_from_iterator(synthetic_sentences(2000, seed),
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   padding_side="left")
+
+
 def tiny_gpt2_config(tokenizer, **overrides):
     from transformers import GPT2Config
 
@@ -229,6 +244,9 @@ def run_script_in_process(script, args, cwd, spies=None):
             setattr(module, name, spy.wrap(getattr(module, name)))
         exec(compile(ast.Module(main.body, type_ignores=[]), path, "exec"), module.__dict__)
         return module.__dict__
+    except BaseException as e:  # SystemExit included: the test may look at the state the script stopped in
+        e.script_globals = module.__dict__
+        raise
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)

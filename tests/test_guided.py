@@ -11,7 +11,8 @@ import aggrevated
 import d2lols
 import ppo
 import ppo_plus_plus
-from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, task_args
+from conftest import (GUIDED_MODULES, make_metaspace_tokenizer, module_name, read_tensorboard,
+                      run_script_in_process, save_tiny_causal_lm, task_args)
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
@@ -215,6 +216,57 @@ def test_the_guide_reads_its_template_and_the_policy_gets_the_guides_text(setup,
     assert max(raw) >= len(tokenizer), "the guide should write ids the policy's vocabulary does not have"
 
 
+@pytest.fixture(scope="module")
+def metaspace(tmp_path_factory):
+    """A SentencePiece-style tokenizer and a tiny model that uses it."""
+    tokenizer = make_metaspace_tokenizer()
+    return tokenizer, save_tiny_causal_lm(tmp_path_factory.mktemp("metaspace") / "model", tokenizer, seed=5)
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+@pytest.mark.parametrize("sentencepiece", ["guide", "policy"])
+def test_the_space_at_the_boundary_survives_a_sentencepiece_tokenizer(assets, metaspace, monkeypatch, module,
+                                                                      sentencepiece):
+    """Decoding only the new pieces drops a word's leading space ("this movie was" + "great"): the prefix
+    reaches the guide, and the guide's text reaches the policy, decoded and encoded in context."""
+    metaspace_tokenizer, metaspace_model = metaspace
+    if sentencepiece == "guide":
+        tokenizer, guide = assets["tokenizer"], load_guide(metaspace_model, assets["tokenizer"])
+    else:
+        tokenizer, guide = metaspace_tokenizer, load_guide(assets["toy_guide"], metaspace_tokenizer)  # whole words
+    assert not guide.same_tokenizer
+    texts = ["this movie was", "the dog ran", "a sad film and", "the actor said"]
+    batch = [{"prompt": t, "prompt_ids": tokenizer(t, add_special_tokens=False).input_ids} for t in texts]
+    assert [tokenizer.decode(e["prompt_ids"]) for e in batch] == texts
+    # the policy wrote " really" after each prompt (its own pieces, as they come in context)
+    prefixes = [tokenizer(t + " really", add_special_tokens=False).input_ids[len(e["prompt_ids"]) :]
+                for t, e in zip(texts, batch)]
+    calls = record_generate(guide, monkeypatch)
+    torch.manual_seed(0)
+    results = module.guide_continue(guide, tokenizer, batch, prefixes, 6, make_args(module, 1.0, guide_top_k=0), "cpu")
+    guide_words = []
+    for e, prefix, row, (tokens, ended) in zip(batch, prefixes, guide_inputs_and_outputs(calls), results, strict=True):
+        guide_input, new_ids = row
+        assert guide.tokenizer.decode(guide_input, skip_special_tokens=True) == e["prompt"] + " really"
+        context = guide.tokenizer.decode(guide_input, skip_special_tokens=True)
+        guide_text = guide.tokenizer.decode(guide_input + new_ids, skip_special_tokens=True)[len(context) :]
+        state = e["prompt_ids"] + prefix
+        policy_text = tokenizer.decode(state + tokens[: len(tokens) - ended], skip_special_tokens=True)
+        assert policy_text == e["prompt"] + " really" + guide_text  # the policy reads what the guide wrote
+        guide_words.append(guide_text)
+    assert any(text.startswith(" ") for text in guide_words), "want a guide text that opens a new word"
+
+
+def guide_inputs_and_outputs(calls):
+    """Per row: (the guide's input ids without padding, its new ids up to its EOS)."""
+    rows = []
+    for input_ids, new_ids, config in calls:
+        for inputs, tokens in zip(input_ids.tolist(), new_ids.tolist()):
+            inputs = inputs[next(i for i, t in enumerate(inputs) if t != config.pad_token_id) :]
+            rows.append((inputs, tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens))
+    return rows
+
+
 @pytest.mark.parametrize("module", [ppo_plus_plus, d2lols], ids=module_name)
 def test_the_roll_in_is_the_guides_own_text(setup, assets, monkeypatch, module):
     tokenizer, _, batch, _ = setup
@@ -321,7 +373,9 @@ def test_two_iterations_per_task(assets, tmp_path, capsys, script, task):
 
 
 @pytest.mark.parametrize("script,args,message", [
-    ("ppo_plus_plus.py", ["--beta", "1.5"], "--beta must be a probability"),
+    ("ppo_plus_plus.py", ["--beta", "1.5"], "--beta must be in [0, 1], got 1.5"),
+    ("aggrevated.py", ["--guide-top-p", "0"], "--guide-top-p must be in (0, 1], got 0.0"),
+    ("d2lols.py", ["--tau", "-1"], "--tau must be at least 0, got -1"),
     ("aggrevated.py", ["--guide-prompt-template", "Continue:"], "--guide-prompt-template must contain {prompt}"),
     ("d2lols.py", ["--guide-model", "./no_guide"], "--guide-model: no such model folder"),
     ("ppo_plus_plus.py", ["--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
@@ -341,12 +395,15 @@ def test_guided_bad_input_fails_fast(assets, tmp_path, script, args, message):
 @pytest.mark.parametrize("module,episodes", [(ppo_plus_plus, "roll_in"), (aggrevated, "roll_out"), (d2lols, "roll_in"),
                                              (d2lols, "roll_out")], ids=lambda x: getattr(x, "__name__", x))
 def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkeypatch):
-    """k is drawn before the sample is written and redrawn where the sample ended first: check the law."""
+    """k is drawn before the sample is written and drawn again where the sample is shorter: check the law."""
     eos, draws = 2, 6000
     batch = [{"prompt": "p", "prompt_ids": [5, 6], "references": [""]}] * draws
     tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=0)
     args = make_args(module, beta=1.0)
-    for sample, ended in [([7, 8, eos], True), ([7] * H, False)]:  # L = 3 (ended), and a sample that ran to H
+    # L = 3 (ended: n = 2 roll-in points), a sample that ran to H (n = H - 1, as k < H), and, through text
+    # only, a sample that stopped without EOS after 3 policy tokens (n = 3)
+    cases = [([7, 8, eos], True, 2), ([7] * H, False, H - 1)] + [([7, 8, 9], False, 3)] * (episodes == "roll_in")
+    for sample, ended, n in cases:
         length = len(sample)
         if episodes == "roll_in":  # PPO++: the guide writes the roll-in
             monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [(sample, ended)] * len(examples))
@@ -367,7 +424,7 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkey
             k = policy_mask.sum(1)
         frequencies = torch.bincount(k, minlength=H) / draws
         expected = torch.zeros(H)
-        expected[1:length] = 1 / (length - 1)  # U{1..L-1}
+        expected[1 : n + 1] = 1 / n  # U{1..n}
         torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)
 
 
@@ -383,3 +440,16 @@ def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path,
     run_script_in_process(script, args + ["--eval-every", "0"], cwd=tmp_path)
     counts = [e.value for e in read_tensorboard(tmp_path).Scalars("val/num_eos_tokens")]
     assert len(counts) == 2 and all(0 <= c <= 4 for c in counts) and sum(counts) > 0, counts  # batches of 4
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+def test_text_is_decoded_and_encoded_in_context(assets, metaspace, module):
+    """Each script's helpers, on a SentencePiece-style and a byte-level tokenizer: a piece decoded alone
+    loses its word's space, and text encoded alone opens a word ("the" + "!" would read "the !")."""
+    for tokenizer in (metaspace[0], assets["tokenizer"]):
+        context = "this movie was the"
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        for text in (" good fun.", "! and the dog"):
+            ids = module.encode_in_context(tokenizer, context, text)
+            assert tokenizer.decode(context_ids + ids) == context + text
+            assert module.decode_in_context(tokenizer, context_ids, ids) == text

@@ -217,3 +217,76 @@ def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, sc
     (tmp_path / "default").mkdir()
     run(script, args, tmp_path / "default")
     assert reward_calls[1][0][3] == 1 and perplexity_lms[2:] == [assets["policy"]] * 2
+
+
+@rl_scripts
+def test_bf16_starts_at_ratio_one_too(assets, tmp_path, script):
+    """Under --bf16 the old log-probs come from a full forward as training's (generate's cached bf16 pass
+    differs from it by ~1e-3 per token), so the first ratio is 1 here too (bf16 autocast runs on the CPU)."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0)
+    _, _, events = run(script, args + ["--bf16"], tmp_path)
+    for value in scalars(events, "val/ratio"):
+        assert value == pytest.approx(1, abs=1e-6)
+    assert max(scalars(events, "policy/approxkl_avg")) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def leaky_checkpoint(assets, tmp_path_factory):
+    """The tiny policy's weights, with generation settings in its checkpoint that would change sampling."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("leaky")
+    model = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    model.generation_config = GenerationConfig(do_sample=True, repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=2,
+                                               temperature=0.3, suppress_tokens=list(range(2, 200)))
+    model.save_pretrained(path)
+    assets["tokenizer"].save_pretrained(path)
+    return str(path)
+
+
+@rl_scripts
+def test_the_checkpoints_generation_settings_do_not_leak_into_sampling(assets, tmp_path, leaky_checkpoint, script):
+    """transformers fills every generation setting the flags leave unset from the checkpoint: a policy (and
+    guide) whose checkpoint sets a repetition penalty, n-gram blocking... must sample exactly as the same
+    weights without them (the rollout must be pi, the policy of the ratio and the KL); --save-model gives
+    the checkpoint its own settings back."""
+    curves = {}
+    for name, model in (("clean", assets["policy"]), ("leaky", leaky_checkpoint)):
+        (tmp_path / name).mkdir()
+        args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", model, "--eval-every", 2)
+        if script != "ppo.py":
+            args = set_flags(args, "--guide-model", model, "--beta", 1)
+        run(script, args + ["--save-model", "--save-path", "saved"], tmp_path / name)
+        events = read_tensorboard(tmp_path / name)
+        curves[name] = [scalars(events, tag) for tag in ("objective/scores", "objective/kl", "eval/score")]
+    assert curves["leaky"] == curves["clean"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "leaky" / "saved")
+    assert saved.generation_config.repetition_penalty == 5.0
+
+
+@rl_scripts
+@pytest.mark.parametrize("quantity", ["reward", "loss", "gradient"])
+def test_a_non_finite_reward_loss_or_gradient_stops_before_the_weights_change(assets, tmp_path, monkeypatch, script,
+                                                                              quantity):
+    args = set_flags(task_args(assets, "imdb", script), "--eval-every", 0)
+    spies = {}
+    if quantity == "reward":
+        make_reward_fn = rewards.make_reward_fn
+        monkeypatch.setattr(rewards, "make_reward_fn", lambda *a, **k: (
+            lambda *b: make_reward_fn(*a, **k)(*b) * torch.tensor([1.0, float("nan"), 1.0, 1.0])))
+    else:
+        class Poison(Spy):  # a nan loss; or a finite loss whose gradient is nan (d sqrt(x) / dx at 0 is inf, times 0)
+            def wrap(self, function):
+                def poisoned(new_logprobs, new_values, *rest):
+                    loss, stats = function(new_logprobs, new_values, *rest)
+                    if quantity == "loss":
+                        return loss * float("nan"), stats
+                    return loss + 0 * (new_values * 0).sum().sqrt(), stats
+                return poisoned
+        spies = {"ppo_loss": Poison()}
+    with pytest.raises(SystemExit) as stop:
+        run_script_in_process(script, args, tmp_path, spies)
+    assert str(stop.value.code) == (f"error: iteration 1: the {quantity} is not finite (nan or inf); stopped before "
+                                    + ("any update" if quantity == "reward" else "the optimizer step"))
+    start = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    assert all(torch.equal(a, b) for a, b in zip(stop.value.script_globals["policy"].parameters(), start.parameters()))

@@ -67,6 +67,16 @@ def test_bad_input_fails_fast_with_one_clear_line(assets, tmp_path):
         (with_flag(imdb, "--dataset-path", str(tmp_path / "unreadable.jsonl")), "cannot read dataset file"),
         (with_flag(imdb, "--model-name-or-path", str(tmp_path / "no_model")), "--model-name-or-path: no such model folder"),
         (with_flag(imdb, "--reward-model", "./no_classifier"), "--reward-model: no such model folder"),
+        (imdb + ["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+        (with_flag(imdb, "--batch-size", "0"), "--batch-size must be positive, got 0"),
+        (imdb + ["--gamma", "2"], "--gamma must be in (0, 1], got 2.0"),
+        (imdb + ["--gae-lambda", "-0.1"], "--gae-lambda must be in [0, 1], got -0.1"),
+        (imdb + ["--kl-coef", "-0.5"], "--kl-coef must be at least 0, got -0.5"),
+        (imdb + ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (with_flag(imdb, "--model-name-or-path", "nobody/no-such-model"),
+         "--model-name-or-path: cannot load nobody/no-such-model from the Hugging Face hub"),
+        ([a for a in imdb if a not in ("--dataset-path", assets["data"]["imdb"])],
+         "cannot load the hub dataset imdb (train)"),
     ]
     for args, message in cases:  # in-process: the same code path as the command line, without the start-up cost
         with pytest.raises(SystemExit) as exit_info:
