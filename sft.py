@@ -11,6 +11,7 @@ loads with AutoModelForCausalLM.from_pretrained, as --model-name-or-path or --gu
 RL scripts. Read it top to bottom: Args -> helpers -> the loop (batches, loss, eval, checkpoint).
 """
 
+import math
 import os
 import random
 import time
@@ -227,12 +228,13 @@ if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     transformers.logging.disable_progress_bar()
     args.max_target_length = args.max_target_length or args.max_new_tokens
+    tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",
+                                       "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts"),
+                       non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
+                                     "eval_every", "top_k", "num_sample_generations"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.gradient_accumulation_steps = exact_div(args.batch_size, args.micro_batch_size,
                                                  "--batch-size / --micro-batch-size")
-    if min(args.max_prompt_length, args.max_target_length, args.max_new_tokens, args.eval_batch_size) < 1:
-        raise SystemExit("error: --max-prompt-length, --max-target-length, --max-new-tokens and --eval-batch-size "
-                         "must be positive")
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
     # data and model paths, checked before any model loads: bad input fails fast with one line
@@ -267,7 +269,10 @@ if __name__ == "__main__":
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # the checkpoint's own generation settings would change what evaluation samples: set aside (restored for
+    # saving), the flags decide
+    checkpoint_generation_config = model.generation_config
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     train_pairs = [] if args.eval_only else sft_examples(args.task, train_rows, tokenizer, args.max_prompt_length,
                                                           args.max_target_length, args.imdb_label)
     if not (train_pairs or args.eval_only):
@@ -332,6 +337,10 @@ if __name__ == "__main__":
             (loss / args.gradient_accumulation_steps).backward()
             step_loss += loss.item() / args.gradient_accumulation_steps
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
+            quantity = "loss" if not math.isfinite(step_loss) else "gradient"
+            raise SystemExit(f"error: step {step}: the {quantity} is not finite (nan or inf); stopped before the "
+                             "optimizer step")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -351,6 +360,7 @@ if __name__ == "__main__":
 
     if args.save_model:
         save_path = args.save_path or f"models/{run_name}"
+        model.generation_config = checkpoint_generation_config
         model.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)
         print(f"saved the model to {save_path}")

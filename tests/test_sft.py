@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, read_tensorboard, run_script, run_script_in_process
+from conftest import ROOT, Spy, read_tensorboard, run_script, run_script_in_process
 
 spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "sft.py"))
 sft = importlib.util.module_from_spec(spec)
@@ -107,6 +107,8 @@ def test_bad_input_fails_fast(assets, tmp_path):
         (sft_args(assets, "imdb") + ["--dataset-path", str(tmp_path / "nope.jsonl")], "--dataset-path not found"),
         (sft_args(assets, "imdb") + ["--model-name-or-path", str(tmp_path / "nope")], "no such model folder"),
         (sft_args(assets, "imdb") + ["--max-steps", "0", "--num-epochs", "0"], "--num-epochs or --max-steps"),
+        (sft_args(assets, "imdb") + ["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+        (sft_args(assets, "imdb") + ["--max-new-tokens", "0"], "--max-new-tokens must be positive, got 0"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as error:
@@ -121,3 +123,32 @@ def test_eval_only_evaluates_the_checkpoint_and_trains_nothing(assets, tmp_path,
     tags = read_tensorboard(tmp_path).Tags()["scalars"]
     assert "eval/score" in tags and metric in tags and "loss/sft" not in tags
     assert not (tmp_path / "models").exists()
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change(assets, tmp_path):
+    class NanLoss(Spy):
+        def wrap(self, function):
+            return lambda *args: function(*args) * float("nan")
+
+    with pytest.raises(SystemExit) as stop:
+        run_script_in_process("sft.py", sft_args(assets, "imdb") + ["--eval-every", "0"], tmp_path, {"sft_loss": NanLoss()})
+    assert str(stop.value.code) == "error: step 1: the loss is not finite (nan or inf); stopped before the optimizer step"
+    start = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    assert all(torch.equal(a, b) for a, b in zip(stop.value.script_globals["model"].parameters(), start.parameters()))
+
+
+def test_the_checkpoints_generation_settings_do_not_leak_into_evaluation(assets, tmp_path):
+    from transformers import GenerationConfig
+
+    leaky = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    leaky.generation_config = GenerationConfig(do_sample=True, repetition_penalty=5.0, no_repeat_ngram_size=1)
+    leaky.save_pretrained(tmp_path / "leaky")
+    assets["tokenizer"].save_pretrained(tmp_path / "leaky")
+    scores = {}
+    for name, model in (("clean", assets["policy"]), ("leaky", str(tmp_path / "leaky"))):
+        (tmp_path / name).mkdir(exist_ok=True)
+        args = sft_args(assets, "imdb") + ["--model-name-or-path", model, "--eval-only"]
+        with pytest.raises(SystemExit):  # --eval-only ends with SystemExit(0)
+            run_script_in_process("sft.py", args, tmp_path / name)
+        scores[name] = [e.value for e in read_tensorboard(tmp_path / name).Scalars("eval/score")]
+    assert scores["leaky"] == scores["clean"]
