@@ -1,8 +1,10 @@
 """Evaluation metrics: distinct-n, BLEU-4, CIDEr-D, ROUGE, output perplexity.
 
 BLEU-4 reproduces NLTK's `corpus_bleu` (no smoothing) and CIDEr-D reproduces pycocoevalcap's
-`Cider` scorer (the COCO / CommonGen convention), both on the word tokens of `tokenize_words`;
-tests/test_metrics.py pins their numbers. Neither package is needed at run time.
+`Cider` scorer (the COCO / CommonGen convention), both on the words of `ptb_tokenize`, which matches the
+Stanford PTB tokenizer that pycocoevalcap runs (in Java) before scoring; tests/test_metrics.py pins their
+numbers and benchmarks/cider_agreement.py checks the tokenizer against the Java one. Neither package is
+needed at run time.
 """
 
 import math
@@ -13,8 +15,45 @@ import torch
 
 
 def tokenize_words(text):
-    """Lower-cased words and punctuation marks: the tokens that BLEU, CIDEr-D and distinct-n count."""
+    """Lower-cased words and punctuation marks: the tokens that distinct-n counts."""
     return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+# pycocoevalcap's PTBTokenizer: Stanford CoreNLP 3.4.1 `PTBTokenizer -preserveLines -lowerCase`, then the
+# tokens in its PUNCTUATIONS list are dropped. Its -LRB- and kin are upper-case there but lower-cased by
+# -lowerCase, so brackets survive as -lrb-; "!!" and "?!" are not in the list either.
+PTB_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLIT_WORDS = {"gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"], "cannot": ["can", "not"],
+                   "lemme": ["lem", "me"], "gimme": ["gim", "me"]}
+PTB_TOKEN = re.compile(r"""
+    \.\.\. | --+                                         # an ellipsis (a 4th dot is a period), dashes
+  | (?<![^\W_])[^\W\d_]\.(?=\.\.)                         # an initial before an ellipsis ("A..." -> a. ...)
+  | (?:[^\W\d_]\.){2,}                                   # u.s. p.m. e.g.
+  | (?:mr|mrs|ms|dr|jr|sr|st|prof|vs|etc)\.              # titles, vs., etc.
+  | [^\W\d_]\.(?=\s|$)                                   # an initial ("e. there")
+  | \d+(?:[,.:]\d+)*                                     # 1,000 3.50 12:00
+  | 'n' | '(?:s|re|ve|ll|d|m)\b | n't\b                  # contractions on their own ("someone 's")
+  | @?[^\W_]+(?:(?:[-/&]|'(?!n')|\.(?=[^\W_]))[^\W_]+)*  # words: well-known, and/or, o'clock, down.a
+    (?:\.(?=,))?                                         # "fish.," keeps its period
+  | [!?]+ | \S                                           # "!!", "?!", and any other single character
+""", re.X)
+
+
+def ptb_tokenize(text):
+    """The words pycocoevalcap scores: Stanford's PTB tokens, lower-cased, without its punctuation list
+    ("The dog's ball, isn't it?" -> the dog 's ball is n't it). Agrees with the Java tokenizer on every
+    CommonGen sentence (benchmarks/cider_agreement.py)."""
+    tokens = []
+    for token in PTB_TOKEN.findall(text.lower().replace("\u2019", "'").replace("\u2018", "'")):
+        if token in PTB_SPLIT_WORDS:
+            tokens += PTB_SPLIT_WORDS[token]
+        elif "'" in token and token[0].isalnum():  # doesn't -> does n't, man's -> man 's
+            contraction = re.fullmatch(r"(.+?)(n't|'s|'re|'ve|'ll|'d|'m)", token)
+            tokens += list(contraction.groups()) if contraction else [token]
+        else:
+            tokens.append(PTB_BRACKETS.get(token, token))
+    return [t for t in tokens if t not in PTB_PUNCTUATION]
 
 
 def ngrams(tokens, n):
@@ -38,7 +77,7 @@ def bleu_4(predictions, references):
     matches, totals = [0] * 4, [0] * 4
     hyp_length = ref_length = 0
     for prediction, refs in zip(predictions, references, strict=True):
-        hyp, refs = tokenize_words(prediction), [tokenize_words(r) for r in refs]
+        hyp, refs = ptb_tokenize(prediction), [ptb_tokenize(r) for r in refs]
         for n in range(1, 5):
             hyp_counts = ngrams(hyp, n)
             max_ref_counts = Counter()
@@ -58,7 +97,7 @@ def cider_document_frequency(references):
     """For each n-gram (n <= 4): in how many examples' reference sets it occurs."""
     df = Counter()
     for refs in references:
-        df.update(set().union(*(ngrams(tokenize_words(r), n) for r in refs for n in range(1, 5))))
+        df.update(set().union(*(ngrams(ptb_tokenize(r), n) for r in refs for n in range(1, 5))))
     return df, len(references)
 
 
@@ -75,7 +114,7 @@ def cider_d(predictions, references, document_frequency=None, sigma=6.0):
     def tfidf(text):
         counts = Counter()
         for n in range(1, 5):
-            counts.update(ngrams(tokenize_words(text), n))
+            counts.update(ngrams(ptb_tokenize(text), n))
         vec = [{} for _ in range(4)]
         for gram, tf in counts.items():
             vec[len(gram) - 1][gram] = tf * (log_num_docs - math.log(max(1.0, df[gram])))
