@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -78,6 +78,10 @@ class Args:
     """the guide's top-k (0 = off) (None: the task's default)"""
     guide_top_p: float = 0.92
     """the guide's nucleus sampling"""
+    guide_max_new_tokens: Optional[int] = None
+    """the guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril)"""
+    guide_min_new_tokens: Optional[int] = None
+    """no EOS from the guide before this many of its tokens (None: imdb 48, commongen and tldr 5, as tril)"""
     beta: Optional[float] = None
     """mixing: the probability, per prompt, that the guide rolls in (None: 0.6 for imdb, 0.8 otherwise)"""
     dataset_name: Optional[str] = None
@@ -90,6 +94,9 @@ class Args:
     # generation
     max_new_tokens: Optional[int] = None
     """the horizon H: tokens the policy generates per episode (None: the task's default)"""
+    min_new_tokens: Optional[int] = None
+    """no EOS before this many new tokens, in rollouts and evaluation (tril's min_length, which it counts from the
+    prompt's end for causal LMs) (None: imdb 48, commongen 5, tldr 0)"""
     temperature: float = 1.0
     """sampling temperature (log-probs use the same scaling)"""
     top_k: Optional[int] = None
@@ -109,7 +116,10 @@ class Args:
     num_eval_prompts: int = 256
     """held-out prompts per evaluation"""
     eval_greedy: Optional[bool] = None
-    """greedy decoding in evaluation (otherwise the rollout sampling settings) (None: the task's default)"""
+    """deterministic decoding in evaluation: greedy, or beam search with --eval-num-beams (otherwise the rollout
+    sampling settings) (None: imdb False, commongen and tldr True)"""
+    eval_num_beams: Optional[int] = None
+    """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
     """sample generations logged as a text table at each evaluation"""
 
@@ -126,12 +136,12 @@ class Args:
     """PPO epochs over each batch (None: the task's default)"""
     learning_rate: Optional[float] = None
     """AdamW learning rate (policy and critic) (None: the task's default)"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly to 0"""
+    anneal_lr: Optional[bool] = None
+    """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
-    weight_decay: float = 1e-6
-    """AdamW weight decay"""
+    weight_decay: Optional[float] = None
+    """AdamW weight decay (None: 1e-6; tldr 0.01, as tril)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip (0 = off)"""
     gamma: Optional[float] = None
@@ -143,7 +153,13 @@ class Args:
     clip_coef_value: float = 0.2
     """value clip (around the rollout's values)"""
     vf_coef: Optional[float] = None
-    """value-loss coefficient (None: the task's default)"""
+    """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
+    advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
+    """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
+    none = raw GAE (tril)"""
+    target_coef: Optional[float] = None
+    """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
+    update (0 = off) (None: 0.1)"""
     kl_coef: Optional[float] = None
     """per-token KL penalty coefficient (the initial one when --kl-target is set) (None: the task's default)"""
     kl_target: Optional[float] = None
@@ -231,10 +247,14 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x, mask, eps=1e-8):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+def normalize_advantages(advantages, mask, how, eps=1e-8):
+    """whiten: (A - mean) / std over the masked tokens; scale: A / std (each advantage keeps its sign);
+    none: the raw GAE advantages (tril)."""
+    if how == "none":
+        return advantages * mask
+    mean = masked_mean(advantages, mask)
+    std = torch.sqrt(masked_mean((advantages - mean) ** 2, mask) + eps)
+    return (advantages - mean * (how == "whiten")) / std * mask
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef):
@@ -261,6 +281,14 @@ def compute_gae(rewards, values, mask, gamma, lam):
         last_advantage = delta + gamma * lam * last_advantage
         advantages[:, t] = last_advantage
     return advantages * mask, (advantages + values) * mask
+
+
+def reference_nll(policy, input_ids, attention_mask, target_mask):
+    """tril's target regularisation: the mean NLL of reference continuations under the policy. Rows are
+    left-padded prompt + reference; target_mask (batch, T) is 1 on the reference tokens among the last T."""
+    num_targets = target_mask.shape[1]
+    logits = response_logits(policy, input_ids, attention_mask, num_targets)
+    return -masked_mean(token_logprobs(logits, input_ids[:, -num_targets:], 1.0), target_mask)
 
 
 def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, args):
@@ -346,7 +374,8 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
     whole text minus what came before). A guide that shares the policy's tokenizer and has no
     template gets the tokens directly (the same, without the round trip). Returns per row
     (continuation as policy tokens, with EOS at the end if the guide ended it, whether it ended)."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min(args.guide_min_new_tokens, max_new_tokens),
+                              do_sample=True, temperature=args.guide_temperature,
                               top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=guide.tokenizer.eos_token_id,
                               pad_token_id=guide.tokenizer.pad_token_id)
     if guide.same_tokenizer:
@@ -386,7 +415,9 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     k_draw = {i: rng.randint(1, H - 1) for i in mixed}
     roll_ins = [[] for _ in batch]
     if mixed:
-        max_new_tokens = max(k_draw.values()) if guide.same_tokenizer else H
+        # the guide writes up to the largest k (through text, k counts policy tokens: its whole budget)
+        budget = args.guide_max_new_tokens
+        max_new_tokens = min(max(k_draw.values()), budget) if guide.same_tokenizer else budget
         samples = guide_continue(guide, tokenizer, [batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens,
                                  args, device)
         for i, (tokens, ended) in zip(mixed, samples):
@@ -435,15 +466,17 @@ def samples_table(samples):
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
+    args.guide_max_new_tokens = args.max_new_tokens if args.guide_max_new_tokens is None else args.guide_max_new_tokens
     transformers.logging.disable_progress_bar()
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "max_new_tokens", "max_prompt_length",
                                        "rollout_batch_size", "temperature", "adam_eps", "clip_coef",
                                        "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "guide_temperature"),
+                                       "eval_num_beams", "guide_temperature", "guide_max_new_tokens"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
-                                     "num_sample_generations", "guide_top_k"),
+                                     "num_sample_generations", "min_new_tokens", "target_coef", "guide_top_k",
+                                     "guide_min_new_tokens"),
                        fraction=("gae_lambda", "beta"), unit=("gamma", "top_p", "guide_top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
@@ -505,6 +538,11 @@ if __name__ == "__main__":
     guide = SimpleNamespace(model=guide_model, tokenizer=guide_tokenizer, same_tokenizer=(
         args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()))
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
+    if args.target_coef:  # tril's target regularisation: one reference continuation per prompt (CommonGen: a sentence)
+        reference_rng = random.Random(args.seed)
+        for e in train_examples:
+            e["target_ids"] = tasks.continuation_ids(tokenizer, e["prompt"], reference_rng.choice(e["references"]),
+                                                     args.max_new_tokens)
     eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
     reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label,
                                        train_references=[e["references"] for e in train_examples])
@@ -514,12 +552,13 @@ if __name__ == "__main__":
                          AutoTokenizer.from_pretrained(args.perplexity_model))
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=args.learning_rate,
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
-    # rollouts sample (every setting explicit, so nothing comes from the checkpoint's generation_config)
-    lengths = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+    # rollouts sample with the flags' settings; output_logits are the raw logits: the log-probs are pi's
+    lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     generation_config = GenerationConfig(**lengths, **sampling, return_dict_in_generate=True, output_logits=True)
-    eval_generation_config = GenerationConfig(**lengths, **({"do_sample": False} if args.eval_greedy else sampling))
+    deterministic = dict(do_sample=False, num_beams=args.eval_num_beams)
+    eval_generation_config = GenerationConfig(**lengths, **(deterministic if args.eval_greedy else sampling))
     kl_coef = args.kl_coef
     print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
           f"{args.batch_size} episodes on {device}; TensorBoard: runs/{run_name}")
@@ -585,14 +624,21 @@ if __name__ == "__main__":
         logprobs = torch.cat(bf16_logprobs) * policy_mask if args.bf16 else logprobs
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, policy_mask, args.gamma, args.gae_lambda)
-        advantages = masked_whiten(advantages, policy_mask)
+        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
+        if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
+            reference_ids, reference_mask = left_pad([e["prompt_ids"] + e["target_ids"] for e in batch],
+                                                     tokenizer.pad_token_id, device)
+            width = max(len(e["target_ids"]) for e in batch)
+            target_mask = torch.tensor([[0.0] * (width - len(e["target_ids"])) + [1.0] * len(e["target_ids"])
+                                        for e in batch], device=device)
         rollout_seconds = time.perf_counter() - iteration_start
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
         stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(stats_shape, device=device)
-                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss")}
+                 for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss",
+                              "target_nll")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.batch_size, device=device)
             for minibatch in range(args.num_minibatches):
@@ -605,6 +651,11 @@ if __name__ == "__main__":
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
                                                  advantages[idx], returns[idx], policy_mask[idx], args)
+                    if args.target_coef:  # tril's target regularisation, on these episodes' prompts
+                        with autocast:
+                            target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx], target_mask[idx])
+                        loss = loss + args.target_coef * target_nll
+                        micro_stats["target_nll"] = target_nll.detach()
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
@@ -641,6 +692,7 @@ if __name__ == "__main__":
             "policy/entropy_avg": stats["entropy"].mean().item(),
             "loss/policy_avg": stats["policy_loss"].mean().item(),
             "loss/value_avg": stats["value_loss"].mean().item(),
+            **({"loss/target_avg": stats["target_nll"].mean().item()} if args.target_coef else {}),
             "val/ratio": stats["ratio"].mean().item(),
             "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": (responses == tokenizer.eos_token_id).any(1).sum().item(),  # episodes that ended

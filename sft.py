@@ -155,9 +155,8 @@ def sft_examples(task, rows, tokenizer, max_prompt_length, max_target_length, im
         for reference in example["references"]:
             if not reference.strip():
                 continue
-            separator = "" if example["prompt"][-1:].isspace() or reference[:1].isspace() else " "
-            target = tokenizer(separator + reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            pairs.append((example["prompt_ids"], target[:max_target_length]))
+            pairs.append((example["prompt_ids"], tasks.continuation_ids(tokenizer, example["prompt"], reference,
+                                                                        max_target_length)))
     return pairs
 
 

@@ -14,28 +14,36 @@ import random
 
 TASKS = ("imdb", "commongen", "tldr")
 
-# Per-task defaults for the flags that the scripts leave at None (tril's configs, DESIGN.md's table).
-# Every entry is a flag of the scripts: `--learning-rate 3e-6` overrides the task's value. The guide
-# (guided scripts only) is the paper's: the task's supervised model, sampled with nucleus sampling.
+# Per-task defaults for the flags that the scripts leave at None: tril's configs (Cornell-RL/tril,
+# cfgs/alg/*.yaml, cfgs/task/*.yaml), DESIGN.md's table. Every entry is a flag of the scripts:
+# `--learning-rate 3e-6` overrides the task's value. The guide (guided scripts only) is the paper's: the
+# task's supervised model, sampled with nucleus sampling.
 TASK_DEFAULTS = {
     "imdb": dict(
-        model_name_or_path="lvwerra/gpt2-imdb",
+        # tril starts PPO (and every guided run) from the supervised model on positive reviews, the guide
+        model_name_or_path="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
         reward_model="lvwerra/distilbert-imdb",
         guide_model="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
         guide_top_k=50,
+        guide_min_new_tokens=48,
         dataset_name="imdb",
         max_prompt_length=64,
         max_new_tokens=48,
+        min_new_tokens=48,  # tril's min_length 48, which its causal LMs count from the prompt's end
         top_k=50,
         eval_greedy=False,
+        eval_num_beams=1,
         total_episodes=50 * 112,
         batch_size=112,
         num_minibatches=4,
         update_epochs=5,
         learning_rate=1e-5,
+        anneal_lr=True,
+        weight_decay=1e-6,
         gamma=0.99,
         vf_coef=0.5,
         kl_coef=0.001,
+        target_coef=0.1,
     ),
     "commongen": dict(
         # no causal CommonGen SFT checkpoint is on the hub: make one with a supervised run on the
@@ -44,38 +52,51 @@ TASK_DEFAULTS = {
         reward_model="cider-d",
         guide_model="gpt2",  # likewise: pass a CommonGen SFT model (the paper's guide)
         guide_top_k=0,
+        guide_min_new_tokens=5,
         dataset_name="common_gen",
         max_prompt_length=32,
         max_new_tokens=20,
+        min_new_tokens=5,
         top_k=0,
         eval_greedy=True,
+        eval_num_beams=5,  # tril evaluates CommonGen with beam search
         total_episodes=500 * 128,
         batch_size=128,
         num_minibatches=4,
         update_epochs=4,
         learning_rate=5e-6,
+        anneal_lr=True,
+        weight_decay=1e-6,
         gamma=0.99,
-        vf_coef=0.5,
+        vf_coef=30.0,
         kl_coef=0.0,
+        target_coef=0.1,
     ),
     "tldr": dict(
         model_name_or_path="CarperAI/openai_summarize_tldr_sft",
         reward_model="cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr",
         guide_model="CarperAI/openai_summarize_tldr_sft",
         guide_top_k=0,
+        guide_min_new_tokens=5,
+        guide_max_new_tokens=20,  # tril's guide writes at most 20 tokens (the policy's horizon is 50)
         dataset_name="CarperAI/openai_summarize_tldr",
         max_prompt_length=500,
         max_new_tokens=50,
-        top_k=0,
+        min_new_tokens=0,
+        top_k=50,  # tril sets none: transformers' default top-k 50
         eval_greedy=True,
+        eval_num_beams=1,
         total_episodes=1000 * 128,
         batch_size=128,
-        num_minibatches=4,
+        num_minibatches=1,  # tril: one optimizer step per epoch (4 accumulated micro-batches of 32)
         update_epochs=4,
         learning_rate=5e-6,
+        anneal_lr=False,  # tril: a constant learning rate
+        weight_decay=0.01,
         gamma=1.0,
         vf_coef=0.1,
         kl_coef=0.002,
+        target_coef=0.1,
     ),
 }
 
@@ -259,3 +280,10 @@ def make_examples(task, rows, tokenizer, max_prompt_length):
                          "references": references})
     return examples
 
+
+
+def continuation_ids(tokenizer, prompt, reference, max_length):
+    """A reference continuation as token ids after its prompt: joined with a space where neither side has one
+    (" The dog..." after "...dog.", " I like..." after "TL;DR:"), EOS appended, cut to max_length."""
+    separator = "" if prompt[-1:].isspace() or reference[:1].isspace() else " "
+    return (tokenizer(separator + reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_length]

@@ -29,7 +29,7 @@ def load_guide(path, policy_tokenizer, template=None):
 def make_args(module, beta, **overrides):
     # guide_top_k=1: the guide decodes greedily, so its tokens can be checked
     values = dict(max_new_tokens=H, beta=beta, rollout_batch_size=3, temperature=1.0, guide_top_k=1, guide_top_p=1.0,
-                  guide_temperature=1.0, guide_prompt_template=None)
+                  guide_temperature=1.0, guide_prompt_template=None, guide_max_new_tokens=H, guide_min_new_tokens=0)
     values.update(overrides)
     return module.Args(**values)
 
@@ -435,6 +435,7 @@ def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path,
     args = task_args(assets, "imdb", script)
     args[args.index("--model-name-or-path") + 1] = often_eos
     args[args.index("--max-new-tokens") + 1] = "16"  # long padding tails after the early EOSes
+    args += ["--min-new-tokens", "0", "--guide-min-new-tokens", "0"] if script != "ppo.py" else ["--min-new-tokens", "0"]
     if "--guide-model" in args:
         args[args.index("--guide-model") + 1] = often_eos
     run_script_in_process(script, args + ["--eval-every", "0"], cwd=tmp_path)
@@ -453,3 +454,29 @@ def test_text_is_decoded_and_encoded_in_context(assets, metaspace, module):
             ids = module.encode_in_context(tokenizer, context, text)
             assert tokenizer.decode(context_ids + ids) == context + text
             assert module.decode_in_context(tokenizer, context_ids, ids) == text
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+def test_the_guides_length_flags(setup, assets, module):
+    """--guide-min-new-tokens: no EOS from the guide before it (a guide that says EOS with p = 0.2);
+    --guide-max-new-tokens: its roll-in (PPO++) or roll-out (AggreVaTeD) is at most that long."""
+    often_eos = load_guide(assets["often_eos"], AutoTokenizer.from_pretrained(assets["often_eos"]))
+    examples = [{"prompt": "p", "prompt_ids": often_eos.tokenizer(t).input_ids} for t in TEXTS * 4]
+    lengths = {}
+    for minimum in (0, 3):
+        torch.manual_seed(0)
+        args = make_args(module, 1.0, guide_top_k=0, guide_min_new_tokens=minimum)
+        results = module.guide_continue(often_eos, often_eos.tokenizer, examples, [[]] * len(examples), 6, args, "cpu")
+        lengths[minimum] = [len(tokens) - ended for tokens, ended in results]
+    assert min(lengths[0]) < 3 <= min(lengths[3])
+
+    tokenizer, policy, batch, guide = setup  # the toy guide, which does not end
+    args = make_args(module, 1.0, guide_max_new_tokens=3)
+    torch.manual_seed(0)
+    if module in ROLL_IN_MODULES:
+        roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
+        assert max(map(len, roll_ins)) <= 3 and min(map(len, roll_ins)) >= 1
+    if module in ROLL_OUT_MODULES:
+        _, _, _, policy_mask, value_mask, _ = module.guide_roll_out(
+            policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
+        assert value_mask.sum(1).max() <= 3 and value_mask.sum() > 0

@@ -15,7 +15,8 @@ def run_toy(assets, cwd, script="ppo.py", iterations=30, kl_coef=0.005, extra=()
     args = [script, "--task", "imdb", "--model-name-or-path", assets["policy"], "--reward-model", assets["classifier"],
             "--dataset-path", assets["data"]["imdb"], "--total-episodes", str(32 * iterations), "--batch-size", "32",
             "--num-minibatches", "4", "--update-epochs", "4", "--max-new-tokens", "8", "--eval-every", "0",
-            "--learning-rate", "3e-3", "--kl-coef", str(kl_coef), "--gamma", "0.95", "--seed", "1", *extra]
+            "--learning-rate", "3e-3", "--kl-coef", str(kl_coef), "--gamma", "0.95", "--target-coef", "0", "--seed", "1",
+            *extra]
     result = run_script("tests/toy_run.py", args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     train = re.findall(r"^iteration \d+/\d+ episodes \d+ score ([-\d.]+) kl ([-\d.]+)", result.stdout, re.M)

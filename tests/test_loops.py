@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import metrics, rewards
+from common import metrics, rewards, tasks
 from conftest import RL_SCRIPTS, Spy, read_tensorboard, run_script_in_process, set_flags, task_args
 
 rl_scripts = pytest.mark.parametrize("script", RL_SCRIPTS)
@@ -53,8 +53,13 @@ def episodes_built(script, spies, iteration):
                 gae=policy + value)
 
 
+OTHER_NORM = {"ppo.py": "none", "ppo_plus_plus.py": "scale", "aggrevated.py": "none", "d2lols.py": "whiten"}
+
+
 @rl_scripts
-def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(assets, tmp_path, script):
+@pytest.mark.parametrize("advantage_norm", ["default", "other"])
+def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(assets, tmp_path, script,
+                                                                                advantage_norm):
     """One epoch of one minibatch: the policy that scores the ratio is the one that sampled, so the ratio
     is 1 and approx-KL 0 on every iteration, and the loop hands KL, GAE and the PPO loss the masks the
     algorithm says: PPO++'s roll-in is state (no loss, no KL), AggreVaTeD's value loss runs on the
@@ -63,7 +68,10 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
                      "--eval-every", 0, "--kl-coef", 0.1, "--learning-rate", 1e-3, "--gamma", 0.9, "--gae-lambda", 0.8)
     if script != "ppo.py":
         args = set_flags(args, "--beta", 1)
-    _, spies, events = run(script, args + ["--no-anneal-lr"], tmp_path, SPIED[script] + LOOP_HELPERS)
+    norm = OTHER_NORM[script] if advantage_norm == "other" else None
+    args += ["--anneal-lr", "False", "--target-coef", "0"] + (["--advantage-norm", norm] if norm else [])
+    _, spies, events = run(script, args, tmp_path, SPIED[script] + LOOP_HELPERS + ["reference_nll"])
+    assert not spies["reference_nll"].calls and "loss/target_avg" not in events.Tags()["scalars"]  # --target-coef 0
     assert len(spies["ppo_loss"].calls) == 2  # 2 iterations x 1 epoch x 1 minibatch
     for value in scalars(events, "val/ratio"):
         assert value == pytest.approx(1, abs=1e-5)
@@ -99,11 +107,14 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
         assert sorted(order) == list(range(len(policy)))
         assert torch.equal(loss_call.mask, policy[order])  # the policy gradient on the policy's tokens only
         value_mask = vars(loss_call).get("value_mask", loss_call.mask)
-        # one minibatch is the whole batch: the advantages are whitened over exactly the policy's tokens
-        advantages, mask = loss_call.advantages, loss_call.mask
-        mean = (advantages * mask).sum() / mask.sum()
-        assert abs(mean) < 1e-5 and ((advantages - mean) ** 2 * mask).sum() / mask.sum() == pytest.approx(1, abs=1e-4)
-        assert (advantages[mask == 0] == 0).all()
+        # GAE's advantages, normalised over exactly the policy's tokens: by default whitened (PPO, PPO++), or
+        # scaled without centring where their sign is the signal (AggreVaTeD: better or worse than the guide)
+        raw = spies["compute_gae"].calls[iteration].result[0]
+        how = norm or ("whiten" if script == "ppo.py" or "roll_ins" in built else "scale")
+        mean = (raw * policy).sum() / policy.sum()
+        std = (((raw - mean) ** 2 * policy).sum() / policy.sum() + 1e-8).sqrt()
+        expected = raw * policy if how == "none" else (raw - mean * (how == "whiten")) / std * policy
+        torch.testing.assert_close(loss_call.advantages, expected[order])
         assert torch.equal(value_mask, built["value"].float()[order])
 
         # and those masks are the algorithm's
@@ -149,11 +160,13 @@ def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
     args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", assets["often_eos"],
                      "--total-episodes", 12, "--eval-every", 0, "--learning-rate", 1e-2, "--kl-coef", 0.05,
                      "--kl-target", 0.001, "--kl-horizon", 8, "--missing-eos-penalty", 0.5, "--micro-batch-size", 1,
-                     "--max-new-tokens", 3, "--top-k", 0)
+                     "--max-new-tokens", 3, "--top-k", 0, "--min-new-tokens", 0)
     if script != "ppo.py":  # the full distribution (top-k 50 would make EOS p = 0.6)
-        args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-top-k", 0, "--guide-top-p", 1.0)
+        args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-top-k", 0, "--guide-top-p", 1.0,
+                         "--guide-min-new-tokens", 0)
     _, raw_scores = record_rewards(monkeypatch)
-    namespace, spies, events = run(script, args, tmp_path, SPIED[script] + ["kl_penalized_rewards", "ppo_loss"])
+    namespace, spies, events = run(script, args, tmp_path,
+                                   SPIED[script] + ["kl_penalized_rewards", "ppo_loss", "reference_nll"])
     eos = namespace["tokenizer"].eos_token_id
 
     # --missing-eos-penalty: exactly the episodes without an EOS lose 0.5
@@ -176,6 +189,15 @@ def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
     assert [call.mask.shape[0] for call in spies["ppo_loss"].calls] == [1] * 12
     # --anneal-lr (on by default): linear decay from the learning rate, one step per iteration
     assert scalars(events, "charts/lr") == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    # --target-coef (0.1 by default): every micro-batch adds the NLL of its prompts' reference continuations
+    references = {tuple(e["prompt_ids"] + e["target_ids"]): len(e["target_ids"]) for e in namespace["train_examples"]}
+    calls = spies["reference_nll"].calls
+    assert len(calls) == 12
+    for call in calls:
+        [row], [attended], [target] = call.input_ids.tolist(), call.attention_mask.tolist(), call.target_mask
+        assert references[tuple(t for t, a in zip(row, attended) if a)] == target.sum()
+    target_nll = torch.stack([call.result for call in calls]).view(3, 4).mean(1)
+    assert scalars(events, "loss/target_avg") == pytest.approx(target_nll.tolist())
 
 
 def parameter_change(model, start_path):
@@ -290,3 +312,47 @@ def test_a_non_finite_reward_loss_or_gradient_stops_before_the_weights_change(as
                                     + ("any update" if quantity == "reward" else "the optimizer step"))
     start = AutoModelForCausalLM.from_pretrained(assets["policy"])
     assert all(torch.equal(a, b) for a, b in zip(stop.value.script_globals["policy"].parameters(), start.parameters()))
+
+
+@rl_scripts
+def test_generation_settings_reach_generate(assets, tmp_path, script):
+    """--min-new-tokens (rollouts and evaluation), --eval-greedy with --eval-num-beams, and the guide's own
+    --guide-max-new-tokens reach the calls; a policy that says EOS with p = 0.2 then never ends before 3."""
+    args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", assets["often_eos"], "--top-k", 0,
+                     "--total-episodes", 4, "--min-new-tokens", 3, "--eval-greedy", True, "--eval-num-beams", 2)
+    builder = {"ppo.py": "rollout", "ppo_plus_plus.py": "rollout", "aggrevated.py": "guide_roll_out",
+               "d2lols.py": "guide_roll_out"}[script]
+    names = [builder, "evaluate"] + (["guide_continue"] if script != "ppo.py" else [])
+    if script != "ppo.py":
+        args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-max-new-tokens", 4, "--beta", 1)
+    _, spies, _ = run(script, args, tmp_path, names)
+    config = spies[builder].calls[0].generation_config
+    assert (config.min_new_tokens, config.max_new_tokens, config.do_sample, config.top_k) == (3, 6, True, 0)
+    for call in spies["evaluate"].calls:
+        config = call.generation_config
+        assert (config.min_new_tokens, config.do_sample, config.num_beams) == (3, False, 2)
+    if script == "ppo.py":
+        assert (spies["rollout"].calls[0].result[3].sum(1) >= 3).all()  # no episode ended before 3 tokens
+    else:
+        assert 0 < max(call.max_new_tokens for call in spies["guide_continue"].calls) <= 4
+
+
+@rl_scripts
+def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path, script):
+    """After one update, the policy's NLL of the training prompts' reference continuations is lower with
+    --target-coef than without it."""
+    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4, "--num-minibatches", 1,
+                     "--eval-every", 0, "--learning-rate", 3e-3)
+    nll = {}
+    for coef in ("0", "1"):
+        (tmp_path / coef).mkdir()
+        script_globals, _, _ = run(script, args + ["--target-coef", coef], tmp_path / coef)
+        tokenizer, examples = script_globals["tokenizer"], script_globals["train_examples"]
+        targets = [tasks.continuation_ids(tokenizer, e["prompt"], e["references"][0], 6) for e in examples]
+        ids, mask = script_globals["left_pad"]([e["prompt_ids"] + t for e, t in zip(examples, targets)],
+                                               tokenizer.pad_token_id, "cpu")
+        width = max(map(len, targets))
+        target_mask = torch.tensor([[0.0] * (width - len(t)) + [1.0] * len(t) for t in targets])
+        with torch.no_grad():  # the script's own helper, on the trained policy
+            nll[coef] = script_globals["reference_nll"](script_globals["policy"], ids, mask, target_mask).item()
+    assert nll["1"] < nll["0"] - 0.01, nll

@@ -85,13 +85,16 @@ def test_mask_after_eos_keeps_the_eos_and_drops_what_follows(module):
 
 
 @rl_modules
-def test_masked_whiten_uses_only_masked_entries(module):
+def test_advantages_are_normalised_over_the_masked_entries_only(module):
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    white = module.masked_whiten(x, mask)
     # masked entries 1, 2, 3, 4: mean 2.5, variance 1.25
-    expected = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / 1.25**0.5
-    torch.testing.assert_close(white, expected, atol=1e-6, rtol=1e-6)
+    whitened = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / 1.25**0.5
+    torch.testing.assert_close(module.normalize_advantages(x, mask, "whiten"), whitened, atol=1e-6, rtol=1e-6)
+    # scale keeps each sign (AggreVaTeD's: better or worse than the guide); none is tril's raw GAE
+    scaled = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]) / 1.25**0.5
+    torch.testing.assert_close(module.normalize_advantages(x, mask, "scale"), scaled, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(module.normalize_advantages(x, mask, "none"), x * mask)
 
 
 @pytest.mark.parametrize("module", WITH_SFT, ids=module_name)
@@ -255,3 +258,25 @@ def test_exact_div_names_the_flags():
             module.exact_div(10, 4, "--a / --b")
         with pytest.raises(SystemExit, match="not divisible by 0"):
             module.exact_div(10, 0, "--a / --b")
+
+
+@rl_modules
+def test_reference_nll_is_the_mean_nll_of_the_reference_tokens(assets, module):
+    """tril's target regularisation term: left-padded prompt | reference rows, the NLL of the reference tokens
+    only (token-weighted over the batch), each predicted from everything before it."""
+    tokenizer = assets["tokenizer"]
+    model = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    pairs = [(tokenizer("the film was").input_ids, tokenizer(" good fun").input_ids + [tokenizer.eos_token_id]),
+             (tokenizer("a long prompt about a movie and a plot").input_ids, tokenizer(" yes").input_ids)]
+    ids, attention_mask = module.left_pad([p + t for p, t in pairs], tokenizer.pad_token_id, "cpu")
+    width = max(len(t) for _, t in pairs)
+    target_mask = torch.tensor([[0.0] * (width - len(t)) + [1.0] * len(t) for _, t in pairs])
+    with torch.no_grad():
+        nll = module.reference_nll(model, ids, attention_mask, target_mask)
+        total, count = 0.0, 0
+        for prompt, target in pairs:
+            row = torch.tensor([prompt + target])
+            logprobs = model(input_ids=row).logits[0, :-1].float().log_softmax(-1)
+            total -= sum(logprobs[t - 1, row[0, t]].item() for t in range(len(prompt), len(prompt) + len(target)))
+            count += len(target)
+    assert nll.item() == pytest.approx(total / count, rel=1e-5)
