@@ -156,9 +156,9 @@ class Args:
     """value clip (around the rollout's values)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
-    advantage_norm: Literal["whiten", "scale", "none"] = "scale"
-    """advantages per batch: scale = A / std (each keeps its sign: better or worse than the guide's own
-    continuation, which centring would erase); whiten = (A - mean) / std; none = raw GAE (tril)"""
+    advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
+    """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
+    none = raw GAE (tril)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -636,6 +636,14 @@ if __name__ == "__main__":
         # KL on the policy's tokens; GAE over the whole episode; the policy gradient on the roll-in only
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
+        # a policy token's advantage is the guide's, A^g(s_t, a_t) = Q^g - V^g: as if the guide went on after it.
+        # Where the policy writes the next token too, one TD step on the guide's critic (GAE's trace would charge
+        # the token for the policy's own later tokens); the roll-in's last token keeps GAE's lambda-return of the
+        # guide's actual roll-out. Centring them (whiten) changes no expected gradient (a constant baseline) and
+        # removes the offset of a critic that only learns on the guide's states (measured: README, the toy).
+        policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
+        one_step = rewards_per_token + args.gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
+        advantages = torch.where(policy_goes_on.bool(), one_step, advantages)
         advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask = left_pad([e["prompt_ids"] + e["target_ids"] for e in batch],

@@ -158,9 +158,9 @@ class Args:
     """value clip (around the rollout's values)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
-    advantage_norm: Optional[Literal["whiten", "scale", "none"]] = None
-    """advantages per batch: whiten = (A - mean) / std; scale = A / std, each sign kept; none = raw GAE (tril)
-    (None: scale in the AggreVaTeD phase, where the sign says better or worse than the guide; whiten after)"""
+    advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
+    """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
+    none = raw GAE (tril)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -577,7 +577,8 @@ if __name__ == "__main__":
     ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
     ref_policy.requires_grad_(False)
     critic = Critic(args.model_name_or_path).to(device).eval()  # PPO++'s: V of the policy
-    guide_critic = Critic(args.model_name_or_path).to(device).eval()  # AggreVaTeD's: V of the guide
+    with torch.random.fork_rng():  # drawing no random numbers: each phase samples exactly as its own script
+        guide_critic = Critic(args.model_name_or_path).to(device).eval()  # AggreVaTeD's: V of the guide
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
     # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
     checkpoint_generation_config = policy.generation_config
@@ -694,8 +695,11 @@ if __name__ == "__main__":
         # GAE runs over the episode's actions: AggreVaTeD's policy and guide tokens, PPO++'s policy tokens
         advantages, returns = compute_gae(rewards_per_token, values, torch.maximum(policy_mask, value_mask),
                                           args.gamma, args.gae_lambda)
-        advantages = normalize_advantages(advantages, policy_mask,
-                                          args.advantage_norm or ("scale" if aggrevated_phase else "whiten"))
+        if aggrevated_phase:  # a policy token's advantage is the guide's, A^g(s_t, a_t) (as in aggrevated.py)
+            policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
+            one_step = rewards_per_token + args.gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
+            advantages = torch.where(policy_goes_on.bool(), one_step, advantages)
+        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask = left_pad([e["prompt_ids"] + e["target_ids"] for e in batch],
                                                      tokenizer.pad_token_id, device)

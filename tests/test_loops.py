@@ -6,6 +6,7 @@ wrapped by a Spy, which records what the loop hands them; nothing in the scripts
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from common import metrics, rewards, tasks
@@ -53,7 +54,7 @@ def episodes_built(script, spies, iteration):
                 gae=policy + value)
 
 
-OTHER_NORM = {"ppo.py": "none", "ppo_plus_plus.py": "scale", "aggrevated.py": "none", "d2lols.py": "whiten"}
+OTHER_NORM = {"ppo.py": "none", "ppo_plus_plus.py": "scale", "aggrevated.py": "scale", "d2lols.py": "none"}
 
 
 @rl_scripts
@@ -107,10 +108,14 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
         assert sorted(order) == list(range(len(policy)))
         assert torch.equal(loss_call.mask, policy[order])  # the policy gradient on the policy's tokens only
         value_mask = vars(loss_call).get("value_mask", loss_call.mask)
-        # GAE's advantages, normalised over exactly the policy's tokens: by default whitened (PPO, PPO++), or
-        # scaled without centring where their sign is the signal (AggreVaTeD: better or worse than the guide)
-        raw = spies["compute_gae"].calls[iteration].result[0]
-        how = norm or ("whiten" if script == "ppo.py" or "roll_ins" in built else "scale")
+        # GAE's advantages (AggreVaTeD: the guide's one-step advantage where the policy writes the next token
+        # too), normalised over exactly the policy's tokens: whitened by default, or as --advantage-norm says
+        raw = gae_call.result[0]
+        if script != "ppo.py" and "roll_ins" not in built:
+            rewards, values = kl_call.result[1], gae_call.values
+            goes_on = (policy * nn.functional.pad(policy[:, 1:], (0, 1))).bool()
+            raw = torch.where(goes_on, rewards + 0.9 * nn.functional.pad(values[:, 1:], (0, 1)) - values, raw)
+        how = norm or "whiten"
         mean = (raw * policy).sum() / policy.sum()
         std = (((raw - mean) ** 2 * policy).sum() / policy.sum() + 1e-8).sqrt()
         expected = raw * policy if how == "none" else (raw - mean * (how == "whiten")) / std * policy
