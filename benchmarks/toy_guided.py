@@ -1,85 +1,168 @@
-"""The paper's claim in miniature, on the toy task (a benchmark, not a test): does a guide that is good
-at the task make the guided algorithms reach a target reward in fewer iterations than PPO?
+"""The paper's mechanism in miniature: when exploration is the bottleneck, a guide's states let the policy
+find a reward it would almost never reach alone (CPU, a few minutes).
 
-Toy task (tests/toy_run.py): the reward is the fraction of continuation tokens that are " movie";
-the policy is a tiny random GPT-2; the guide is the same network trained to write " movie" (tests/conftest.py).
-Progress is the held-out evaluation score of the policy alone (no guide), every iteration, so the
-guide's own tokens never count. Prints, per algorithm and seed, the first iteration whose eval score
-reaches --target (or "-" within the budget) and the last eval score.
+The toy (tests/toy_run.py, TOY_REWARD=run): the reward is the fraction of the 8 continuation tokens that
+are " movie", and 0 unless the continuation holds 3 of them in a row. The policy is a tiny random GPT-2,
+which writes " movie" about 1 time in 400, so a run of 3 almost never happens: PPO sees (almost) no
+reward. The guide is the same network trained to write " movie" (tests/conftest.py: save_toy_guide).
+Progress is the held-out score of the policy alone (no guide), every iteration; the table gives, per
+algorithm and seed, the first iteration that reaches --target and the last score.
 
-    python benchmarks/toy_guided.py                       # PPO, PPO++, AggreVaTeD, D2LOLS; seeds 1-3
-    python benchmarks/toy_guided.py --scripts ppo.py ppo_plus_plus.py --seeds 1 2 3 4 5
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/toy_guided.py                         # 4 algorithms x 5 seeds, ~5 min on 2 cores
+    python benchmarks/toy_guided.py --reward fraction        # the dense toy (no exploration problem)
+
+Writes benchmarks/results/toy_guided.md, .png and .json (the curves) (or --out).
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_tokenizer, save_tiny_causal_lm, save_toy_guide, write_task_data  # noqa: E402
 
+LABELS = {"ppo.py": "PPO", "ppo_plus_plus.py": "PPO++", "aggrevated.py": "AggreVaTeD", "d2lols.py": "D2LOLS"}
 
-def eval_scores(script, seed, assets, args):
+
+def toy_command(script, seed, assets, args):
+    """One toy run of a script: its command line (shared with tests/test_learning.py)."""
     command = [sys.executable, str(ROOT / "tests" / "toy_run.py"), script, "--task", "imdb",
                "--model-name-or-path", assets["policy"], "--reward-model", assets["policy"],
                "--dataset-path", assets["data"], "--total-episodes", str(32 * args.iterations), "--batch-size", "32",
-               "--num-minibatches", "4", "--update-epochs", "4", "--max-new-tokens", "8", "--eval-every", "1",
-               "--num-eval-prompts", "32", "--learning-rate", str(args.learning_rate), "--kl-coef", "0",
-               "--gamma", "1", "--seed", str(seed)]
+               "--num-minibatches", "4", "--update-epochs", "4", "--max-new-tokens", "8",
+               "--eval-every", str(args.eval_every), "--num-eval-prompts", "32", "--learning-rate",
+               str(args.learning_rate), "--kl-coef", str(args.kl_coef), "--gamma", str(args.gamma),
+               "--target-coef", "0", "--top-k", "0", "--seed", str(seed)]
     if script != "ppo.py":
-        command += ["--guide-model", assets["guide"]]
-        if args.beta is not None:
-            command += ["--beta", str(args.beta)]
+        command += ["--guide-model", assets["guide"]] + (["--beta", str(args.beta)] if args.beta is not None else [])
     if script == "d2lols.py":
-        command += ["--tau", str(args.tau)]
+        command += ["--tau", str(args.tau if args.tau is not None else round(0.4 * args.iterations))]
+    return command
+
+
+def eval_scores(script, seed, assets, args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOY_REWARD": args.reward, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as run_dir:
-        result = subprocess.run(command, cwd=run_dir, capture_output=True, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run(toy_command(script, seed, assets, args), cwd=run_dir, capture_output=True, text=True,
+                                env=env)
     if result.returncode != 0:
-        sys.exit(f"{script} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"{script} seed {seed} failed:\n{result.stderr[-3000:]}")
     return [float(x) for x in re.findall(r"^eval @ iteration \d+: score ([-\d.]+)", result.stdout, re.M)]
 
 
-def iterations_to_target(scores, target):
-    """The first iteration whose eval score reaches `target` (scores[0] is before training), else inf."""
-    return next((i for i, s in enumerate(scores) if s >= target), float("inf"))
+def iterations_to_target(scores, target, eval_every):
+    """The first iteration whose eval score reaches `target` (scores[0] is before training), else None."""
+    return next((i * eval_every for i, s in enumerate(scores) if s >= target), None)
+
+
+def make_assets(root, prior_steps=10):
+    """The toy's models: the policy, a tiny GPT-2 nudged toward " movie" (10 steps: p ~ 0.03 per token, as
+    a supervised start gives good tokens some probability), and the guide (150 steps: nearly always)."""
+    tokenizer = make_tokenizer()
+    policy = save_toy_guide(root / "policy", tokenizer, steps=prior_steps) if prior_steps else \
+        save_tiny_causal_lm(root / "policy", tokenizer)
+    return {"policy": policy, "guide": save_toy_guide(root / "guide", tokenizer), "data": write_task_data(root)["imdb"]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scripts", nargs="+", default=["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--scripts", nargs="+", default=list(LABELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--target", type=float, default=0.5, help="the eval score that counts as learned")
+    parser.add_argument("--reward", default="run", choices=["run", "fraction"], help="the toy (tests/toy_run.py)")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--kl-coef", type=float, default=0.005)
+    parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=None, help="mixing (default: each script's IMDB default)")
-    parser.add_argument("--tau", type=int, default=10, help="D2LOLS switch iteration")
+    parser.add_argument("--tau", type=int, default=None, help="D2LOLS switch (default: 40%% of the iterations)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (each with --threads torch threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"))
     args = parser.parse_args()
 
+    jobs = [(script, seed) for script in args.scripts for seed in args.seeds]
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        root = Path(root)
-        tokenizer = make_tokenizer()
-        assets = {"policy": save_tiny_causal_lm(root / "policy", tokenizer),
-                  "guide": save_toy_guide(root / "guide", tokenizer),
-                  "data": write_task_data(root)["imdb"]}
-        print(f"toy task, {args.iterations} iterations of 32 episodes x 8 tokens, lr {args.learning_rate}, "
-              f"target eval score {args.target}")
-        print(f"{'script':<18} {'seed':>4} {'iterations to target':>21} {'last eval':>10}")
-        for script in args.scripts:
-            reached = []
-            for seed in args.seeds:
-                scores = eval_scores(script, seed, assets, args)
-                reached.append(iterations_to_target(scores, args.target))
-                first = "-" if reached[-1] == float("inf") else reached[-1]
-                print(f"{script:<18} {seed:>4} {first:>21} {scores[-1]:>10.3f}", flush=True)
-            print(f"{script:<18} {'med':>4} {statistics.median(reached):>21}")
+        assets = make_assets(Path(root))
+        print(f"toy ({args.reward}): {args.iterations} iterations of 32 episodes x 8 tokens, lr {args.learning_rate}, "
+              f"kl {args.kl_coef}, gamma {args.gamma}; {len(jobs)} runs", flush=True)
 
+        finished = iter(range(1, len(jobs) + 1))  # next() on it is atomic: a count the workers share
+
+        def run(job):
+            scores = eval_scores(*job, assets, args)
+            done = next(finished)
+            left = (time.perf_counter() - start) / done * (len(jobs) - done)
+            print(f"  {LABELS[job[0]]:<10} seed {job[1]}: last score {scores[-1]:.3f}, "
+                  f"reached {args.target} at {iterations_to_target(scores, args.target, args.eval_every)} "
+                  f"({done}/{len(jobs)}, ~{left / 60:.0f} min left)", flush=True)
+            return scores
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            curves = dict(zip(jobs, pool.map(run, jobs)))
+
+    header = "| algorithm | " + " | ".join(f"seed {s}" for s in args.seeds) + " | reached | median iterations | final score (mean ± sd) |"
+    lines = [f"# Toy guided RL: reward `{args.reward}`", "",
+             f"`python benchmarks/toy_guided.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+             f"{args.iterations} iterations of 32 episodes x 8 tokens, lr {args.learning_rate}, kl-coef {args.kl_coef}, "
+             f"gamma {args.gamma}; each cell: the first iteration at which the policy alone (no guide) scores "
+             f">= {args.target} on 32 held-out prompts (- if never), and its last score.", "",
+             header, "|" + "-|" * (len(args.seeds) + 4)]
+    for script in args.scripts:
+        reached = [iterations_to_target(curves[(script, s)], args.target, args.eval_every) for s in args.seeds]
+        finals = [curves[(script, s)][-1] for s in args.seeds]
+        cells = [f"{'-' if r is None else r} ({f:.2f})" for r, f in zip(reached, finals)]
+        hits = [r for r in reached if r is not None]
+        median = statistics.median(hits) if len(hits) > len(reached) / 2 else "-"
+        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        lines.append(f"| {LABELS[script]} | " + " | ".join(cells) + f" | {len(hits)}/{len(reached)} | {median} | "
+                     f"{statistics.mean(finals):.3f} ± {spread:.3f} |")
+    lines += ["", f"Wall time {time.perf_counter() - start:.0f} s ({args.workers} runs at a time)."]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    Path(args.out + ".md").write_text(text)
+    print(text)
+    Path(args.out + ".json").write_text(json.dumps({"eval_every": args.eval_every, "target": args.target, "curves": {
+        f"{script} {seed}": scores for (script, seed), scores in curves.items()}}))
+    plot(curves, args)
+
+
+def plot(curves, args):
+    """One panel per algorithm: the held-out score of the policy alone against iterations, one line per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no picture (pip install -r benchmarks/requirements.txt)")
+        return
+    fig, axes = plt.subplots(1, len(args.scripts), figsize=(3 * len(args.scripts), 3), sharey=True)
+    for ax, script in zip(axes, args.scripts):
+        for seed in args.seeds:
+            scores = curves[(script, seed)]
+            ax.plot([j * args.eval_every for j in range(len(scores))], scores, lw=1.2, alpha=0.8, label=f"seed {seed}")
+        ax.axhline(args.target, color="black", lw=0.5, ls=":")
+        ax.set_title(LABELS[script])
+        ax.set_xlabel("iteration (32 episodes)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].set_ylabel("held-out score, policy alone")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("toy: reward only with 3 ' movie' in a row" if args.reward == "run" else "toy: dense reward")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
 
 if __name__ == "__main__":
     main()

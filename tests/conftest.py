@@ -166,6 +166,9 @@ def assets(tmp_path_factory):
         # a guide with a larger vocabulary whose ids all differ from the policy's for the same text
         "guide_bigger": save_tiny_causal_lm(root / "guide_bigger", make_tokenizer(600, seed=2, reserved=7), seed=4),
         "toy_guide": save_toy_guide(root / "toy_guide", tokenizer),
+        # the exploration toy's policy: nudged toward " movie" (p ~ 0.03 per token, as an SL start gives a good
+        # token some probability), so a run of three is rare for it alone (benchmarks/toy_guided.py)
+        "toy_policy": save_toy_guide(root / "toy_policy", tokenizer, steps=10),
         "often_eos": save_often_eos_model(root / "often_eos"),
         "data": data,
         "root": root,

@@ -12,7 +12,7 @@ import d2lols
 import ppo
 import ppo_plus_plus
 from conftest import (GUIDED_MODULES, make_metaspace_tokenizer, module_name, read_tensorboard,
-                      run_script_in_process, save_tiny_causal_lm, task_args)
+                      run_script_in_process, save_tiny_causal_lm, set_flags, task_args)
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
@@ -480,3 +480,20 @@ def test_the_guides_length_flags(setup, assets, module):
         _, _, _, policy_mask, value_mask, _ = module.guide_roll_out(
             policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
         assert value_mask.sum(1).max() <= 3 and value_mask.sum() > 0
+
+
+@pytest.mark.parametrize("tau,twin", [(2, "aggrevated.py"), (0, "ppo_plus_plus.py")])
+def test_d2lols_is_aggrevated_then_ppo_plus_plus(assets, tmp_path, tau, twin):
+    """Each D2LOLS phase is its algorithm, to the last sampled token: with the switch after both iterations
+    it trains exactly as aggrevated.py, with the switch before them exactly as ppo_plus_plus.py."""
+    curves = {}
+    for script in ("d2lols.py", twin):
+        (tmp_path / script).mkdir()
+        args = set_flags(task_args(assets, "imdb", script), "--beta", 0.7, "--eval-every", 0)
+        if script == "d2lols.py":
+            args = set_flags(args, "--tau", tau)
+        run_script_in_process(script, args, tmp_path / script)
+        events = read_tensorboard(tmp_path / script)
+        curves[script] = [[e.value for e in events.Scalars(tag)] for tag in ("objective/scores", "objective/kl",
+                                                                             "loss/policy_avg", "loss/value_avg")]
+    assert curves["d2lols.py"] == curves[twin]

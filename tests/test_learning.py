@@ -1,23 +1,26 @@
-"""Learning evidence: the algorithms raise a toy reward that the tiny policy can learn (CPU, fixed seed).
-
-The toy reward (tests/toy_run.py) is the fraction of continuation tokens that are " movie". How the
-guided algorithms compare with PPO on it is a benchmark, not a test: benchmarks/toy_guided.py.
+"""Learning evidence on toy rewards a tiny policy can learn (CPU, fixed seed), tests/toy_run.py:
+the fraction of continuation tokens that are " movie" (PPO learns it; a KL penalty holds it back), and
+the same with no reward unless 3 of them stand in a row (exploration: PPO cannot, guidance can; the
+five-seed comparison is benchmarks/toy_guided.py).
 """
 
 import re
 
+import pytest
+
 from conftest import run_script
 
 
-def run_toy(assets, cwd, script="ppo.py", iterations=30, kl_coef=0.005, extra=()):
+def run_toy(assets, cwd, script="ppo.py", iterations=30, kl_coef=0.005, extra=(), reward="fraction",
+            policy="policy"):
     """Training scores and KLs per iteration and eval scores (the policy alone) of one toy run.
     A small KL penalty and gamma < 1, so that a sign or discount that is wrong in the loop has an effect."""
-    args = [script, "--task", "imdb", "--model-name-or-path", assets["policy"], "--reward-model", assets["classifier"],
+    args = [script, "--task", "imdb", "--model-name-or-path", assets[policy], "--reward-model", assets["classifier"],
             "--dataset-path", assets["data"]["imdb"], "--total-episodes", str(32 * iterations), "--batch-size", "32",
             "--num-minibatches", "4", "--update-epochs", "4", "--max-new-tokens", "8", "--eval-every", "0",
             "--learning-rate", "3e-3", "--kl-coef", str(kl_coef), "--gamma", "0.95", "--target-coef", "0", "--seed", "1",
             *extra]
-    result = run_script("tests/toy_run.py", args, cwd=cwd)
+    result = run_script("tests/toy_run.py", args, cwd=cwd, env={"TOY_REWARD": reward})
     assert result.returncode == 0, result.stderr[-3000:]
     train = re.findall(r"^iteration \d+/\d+ episodes \d+ score ([-\d.]+) kl ([-\d.]+)", result.stdout, re.M)
     evals = [float(s) for s in re.findall(r"^eval @ iteration \d+: score ([-\d.]+)", result.stdout, re.M)]
@@ -35,18 +38,20 @@ def test_ppo_raises_the_toy_reward(assets, tmp_path):
 def test_the_kl_penalty_holds_the_policy_near_pi_ref(assets, tmp_path):
     """The toy rewards a policy far from pi_ref (" movie" everywhere: ~6 nats per token, ~45 per episode).
     A strong penalty (0.05) must hold the policy back: measured, its KL stays about 5 nats over 15
-    iterations, while with the penalty's sign flipped it runs to ~28 (it pays the policy to move away)."""
+    iterations, while with the penalty's sign flipped it runs to ~21 (it pays the policy to move away)."""
     scores, kls, _ = run_toy(assets, tmp_path, iterations=15, kl_coef=0.05)
     assert 0 < kls[-1] < 15 and max(scores) < 0.5, (kls, scores)
 
 
-def test_ppo_plus_plus_with_a_good_guide_raises_the_policys_own_reward(assets, tmp_path):
-    """PPO++ learns the toy task: the policy alone (held-out eval, no guide) goes from ~0 to most of
-    the continuation. Training scores include the guide's roll-in tokens, so they are not the measure.
-
-    Whether PPO++ gets there in fewer iterations than PPO (the paper's claim) is not asserted: on this
-    toy the difference is within seed noise (benchmarks/toy_guided.py; numbers in the README)."""
-    _, _, evals = run_toy(assets, tmp_path, "ppo_plus_plus.py", iterations=40,
-                       extra=["--guide-model", assets["toy_guide"], "--eval-every", "40", "--num-eval-prompts", "32"])
-    assert len(evals) == 2
-    assert evals[0] < 0.05 and evals[1] > 0.5, evals
+@pytest.mark.parametrize("script,learns", [("ppo.py", False), ("ppo_plus_plus.py", True), ("aggrevated.py", True)])
+def test_guidance_finds_a_reward_that_ppo_cannot(assets, tmp_path, script, learns):
+    """The paper's mechanism in miniature (benchmarks/toy_guided.py, README): the reward needs 3 " movie" in a
+    row, which the policy alone (p ~ 0.03 per token) almost never writes. In 30 iterations PPO sees no
+    reward and stays at 0, while PPO++ (restarts from the guide's states) and AggreVaTeD (the guide's value
+    after the policy's tokens) learn it: on this seed they first pass 0.5 at iterations 12 and 18."""
+    extra = ["--eval-every", "30", "--num-eval-prompts", "32", "--top-k", "0"]
+    if script != "ppo.py":
+        extra += ["--guide-model", assets["toy_guide"]]
+    _, _, evals = run_toy(assets, tmp_path, script, iterations=30, extra=extra, reward="run", policy="toy_policy")
+    assert len(evals) == 2 and evals[0] == 0, evals  # the policy alone, before training and after
+    assert (evals[1] > 0.5) if learns else (evals[1] < 0.05), evals

@@ -23,17 +23,24 @@ target = tokenizer(os.environ.get("TOY_TOKEN", " movie"), add_special_tokens=Fal
 
 
 KIND = os.environ.get("TOY_REWARD", "fraction")
+RUN = int(os.environ.get("TOY_RUN", "3"))
+
+
+def has_run(ids, length):
+    return any(ids[i : i + length] == [target] * length for i in range(len(ids) - length + 1))
 
 
 def toy_reward(prompts, continuations, references):
-    """The fraction of continuation tokens that are the target; with TOY_REWARD=gated, 0 unless the
-    continuation starts with it (sparse from the prompt, dense once a target token is in the text);
-    with TOY_REWARD=zero, always 0 (the KL penalty is the only reward)."""
+    """The fraction of continuation tokens that are the target. Variants (TOY_REWARD):
+    run    0 unless the continuation holds TOY_RUN (3) targets in a row: a random policy (1/400 per token)
+           almost never writes one, a guide that writes the target does; exploration is the bottleneck
+    gated  0 unless the continuation starts with the target
+    zero   always 0 (the KL penalty is the only reward)"""
     ids = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
     if KIND == "zero":
         return torch.zeros(len(ids))
-    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) if x and (x[0] == target or KIND != "gated")
-                         else 0.0 for x in ids])
+    gate = {"run": lambda x: has_run(x, RUN), "gated": lambda x: x[:1] == [target]}.get(KIND, lambda x: True)
+    return torch.tensor([sum(t == target for t in x) / max(1, len(x)) if gate(x) else 0.0 for x in ids])
 
 
 rewards.make_reward_fn = lambda *a, **k: toy_reward
