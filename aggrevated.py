@@ -137,7 +137,9 @@ class Args:
     update_epochs: Optional[int] = None
     """PPO epochs over each batch (None: the task's default)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate (policy and critic) (None: the task's default)"""
+    """AdamW learning rate of the policy (None: the task's default)"""
+    critic_learning_rate: Optional[float] = None
+    """AdamW learning rate of the critic (None: --learning-rate)"""
     anneal_lr: Optional[bool] = None
     """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
     adam_eps: float = 1e-5
@@ -480,16 +482,19 @@ if __name__ == "__main__":
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
     args.guide_max_new_tokens = args.max_new_tokens if args.guide_max_new_tokens is None else args.guide_max_new_tokens
     transformers.logging.disable_progress_bar()
+    if args.critic_learning_rate is None:
+        args.critic_learning_rate = args.learning_rate
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
-                                       "update_epochs", "learning_rate", "max_new_tokens", "max_prompt_length",
-                                       "rollout_batch_size", "temperature", "adam_eps", "clip_coef",
-                                       "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
+                                       "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
+                                       "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
+                                       "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
                                        "eval_num_beams", "guide_temperature", "guide_max_new_tokens"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "guide_top_k",
                                      "guide_min_new_tokens"),
-                       fraction=("gae_lambda", "beta"), unit=("gamma", "top_p", "guide_top_p"))
+                       fraction=("gae_lambda", "beta"),
+                       unit=("gamma", "top_p", "guide_top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
@@ -562,8 +567,9 @@ if __name__ == "__main__":
     if args.task == "imdb" and args.perplexity_model:
         perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model).to(device).eval(),
                          AutoTokenizer.from_pretrained(args.perplexity_model))
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=args.learning_rate,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},  # fused: one kernel
+                                   {"params": critic.parameters(), "lr": args.critic_learning_rate}],
+                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
     # rollouts sample with the flags' settings; output_logits are the raw logits: the log-probs are pi's
     lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -592,8 +598,9 @@ if __name__ == "__main__":
     prompt_order = torch.randperm(len(train_examples)).tolist()
     for iteration in range(1, args.num_iterations + 1):
         iteration_start = time.perf_counter()
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+        if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
+            for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
+                group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
             prompt_order += torch.randperm(len(train_examples)).tolist()
         batch = [train_examples[i] for i in prompt_order[: args.batch_size]]

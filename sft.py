@@ -278,7 +278,7 @@ if __name__ == "__main__":
         raise SystemExit("error: the training split has no non-empty reference to train on")
     steps_per_epoch = max(1, len(train_pairs) // args.batch_size)  # the last incomplete batch is dropped
     args.num_steps = args.max_steps or max(1, round(args.num_epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True,
                                   weight_decay=args.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
 

@@ -159,12 +159,14 @@ def record_rewards(monkeypatch):
 
 @rl_scripts
 def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
-    """--kl-target (the adaptive controller), --missing-eos-penalty, --micro-batch-size and --anneal-lr,
+    """--kl-target (the adaptive controller), --missing-eos-penalty, --micro-batch-size, --anneal-lr with
+    --critic-learning-rate,
     each checked against what it must do. Episodes end at different steps (a policy that says EOS with
     p = 0.2), so some are penalised and some are not."""
     args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", assets["often_eos"],
                      "--total-episodes", 12, "--eval-every", 0, "--learning-rate", 1e-2, "--kl-coef", 0.05,
                      "--kl-target", 0.001, "--kl-horizon", 8, "--missing-eos-penalty", 0.5, "--micro-batch-size", 1,
+                     "--critic-learning-rate", 5e-2,
                      "--max-new-tokens", 3, "--top-k", 0, "--min-new-tokens", 0)
     if script != "ppo.py":  # the full distribution (top-k 50 would make EOS p = 0.6)
         args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-top-k", 0, "--guide-top-p", 1.0,
@@ -192,8 +194,12 @@ def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
 
     # --micro-batch-size 1: every loss is one episode's, 2 per minibatch of 2, 2 minibatches, 3 iterations
     assert [call.mask.shape[0] for call in spies["ppo_loss"].calls] == [1] * 12
-    # --anneal-lr (on by default): linear decay from the learning rate, one step per iteration
+    # --anneal-lr (on by default): linear decay from the learning rate, one step per iteration, in every group:
+    # the policy's (logged) and the critic's own --critic-learning-rate
     assert scalars(events, "charts/lr") == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    assert [group["lr"] for group in namespace["optimizer"].param_groups] == pytest.approx([1e-2 / 3, 5e-2 / 3])
+    critic_parameters = {id(p) for p in namespace["optimizer"].param_groups[1]["params"]}
+    assert all(id(p) in critic_parameters for p in namespace["critic"].parameters())
     # --target-coef (0.1 by default): every micro-batch adds the NLL of its prompts' reference continuations
     references = {tuple(e["prompt_ids"] + e["target_ids"]): len(e["target_ids"]) for e in namespace["train_examples"]}
     calls = spies["reference_nll"].calls
