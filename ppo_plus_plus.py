@@ -121,7 +121,7 @@ class Args:
     eval_num_beams: Optional[int] = None
     """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
-    """sample generations logged as a text table at each evaluation"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
 
     # PPO
     total_episodes: Optional[int] = None
@@ -431,7 +431,7 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
 
 @torch.inference_mode()
 def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
-    """Generate for held-out prompts and compute the task's metrics (eval/<metric>)."""
+    """Generate for held-out prompts: the task's metrics (eval/<metric>) and every generation with its score."""
     prompts, continuations, references, scores = [], [], [], []
     for start in range(0, len(examples), args.rollout_batch_size):
         batch = examples[start : start + args.rollout_batch_size]
@@ -452,16 +452,17 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
     if args.task == "imdb":
         lm, lm_tokenizer = perplexity_lm
         result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
-    samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
-    return result, samples
+    generations = [dict(prompt=p, continuation=c, references=r, score=s)
+                   for p, c, r, s in zip(prompts, continuations, references, torch.cat(scores).tolist())]
+    return result, generations
 
 
-def samples_table(samples):
+def samples_table(generations):
     """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
     def cell(s):
         return s.replace("|", "\\|").replace("\n", " ")
 
-    rows = "\n".join(f"| {cell(p)} | {cell(c)} | {s:.3f} |" for p, c, s in samples)
+    rows = "\n".join(f"| {cell(g['prompt'])} | {cell(g['continuation'])} | {g['score']:.3f} |" for g in generations)
     return "| prompt | continuation | score |\n|-|-|-|\n" + rows
 
 
@@ -573,11 +574,12 @@ if __name__ == "__main__":
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
-            result, samples = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
+            result, generations = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
                                        perplexity_lm, args, device, autocast)
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, global_episodes)
-        writer.add_text("eval/samples", samples_table(samples), global_episodes)
+        tasks.write_jsonl(f"runs/{run_name}/generations/iteration_{iteration:04d}.jsonl", generations)
+        writer.add_text("eval/samples", samples_table(generations[: args.num_sample_generations]), global_episodes)
         print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     global_episodes, train_seconds = 0, 0.0

@@ -108,7 +108,7 @@ class Args:
     eval_batch_size: int = 64
     """prompts per generate/scoring call in evaluation"""
     num_sample_generations: int = 8
-    """sample generations logged as a text table at each evaluation"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
     eval_only: bool = False
     """evaluate --model-name-or-path on the held-out prompts and stop (no training): any checkpoint's task metrics"""
 
@@ -189,7 +189,8 @@ def mask_after_eos(responses, eos_token_id):
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
-    """Generate for held-out prompts and compute the task's metrics (eval/<metric>), as the RL scripts do."""
+    """Generate for held-out prompts: the task's metrics (eval/<metric>) and every generation with its score, as
+    the RL scripts do."""
     prompts, continuations, references, scores = [], [], [], []
     for start in range(0, len(examples), args.eval_batch_size):
         batch = examples[start : start + args.eval_batch_size]
@@ -210,16 +211,17 @@ def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexit
     if args.task == "imdb":
         lm, lm_tokenizer = perplexity_lm
         result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
-    samples = list(zip(prompts, continuations, torch.cat(scores).tolist()))[: args.num_sample_generations]
-    return result, samples
+    generations = [dict(prompt=p, continuation=c, references=r, score=s)
+                   for p, c, r, s in zip(prompts, continuations, references, torch.cat(scores).tolist())]
+    return result, generations
 
 
-def samples_table(samples):
+def samples_table(generations):
     """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
     def cell(s):
         return s.replace("|", "\\|").replace("\n", " ")
 
-    rows = "\n".join(f"| {cell(p)} | {cell(c)} | {s:.3f} |" for p, c, s in samples)
+    rows = "\n".join(f"| {cell(g['prompt'])} | {cell(g['continuation'])} | {g['score']:.3f} |" for g in generations)
     return "| prompt | continuation | score |\n|-|-|-|\n" + rows
 
 
@@ -306,11 +308,13 @@ if __name__ == "__main__":
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
-            result, samples = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
+            result, generations = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
                                        perplexity_lm, args, device, autocast)
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, step * args.batch_size)
-        writer.add_text("eval/samples", samples_table(samples), step * args.batch_size)
+        tasks.write_jsonl(f"runs/{run_name}/generations/step_{step:06d}.jsonl", generations)
+        writer.add_text("eval/samples", samples_table(generations[: args.num_sample_generations]),
+                        step * args.batch_size)
         print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     if evaluating:

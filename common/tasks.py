@@ -193,6 +193,13 @@ def local_split_file(dataset_path, split):
     raise SystemExit(f"error: --dataset-path {dataset_path} has no file for the {split} split (tried {tried})")
 
 
+def write_jsonl(path, rows):
+    """Rows (dicts) as JSON Lines, one per line, UTF-8; the folder is made if missing."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def load_rows(task, split, dataset_name=None, dataset_path=None):
     """Rows of one split ("train", "validation" or "test"), from local JSONL if given, else the hub.
 

@@ -66,7 +66,7 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
                                "cpu", no_autocast)
 
     lengths = dict(max_new_tokens=H, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    result, samples = evaluate(GenerationConfig(do_sample=False, **lengths))
+    result, generations = evaluate(GenerationConfig(do_sample=False, **lengths))
     continuations = [text for texts, _ in scored for text in texts]
     assert continuations == expected  # the policy's own text, cut after the first EOS, padding ignored
     scores = torch.cat([s for _, s in scored])
@@ -78,7 +78,9 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
     if task == "imdb":
         assert result["perplexity"] == pytest.approx(
             metrics.output_perplexity(*perplexity_lm, prompts, expected, "cpu"))
-    assert samples == list(zip(prompts, expected, scores.tolist()))[:2]
+    # every generation comes back (for the JSON Lines file), each row with its own prompt, references and score
+    assert generations == [dict(prompt=p, continuation=c, references=r, score=s)
+                           for p, c, r, s in zip(prompts, expected, references, scores.tolist())]
 
     # pad = EOS, as GPT-2 and SmolLM2 are used: generate cannot tell the left padding from EOS by itself
     real_eos = tokenizer.eos_token_id

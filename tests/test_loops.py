@@ -4,6 +4,8 @@ The scripts run in-process (tests/conftest.py: run_script_in_process) with some 
 wrapped by a Spy, which records what the loop hands them; nothing in the scripts is changed.
 """
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -243,8 +245,16 @@ def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, sc
 
     monkeypatch.setattr(metrics, "output_perplexity", recorded_perplexity)
     args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4)
-    run(script, args + ["--reward-label", "0", "--perplexity-model", assets["toy_guide"]], tmp_path)
+    _, _, events = run(script, args + ["--reward-label", "0", "--perplexity-model", assets["toy_guide"]], tmp_path)
     [(reward_args, _)] = reward_calls
+    # every evaluation writes its generations as JSON Lines, one row per held-out prompt, scored as eval/score
+    [run_dir] = (tmp_path / "runs").iterdir()
+    files = sorted(p.name for p in (run_dir / "generations").iterdir())
+    assert files == ["iteration_0000.jsonl", "iteration_0001.jsonl"]
+    for name, logged in zip(files, scalars(events, "eval/score")):
+        rows = [json.loads(line) for line in (run_dir / "generations" / name).read_text().splitlines()]
+        assert len(rows) == 4 and all(set(row) == {"prompt", "continuation", "references", "score"} for row in rows)
+        assert sum(row["score"] for row in rows) / 4 == pytest.approx(logged, abs=1e-6)
     assert reward_args[3] == 0  # make_reward_fn(task, reward_model, device, reward_label, ...)
     assert perplexity_lms == [assets["toy_guide"]] * 2  # before and after the one iteration
     (tmp_path / "default").mkdir()

@@ -1,6 +1,7 @@
 """sft.py: the continuation-only loss mask, 2-step runs per task, and a saved model whose loss went down."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -123,6 +124,12 @@ def test_eval_only_evaluates_the_checkpoint_and_trains_nothing(assets, tmp_path,
     tags = read_tensorboard(tmp_path).Tags()["scalars"]
     assert "eval/score" in tags and metric in tags and "loss/sft" not in tags
     assert not (tmp_path / "models").exists()
+    # the generations, one JSON object per held-out prompt, scored as eval/score
+    [generations] = (tmp_path / "runs").glob("*/generations/step_000000.jsonl")
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert len(rows) == 4 and all(set(row) == {"prompt", "continuation", "references", "score"} for row in rows)
+    [logged] = read_tensorboard(tmp_path).Scalars("eval/score")
+    assert sum(row["score"] for row in rows) / 4 == pytest.approx(logged.value, abs=1e-6)
 
 
 def test_a_non_finite_loss_stops_before_the_weights_change(assets, tmp_path):
