@@ -1,7 +1,7 @@
 """The paper's IMDB table in miniature, offline, on 2 CPU cores: SL, PPO, PPO++, AggreVaTeD, D2LOLS.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
-    python benchmarks/imdb_offline.py            # ~80 minutes on 2 cores; builds the models if missing
+    python benchmarks/imdb_offline.py            # ~70 minutes on 2 cores; builds the models if missing
 
 Real assets: SmolLM2-135M-Instruct (policy, pi_ref and critic backbone) and the small IMDB sentiment
 classifier (reward), both built by ../shared/tools/offline_models.py; the real reviews of
