@@ -30,6 +30,12 @@ def run(script, args, cwd, spy_names=()):
     return namespace, spies, read_tensorboard(cwd)
 
 
+def run_with(script, args, flag, value, tmp_path):
+    """run() with `flag value` added, in a folder of its own (tmp_path/value), to compare values of one flag."""
+    (tmp_path / value).mkdir()
+    return run(script, args + [flag, value], tmp_path / value)
+
+
 def scalars(events, tag):
     return [e.value for e in events.Scalars(tag)]
 
@@ -225,8 +231,7 @@ def test_max_grad_norm_clips_the_update(assets, tmp_path, script):
                      "--eval-every", 0, "--learning-rate", 1e-3)
     change = {}
     for max_grad_norm in ("1.0", "1e-9"):
-        (tmp_path / max_grad_norm).mkdir()
-        namespace, _, _ = run(script, args + ["--max-grad-norm", max_grad_norm], tmp_path / max_grad_norm)
+        namespace, _, _ = run_with(script, args, "--max-grad-norm", max_grad_norm, tmp_path)
         change[max_grad_norm] = parameter_change(namespace["policy"], assets["policy"])
     assert change["1.0"] > 1e-3 and change["1e-9"] < 1e-3 * change["1.0"], change
 
@@ -244,7 +249,7 @@ def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, sc
         return output_perplexity(lm, *args)
 
     monkeypatch.setattr(metrics, "output_perplexity", recorded_perplexity)
-    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4)
+    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4, "--num-sample-generations", 2)
     _, _, events = run(script, args + ["--reward-label", "0", "--perplexity-model", assets["toy_guide"]], tmp_path)
     [(reward_args, _)] = reward_calls
     # every evaluation writes its generations as JSON Lines, one row per held-out prompt, scored as eval/score
@@ -366,8 +371,7 @@ def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path
                      "--eval-every", 0, "--learning-rate", 3e-3)
     nll = {}
     for coef in ("0", "1"):
-        (tmp_path / coef).mkdir()
-        script_globals, _, _ = run(script, args + ["--target-coef", coef], tmp_path / coef)
+        script_globals, _, _ = run_with(script, args, "--target-coef", coef, tmp_path)
         tokenizer, examples = script_globals["tokenizer"], script_globals["train_examples"]
         targets = [tasks.continuation_ids(tokenizer, e["prompt"], e["references"][0], 6) for e in examples]
         ids, mask = script_globals["left_pad"]([e["prompt_ids"] + t for e, t in zip(examples, targets)],
