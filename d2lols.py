@@ -34,7 +34,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import metrics, rewards, tasks
+from common import checkpoint, metrics, rewards, tasks
 
 
 @dataclass
@@ -56,7 +56,13 @@ class Args:
     save_model: bool = False
     """save the trained policy (save_pretrained folder) at the end"""
     save_path: Optional[str] = None
-    """where --save-model writes (default: models/{run_name})"""
+    """where --save-model writes (default: models/{run_name}); an existing folder must hold a previous model"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
+    checkpoint_dir: Optional[str] = None
+    """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
+    resume: Optional[str] = None
+    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers"""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -534,8 +540,8 @@ if __name__ == "__main__":
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
                                        "eval_num_beams", "guide_temperature", "guide_max_new_tokens"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
-                                     "num_sample_generations", "min_new_tokens", "target_coef", "guide_top_k",
-                                     "guide_min_new_tokens", "tau"),
+                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "guide_top_k", "guide_min_new_tokens", "tau"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p", "guide_top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
@@ -555,14 +561,21 @@ if __name__ == "__main__":
     tasks.check_model_path(args.guide_model, "--guide-model")
     if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
         raise SystemExit("error: --guide-prompt-template must contain {prompt}")
+    tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
+    resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
+                                                   same=("task", "total_episodes", "batch_size"))
 
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
+    if checkpoint_dir:
+        checkpoint.check_dir(checkpoint_dir, run_name)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
     writer.add_text("hyperparameters",
                     "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
@@ -640,11 +653,28 @@ if __name__ == "__main__":
         writer.add_text("eval/samples", samples_table(generations[: args.num_sample_generations]), global_episodes)
         print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
-    global_episodes, train_seconds = 0, 0.0
-    if args.eval_every:
-        run_eval(0)
+    trained_models = {"policy": policy, "critic": critic, "guide_critic": guide_critic}
+
+    def save_checkpoint(iteration):  # everything the loop needs to continue exactly
+        writer.flush()  # TensorBoard up to this iteration is on disk with it
+        checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
+            script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
+            global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef, prompt_order=prompt_order,
+            num_rows=len(train_rows), rng=checkpoint.rng_state(rng)))
+
+    global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = torch.randperm(len(train_examples)).tolist()
-    for iteration in range(1, args.num_iterations + 1):
+    if resumed:  # nanoGPT's init_from="resume": weights, optimizer, counters, KL coefficient, prompts, RNGs
+        checkpoint.load(resumed, trained_models, optimizer, device)
+        first_iteration = resumed["iteration"] + 1
+        global_episodes, train_seconds = resumed["global_episodes"], resumed["train_seconds"]
+        kl_coef, prompt_order = resumed["kl_coef"], resumed["prompt_order"]
+        checkpoint.set_rng_state(resumed["rng"], rng)
+        print(f"resumed {run_name} at iteration {first_iteration - 1} from {resumed['path']}")
+    elif args.eval_every:
+        run_eval(0)
+    stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
+    for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
         if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
             for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
@@ -807,6 +837,11 @@ if __name__ == "__main__":
             kl_coef *= 1 + error * args.batch_size / args.kl_horizon
         if args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
             run_eval(iteration)
+        if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stop):
+            save_checkpoint(iteration)
+        if stop:
+            raise SystemExit(checkpoint.stopped_message(stop, f"iteration {iteration}/{args.num_iterations}",
+                                                        checkpoint_dir))
 
     if args.save_model:
         save_path = args.save_path or f"models/{run_name}"

@@ -26,7 +26,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import metrics, rewards, tasks
+from common import checkpoint, metrics, rewards, tasks
 
 
 @dataclass
@@ -48,7 +48,13 @@ class Args:
     save_model: bool = False
     """save the fine-tuned model (save_pretrained folder) at the end"""
     save_path: Optional[str] = None
-    """where --save-model writes (default: models/{run_name})"""
+    """where --save-model writes (default: models/{run_name}); an existing folder must hold a previous model"""
+    save_every: int = 0
+    """write a checkpoint every this many steps, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
+    checkpoint_dir: Optional[str] = None
+    """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
+    resume: Optional[str] = None
+    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers"""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -232,7 +238,7 @@ if __name__ == "__main__":
     tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",
                                        "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts"),
                        non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
-                                     "eval_every", "top_k", "num_sample_generations"))
+                                     "eval_every", "top_k", "num_sample_generations", "save_every"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.gradient_accumulation_steps = exact_div(args.batch_size, args.micro_batch_size,
                                                  "--batch-size / --micro-batch-size")
@@ -247,14 +253,21 @@ if __name__ == "__main__":
     if args.task != "commongen" and evaluating:
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
+    tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
+    resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
+                                                   same=("task", "batch_size", "num_epochs", "max_steps"))
 
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
+    if checkpoint_dir:
+        checkpoint.check_dir(checkpoint_dir, run_name)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] * args.batch_size + 1 if resumed else None)
     writer.add_text("hyperparameters",
                     "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
@@ -317,14 +330,28 @@ if __name__ == "__main__":
                         step * args.batch_size)
         print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
-    if evaluating:
+    def save_checkpoint(step):  # everything the loop needs to continue exactly
+        writer.flush()  # TensorBoard up to this step is on disk with it
+        checkpoint.save(checkpoint_dir, {"model": model}, optimizer, dict(
+            script=os.path.basename(__file__), run_name=run_name, args=asdict(args), step=step,
+            train_seconds=train_seconds + time.perf_counter() - train_start, scheduler=scheduler.state_dict(),
+            order=order, num_rows=len(train_rows), rng=checkpoint.rng_state()))
+
+    first_step, train_seconds, order = 1, 0.0, []
+    if resumed:  # nanoGPT's init_from="resume": weights, optimizer, schedule, counters, example order, RNGs
+        checkpoint.load(resumed, {"model": model}, optimizer, device)
+        scheduler.load_state_dict(resumed["scheduler"])
+        first_step, train_seconds, order = resumed["step"] + 1, resumed["train_seconds"], resumed["order"]
+        checkpoint.set_rng_state(resumed["rng"])
+        print(f"resumed {run_name} at step {first_step - 1} from {resumed['path']}")
+    elif evaluating:
         run_eval(0)
     if args.eval_only:
         writer.close()
         raise SystemExit(0)
+    stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the step, checkpoint, exit
     train_start = time.perf_counter()
-    order = []
-    for step in range(1, args.num_steps + 1):
+    for step in range(first_step, args.num_steps + 1):
         if len(order) < args.batch_size:  # a new epoch, reshuffled
             order += torch.randperm(len(train_pairs)).tolist()
         batch = [train_pairs[i] for i in order[: args.batch_size]]
@@ -350,7 +377,7 @@ if __name__ == "__main__":
 
         # logging, evaluation
         examples_seen = step * args.batch_size
-        elapsed = time.perf_counter() - train_start
+        elapsed = train_seconds + time.perf_counter() - train_start
         logs = {"loss/sft": step_loss, "loss/grad_norm": grad_norm.item(), "charts/episodes": examples_seen,
                 "charts/eps": examples_seen / elapsed, "charts/lr": scheduler.get_last_lr()[0]}
         for name, value in logs.items():
@@ -360,6 +387,10 @@ if __name__ == "__main__":
                   f"eps {logs['charts/eps']:.2f}", flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.num_steps):
             run_eval(step)
+        if checkpoint_dir and (step % args.save_every == 0 or step == args.num_steps or stop):
+            save_checkpoint(step)
+        if stop:
+            raise SystemExit(checkpoint.stopped_message(stop, f"step {step}/{args.num_steps}", checkpoint_dir))
 
     if args.save_model:
         save_path = args.save_path or f"models/{run_name}"

@@ -150,6 +150,30 @@ def check_model_path(name, flag):
                          "pass a local model folder (save_pretrained layout) instead")
 
 
+def check_save_path(path, *model_paths):
+    """Before training: --save-path is new, empty, or a previous causal LM saved there (save_pretrained:
+    config.json and weights, no sub-folders) that is not one of this run's own inputs; anything else fails,
+    so a model is never mixed into a folder that holds something else."""
+    if not path or not os.path.isdir(path) or not os.listdir(path):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise SystemExit(f"error: --save-path {path} is a file, not a folder")
+        return
+    if any(p and os.path.exists(p) and os.path.samefile(p, path) for p in model_paths):
+        raise SystemExit(f"error: --save-path {path} is the folder of a model this run reads; choose another folder")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    entries = os.listdir(path)
+    previous_model = (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+                      and any(e.endswith(".safetensors") for e in entries)
+                      and not any(os.path.isdir(os.path.join(path, e)) for e in entries))
+    if not previous_model:
+        raise SystemExit(f"error: --save-path {path} is not empty and does not hold a previous model; choose an "
+                         "empty or new folder")
+
+
 def check_ranges(args, positive=(), non_negative=(), fraction=(), unit=()):
     """Fail fast, with one line naming the flag, on a numeric flag out of its range (None: unset, skipped).
     positive: > 0; non_negative: >= 0; fraction: in [0, 1]; unit: in (0, 1]."""

@@ -1,0 +1,158 @@
+"""Checkpoints that continue a run exactly, and a clean stop on Ctrl-C or a scheduler's SIGTERM.
+
+A checkpoint is one folder: each trained model as `<name>.safetensors`, `optimizer.pt` (the
+optimizer's state_dict, read back with torch.load(weights_only=True)) and `state.json`, the rest
+of the loop's state as plain JSON (counters, prompt order, KL coefficient, every RNG state, the
+flags). Nothing in it is pickled code. The scripts decide what goes in; this file writes and reads.
+"""
+
+import json
+import os
+import pickle
+import random
+import shlex
+import shutil
+import signal
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+
+def rng_state(mixing_rng=None):
+    """Every random stream the loop draws from, as JSON: python, numpy, torch (CPU, CUDA) and the guided
+    scripts' own mixing stream."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "mixing": mixing_rng.getstate() if mixing_rng is not None else None,
+    }
+
+
+def set_rng_state(state, mixing_rng=None):
+    def python_state(saved):  # JSON made the tuples lists
+        return (saved[0], tuple(saved[1]), saved[2])
+
+    random.setstate(python_state(state["python"]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if mixing_rng is not None:
+        mixing_rng.setstate(python_state(state["mixing"]))
+
+
+def save(path, models, optimizer, state):
+    """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
+    while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames)."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short
+    os.makedirs(tmp)
+    for name, model in models.items():
+        save_model(model, os.path.join(tmp, f"{name}.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_dir(path, run_name):
+    """Before training: the checkpoint folder is new, or this run's own (resumed); anything else fails."""
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    state_file = os.path.join(path, "state.json")
+    if not os.path.isfile(state_file):
+        raise SystemExit(f"error: --checkpoint-dir {path} holds files that are not a checkpoint; choose another folder")
+    with open(state_file) as f:
+        other_run = json.load(f).get("run_name")
+    if other_run != run_name:
+        raise SystemExit(f"error: --checkpoint-dir {path} holds the checkpoint of run {other_run}; continue it with "
+                         "--resume, or choose another folder")
+
+
+def read_state(path, script, args, num_rows, same):
+    """The checkpoint's state.json, checked against this run before any model loads: the same script, the
+    same number of training rows (the saved order indexes them) and the flags in `same` (the task, and the
+    sizes that set the schedule and the step numbers). Other flags may change on resume (evaluation, batch
+    sizes per call...): they are listed. state["path"] is the folder."""
+    if not os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path + ".old", "state.json")):
+        print(f"{path}: the last save was cut short; resuming from the checkpoint before it, {path}.old")
+        path += ".old"
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume {path}: not a checkpoint folder ({type(e).__name__}: {e})")
+    if state.get("script") != script:
+        raise SystemExit(f"error: --resume {path}: a checkpoint of {state.get('script')}, not of {script}")
+    for name in same:
+        if state["args"].get(name) != getattr(args, name):
+            raise SystemExit(f"error: --resume {path}: the checkpoint has --{name.replace('_', '-')} "
+                             f"{state['args'].get(name)}, this run {getattr(args, name)}")
+    if state["num_rows"] != num_rows:
+        raise SystemExit(f"error: --resume {path}: the checkpoint's run had {state['num_rows']} training rows, this "
+                         f"run has {num_rows} (another dataset)")
+    changed = [f"--{name.replace('_', '-')} {value} -> {getattr(args, name)}" for name, value in state["args"].items()
+               if name not in ("resume", "checkpoint_dir") and getattr(args, name, value) != value]
+    if changed:
+        print(f"resuming with flags changed from the checkpoint's: {', '.join(changed)}")
+    state["path"] = path
+    return state
+
+
+def load(state, models, optimizer, device):
+    """Load the models' weights and the optimizer's state from the checkpoint read by read_state."""
+    path = state["path"]
+    for name, model in models.items():
+        try:
+            load_model(model, os.path.join(path, f"{name}.safetensors"), device=str(device))
+        except (RuntimeError, OSError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")
+            raise SystemExit(f"error: --resume {path}: its {name} does not fit this run's model ({detail[:200]})")
+    try:
+        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only: tensors and plain containers, never code
+        raise SystemExit(f"error: --resume {path}: optimizer.pt holds more than tensors, not loaded "
+                         f"({str(e).strip().splitlines()[0][:200]})")
+    optimizer.load_state_dict(optimizer_state)
+
+
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) no longer kill the run: they are noted in the
+    returned list, which the loop checks after each step (a second signal stops at once, as usual)."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{received[-1]}: finishing this step, then stopping (send it again to stop at once)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return received
+
+
+def stopped_message(received, progress, checkpoint_dir):
+    """What to print on a stop: where the checkpoint is and the command that continues the run."""
+    if not checkpoint_dir:
+        return (f"stopped by {received[0]} after {progress}, without a checkpoint (--save-every 0): nothing to "
+                "resume from")
+    argv, skip = [], False
+    for arg in sys.argv:  # the run's own command, with --resume pointing at its checkpoint
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        skip = arg == "--resume"
+        if not skip:
+            argv.append(arg)
+    command = shlex.join(["python", *argv, "--resume", checkpoint_dir])
+    return f"stopped by {received[0]} after {progress}; checkpoint: {checkpoint_dir}\nresume with: {command}"
