@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import types
@@ -239,6 +240,7 @@ def run_script_in_process(script, args, cwd, spies=None):
     module = types.ModuleType(f"_run_{script[:-3]}")
     module.__file__ = path
     old_argv, old_cwd = sys.argv, os.getcwd()
+    old_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     sys.argv, sys.modules[module.__name__] = [script, *args], module  # dataclasses and tyro look the module up
     os.chdir(cwd)
     try:
@@ -249,10 +251,14 @@ def run_script_in_process(script, args, cwd, spies=None):
         return module.__dict__
     except BaseException as e:  # SystemExit included: the test may look at the state the script stopped in
         e.script_globals = module.__dict__
+        if hasattr(module.__dict__.get("writer"), "close"):  # its events, on disk in the run's folder (a relative path)
+            module.writer.close()
         raise
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
+        for signum, handler in old_handlers.items():  # the script's Ctrl-C handler ends with it
+            signal.signal(signum, handler)
         del sys.modules[module.__name__]
 
 
@@ -269,6 +275,18 @@ def task_args(assets, task, script="ppo.py"):
         args += ["--guide-model", assets["policy"]]
     if script == "d2lols.py":
         args += ["--tau", "1"]  # one iteration of each phase
+    return args
+
+
+def sft_args(assets, task, steps=2):
+    """The smallest sft.py run of `task` on the tiny assets."""
+    args = ["--task", task, "--model-name-or-path", assets["policy"], "--dataset-path", assets["data"][task],
+            "--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "6",
+            "--eval-every", "1", "--num-eval-prompts", "4", "--eval-batch-size", "3"]
+    if task == "imdb":
+        args += ["--reward-model", assets["classifier"]]
+    if task == "tldr":
+        args += ["--reward-model", assets["reward_model"], "--max-prompt-length", "48"]
     return args
 
 

@@ -8,22 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, Spy, read_tensorboard, run_script, run_script_in_process
+from conftest import ROOT, Spy, read_tensorboard, run_script, run_script_in_process, sft_args
 
 spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "sft.py"))
 sft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sft)
-
-
-def sft_args(assets, task, steps=2):
-    args = ["--task", task, "--model-name-or-path", assets["policy"], "--dataset-path", assets["data"][task],
-            "--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "6",
-            "--eval-every", "1", "--num-eval-prompts", "4", "--eval-batch-size", "3"]
-    if task == "imdb":
-        args += ["--reward-model", assets["classifier"]]
-    if task == "tldr":
-        args += ["--reward-model", assets["reward_model"], "--max-prompt-length", "48"]
-    return args
 
 
 def test_loss_mask_covers_the_target_tokens_only():

@@ -1,0 +1,385 @@
+"""Long runs: checkpoints, --resume, a clean stop on SIGINT / SIGTERM, and save paths that lose nothing.
+
+Every script (the four RL loops and sft.py) carries its own copy of the checkpoint block, so every
+script is run: a run stopped (by a signal, or a crash) and resumed logs exactly what a run that was
+never stopped logs, and ends with the same weights.
+"""
+
+import glob
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common import checkpoint, tasks
+from conftest import (RL_SCRIPTS, ROOT, Spy, read_tensorboard, run_script_in_process, save_tiny_causal_lm, set_flags,
+                      sft_args, task_args, write_jsonl)
+
+SCRIPTS = [*RL_SCRIPTS, "sft.py"]
+# a helper each loop calls a known number of times per iteration (sft.py: per step, one per micro-batch)
+STEP_HELPER = {script: ("kl_penalized_rewards", 1) for script in RL_SCRIPTS} | {"sft.py": ("sft_loss", 2)}
+
+
+def four_step_args(assets, script):
+    """4 iterations (sft.py: steps), evaluated every 2, a checkpoint every 2. The state has to carry
+    everything: the adaptive KL coefficient moves, the guided scripts mix (beta 0.5, their own random
+    stream), D2LOLS changes phase after iteration 3."""
+    if script == "sft.py":
+        return set_flags(sft_args(assets, "imdb", steps=4), "--eval-every", 2, "--save-every", 2)
+    args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 16, "--eval-every", 2, "--save-every", 2,
+                     "--kl-target", 0.5, "--kl-horizon", 100)
+    if script != "ppo.py":
+        args = set_flags(args, "--beta", 0.5)
+    if script == "d2lols.py":
+        args = set_flags(args, "--tau", 3)
+    return args
+
+
+class StopIn(Spy):
+    """Wraps a helper the loop calls `per_step` times a step: during step `step` it sends this process
+    SIGINT (what Ctrl-C does), or raises (a crash)."""
+
+    def __init__(self, step, per_step, how):
+        super().__init__()
+        self.at_call, self.how = step * per_step, how
+
+    def wrap(self, function):
+        recorded = super().wrap(function)
+
+        def wrapper(*args, **kwargs):
+            result = recorded(*args, **kwargs)
+            if len(self.calls) == self.at_call:
+                if self.how == "crash":
+                    raise RuntimeError("the machine went away")
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        return wrapper
+
+
+def logged(events):
+    """Every scalar as (step, value) per tag, timing aside (nan compares equal to nan)."""
+    return {tag: [(e.step, "nan" if math.isnan(e.value) else e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if not tag.startswith("timing/") and tag != "charts/eps"}
+
+
+def checkpoint_folders(cwd):
+    return sorted(glob.glob(os.path.join(cwd, "checkpoints", "*")))
+
+
+@pytest.mark.parametrize("how", ["signal", "crash"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(assets, tmp_path, script, how):
+    """signal: SIGINT during step 1 ends the step, writes a checkpoint (the signal's alone: --save-every is 2)
+    and exits non-zero with the resume command. crash: an exception in step 4, after step 2's checkpoint and
+    step 3's logs (on disk: the writer flushes every 2 minutes). Resumed, TensorBoard shows one value per
+    step, identical to the uninterrupted run's, and the weights end identical."""
+    args = four_step_args(assets, script)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    uninterrupted = run_script_in_process(script, args, whole)
+    [final] = checkpoint_folders(whole)  # the latest only: no .tmp or .old beside it
+    assert sorted(os.listdir(final)) == sorted(
+        ["optimizer.pt", "state.json"] + [f"{name}.safetensors" for name in uninterrupted["trained_models"]]
+        if script != "sft.py" else ["optimizer.pt", "state.json", "model.safetensors"])
+
+    helper, per_step = STEP_HELPER[script]
+    with pytest.raises((SystemExit, RuntimeError)) as stop:
+        run_script_in_process(script, args, stopped, {helper: StopIn(1 if how == "signal" else 4, per_step, how)})
+    [folder] = checkpoint_folders(stopped)
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    assert state["step" if script == "sft.py" else "iteration"] == (1 if how == "signal" else 2)
+    if how == "signal":
+        message = str(stop.value.code)
+        assert stop.type is SystemExit and stop.value.code not in (0, None)
+        assert message.startswith("stopped by SIGINT after ")
+        relative = os.path.relpath(folder, stopped)
+        assert f"checkpoint: {relative}\nresume with: python {script} " in message
+        assert message.endswith(f" --resume {relative}")
+    # crash: step 3's events are on disk (run_script_in_process closes the writer of a script that raised)
+
+    resumed = run_script_in_process(script, args + ["--resume", os.path.relpath(folder, stopped)], stopped)
+    expected, got = logged(read_tensorboard(whole)), logged(read_tensorboard(stopped))
+    assert got == expected
+    model = "model" if script == "sft.py" else "policy"
+    for a, b in zip(uninterrupted[model].parameters(), resumed[model].parameters()):
+        assert torch.equal(a, b)
+    [folder] = checkpoint_folders(stopped)
+    with open(os.path.join(folder, "state.json")) as f:
+        assert json.load(f)["step" if script == "sft.py" else "iteration"] == 4
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_path, script):
+    args = set_flags(four_step_args(assets, script), "--save-every", 0)
+    helper, per_step = STEP_HELPER[script]
+    with pytest.raises(SystemExit) as stop:
+        run_script_in_process(script, args, tmp_path, {helper: StopIn(1, per_step, "signal")})
+    assert stop.value.code == f"stopped by SIGINT after {'step 1/4' if script == 'sft.py' else 'iteration 1/4'}, " \
+                              "without a checkpoint (--save-every 0): nothing to resume from"
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def start(command, cwd):
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def signal_after_first_step(process, signum, marker):
+    """Wait for the first line that starts with `marker` (a finished step), send `signum`, and return
+    (stdout, stderr) once the process ends."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(marker):
+            process.send_signal(signum)
+            break
+    out, err = process.communicate(timeout=120)
+    return "".join(lines) + out, err
+
+
+@pytest.mark.parametrize("script,signum", [("ppo.py", signal.SIGINT), ("ppo_plus_plus.py", signal.SIGTERM),
+                                           ("sft.py", signal.SIGINT)])
+def test_a_signalled_process_checkpoints_prints_how_to_resume_and_exits_without_a_traceback(assets, tmp_path, script,
+                                                                                           signum):
+    """A real process, as Ctrl-C or a scheduler stops it: the step ends, a checkpoint is written, the
+    command that continues the run is printed, the exit status is 1 and there is no traceback. ppo.py's
+    printed command is run, and stopped again: it continues from the checkpoint and stops with one --resume."""
+    if script == "sft.py":
+        args = set_flags(sft_args(assets, "imdb"), "--max-steps", 1000, "--eval-every", 0, "--save-every", 500)
+        marker = "step 1/"
+    else:
+        args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4000, "--eval-every", 0,
+                         "--save-every", 500)
+        marker = "iteration 1/"
+    name = signal.Signals(signum).name
+    out, err = signal_after_first_step(start([sys.executable, os.path.join(ROOT, script), *args], tmp_path), signum,
+                                       marker)
+    assert "Traceback" not in err, err
+    assert f"{name}: finishing this step, then stopping" in out
+    [folder] = checkpoint_folders(tmp_path)
+    with open(os.path.join(folder, "state.json")) as f:
+        stopped_at = json.load(f)["step" if script == "sft.py" else "iteration"]
+    assert 1 <= stopped_at < 500
+    lines = err.strip().splitlines()
+    assert lines[-2] == (f"stopped by {name} after {'step' if script == 'sft.py' else 'iteration'} {stopped_at}/1000; "
+                         f"checkpoint: {os.path.relpath(folder, tmp_path)}")
+    assert lines[-1].startswith("resume with: python ")
+    if script != "ppo.py":
+        return
+    command = shlex.split(lines[-1][len("resume with: ") :])
+    assert command[-2:] == ["--resume", os.path.relpath(folder, tmp_path)]
+    out, err = signal_after_first_step(start([sys.executable, *command[1:]], tmp_path), signum, marker="iteration ")
+    assert f"resumed {os.path.basename(folder)} at iteration {stopped_at} from" in out
+    assert f"iteration {stopped_at + 1}/1000" in out
+    assert "Traceback" not in err, err
+    resume_command = shlex.split(err.strip().splitlines()[-1][len("resume with: ") :])
+    assert resume_command.count("--resume") == 1 and resume_command == command
+    [folder] = checkpoint_folders(tmp_path)
+    with open(os.path.join(folder, "state.json")) as f:
+        assert json.load(f)["iteration"] > stopped_at
+
+
+@pytest.fixture(scope="module")
+def ppo_checkpoint(assets, tmp_path_factory):
+    """A ppo.py run of 2 iterations with a checkpoint after each."""
+    cwd = tmp_path_factory.mktemp("ppo_checkpoint")
+    run_script_in_process("ppo.py", set_flags(task_args(assets, "imdb"), "--eval-every", 0, "--save-every", 1), cwd)
+    [folder] = checkpoint_folders(cwd)
+    return folder
+
+
+def resume_error(script, args, cwd):
+    with pytest.raises(SystemExit) as error:
+        run_script_in_process(script, args, cwd)
+    message = str(error.value.code)
+    assert "\n" not in message and message.startswith("error: "), message
+    return message
+
+
+def test_a_checkpoint_of_another_script_task_or_size_fails_with_one_line(assets, tmp_path, ppo_checkpoint):
+    args = set_flags(task_args(assets, "imdb"), "--eval-every", 0, "--resume", ppo_checkpoint)
+    assert resume_error("ppo_plus_plus.py", set_flags(task_args(assets, "imdb", "ppo_plus_plus.py"), "--resume",
+                                                      ppo_checkpoint), tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: a checkpoint of ppo.py, not of ppo_plus_plus.py"
+    assert resume_error("sft.py", sft_args(assets, "imdb") + ["--resume", ppo_checkpoint], tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: a checkpoint of ppo.py, not of sft.py"
+    assert resume_error("ppo.py", set_flags(task_args(assets, "tldr"), "--resume", ppo_checkpoint), tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: the checkpoint has --task imdb, this run tldr"
+    assert resume_error("ppo.py", set_flags(args, "--batch-size", 2, "--num-minibatches", 1), tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: the checkpoint has --batch-size 4, this run 2"
+    assert resume_error("ppo.py", set_flags(args, "--total-episodes", 16), tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: the checkpoint has --total-episodes 8, this run 16"
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for split in ("train", "test"):
+        with open(os.path.join(assets["data"]["imdb"], f"{split}.jsonl")) as f:
+            write_jsonl(fewer / f"{split}.jsonl", [json.loads(line) for line in f][:10])
+    assert resume_error("ppo.py", set_flags(args, "--dataset-path", fewer), tmp_path) == \
+        f"error: --resume {ppo_checkpoint}: the checkpoint's run had 32 training rows, this run has 8 (another dataset)"
+    assert resume_error("ppo.py", set_flags(args, "--resume", tmp_path), tmp_path).startswith(
+        f"error: --resume {tmp_path}: not a checkpoint folder")
+    assert not os.path.exists(tmp_path / "runs")  # every check above came before any model loaded
+    wider = save_tiny_causal_lm(tmp_path / "wider", assets["tokenizer"], n_embd=48)
+    assert resume_error("ppo.py", set_flags(args, "--model-name-or-path", wider), tmp_path).startswith(
+        f"error: --resume {ppo_checkpoint}: its policy does not fit this run's model (size mismatch for ")
+
+
+def test_changed_flags_are_listed_on_resume(assets, tmp_path, ppo_checkpoint, capsys):
+    args = set_flags(task_args(assets, "imdb"), "--eval-every", 0, "--save-every", 1, "--resume", ppo_checkpoint,
+                     "--rollout-batch-size", 2)
+    shutil.copytree(os.path.dirname(ppo_checkpoint), tmp_path / "checkpoints")
+    run_script_in_process("ppo.py", args, tmp_path)
+    assert "resuming with flags changed from the checkpoint's: --rollout-batch-size 3 -> 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_dir_that_holds_something_else_fails_before_training(assets, tmp_path, script, ppo_checkpoint):
+    args = sft_args(assets, "imdb") if script == "sft.py" else task_args(assets, "imdb", script)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert resume_error(script, set_flags(args, "--save-every", 1, "--checkpoint-dir", "mine"), tmp_path) == \
+        "error: --checkpoint-dir mine holds files that are not a checkpoint; choose another folder"
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    other_run = json.load(open(os.path.join(ppo_checkpoint, "state.json")))["run_name"]
+    assert resume_error(script, set_flags(args, "--save-every", 1, "--checkpoint-dir", ppo_checkpoint), tmp_path) == \
+        f"error: --checkpoint-dir {ppo_checkpoint} holds the checkpoint of run {other_run}; continue it with " \
+        "--resume, or choose another folder"
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_save_model_never_mixes_the_model_into_a_folder_that_holds_something_else(assets, tmp_path, script):
+    args = sft_args(assets, "imdb") if script == "sft.py" else task_args(assets, "imdb", script)
+    args = args + ["--save-model"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("a,b\n")
+    assert resume_error(script, args + ["--save-path", "results"], tmp_path) == \
+        "error: --save-path results is not empty and does not hold a previous model; choose an empty or new folder"
+    assert (tmp_path / "results" / "table.csv").read_text() == "a,b\n"
+    assert resume_error(script, args + ["--save-path", assets["policy"]], tmp_path) == \
+        f"error: --save-path {assets['policy']} is the folder of a model this run reads; choose another folder"
+    assert not os.path.exists(tmp_path / "runs")  # before training
+
+
+def test_save_model_replaces_a_previous_model(assets, tmp_path):
+    shutil.copytree(assets["policy"], tmp_path / "previous")
+    before = os.path.getmtime(tmp_path / "previous" / "model.safetensors")
+    args = set_flags(task_args(assets, "imdb"), "--eval-every", 0)
+    run_script_in_process("ppo.py", args + ["--save-model", "--save-path", "previous"], tmp_path)
+    assert os.path.getmtime(tmp_path / "previous" / "model.safetensors") > before
+
+
+def test_check_save_path_accepts_only_new_empty_or_previous_causal_lm_folders(assets, tmp_path):
+    tasks.check_save_path(None)
+    tasks.check_save_path(str(tmp_path / "new"))
+    (tmp_path / "empty").mkdir()
+    tasks.check_save_path(str(tmp_path / "empty"))
+    tasks.check_save_path(assets["policy"])  # a previous model (not one this run reads)
+    for other in (assets["classifier"], str(tmp_path / "nested")):  # another kind of model; a model in a tree
+        if other.endswith("nested"):
+            shutil.copytree(assets["policy"], tmp_path / "nested" / "inner")
+            shutil.copy(os.path.join(assets["policy"], "config.json"), tmp_path / "nested")
+            shutil.copy(os.path.join(assets["policy"], "model.safetensors"), tmp_path / "nested")
+        with pytest.raises(SystemExit, match="does not hold a previous model"):
+            tasks.check_save_path(other)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        tasks.check_save_path(str(tmp_path / "file"))
+
+
+def tiny_training_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))
+    model[1].weight = nn.Parameter(model[0].weight.T.contiguous())  # shapes as a tied head would have
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_save_replaces_the_checkpoint_and_a_crash_while_saving_keeps_the_last_good_one(tmp_path, monkeypatch):
+    model, optimizer = tiny_training_state()
+    path = str(tmp_path / "run")
+    checkpoint.save(path, {"model": model}, optimizer, {"iteration": 1})
+    checkpoint.save(path, {"model": model}, optimizer, {"iteration": 2})
+    assert os.listdir(tmp_path) == ["run"]
+
+    def cut_short(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:  # a crash while the files are written
+        patch.setattr(checkpoint.torch, "save", cut_short)
+        with pytest.raises(OSError):
+            checkpoint.save(path, {"model": model}, optimizer, {"iteration": 3})
+    assert json.load(open(os.path.join(path, "state.json"))) == {"iteration": 2}
+    renames = []
+
+    def crash_on_second_rename(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise OSError("killed")
+        os.rename(src, dst)
+
+    with monkeypatch.context() as patch:  # a crash between the two renames: the last good one is run.old
+        patch.setattr(checkpoint.os, "replace", crash_on_second_rename)
+        with pytest.raises(OSError):
+            checkpoint.save(path, {"model": model}, optimizer, {"iteration": 3})
+    assert sorted(os.listdir(tmp_path)) == ["run.old", "run.tmp"]
+    state = {"script": "x.py", "args": {}, "iteration": 2, "num_rows": 1}
+    json.dump(state, open(os.path.join(path + ".old", "state.json"), "w"))
+    assert checkpoint.read_state(path, "x.py", None, 1, same=())["path"] == path + ".old"
+    checkpoint.save(path, {"model": model}, optimizer, {"iteration": 4})
+    assert os.listdir(tmp_path) == ["run"]
+    assert json.load(open(os.path.join(path, "state.json"))) == {"iteration": 4}
+
+
+def test_load_restores_weights_and_optimizer_and_runs_no_pickled_code(tmp_path):
+    model, optimizer = tiny_training_state()
+    path = str(tmp_path / "run")
+    checkpoint.save(path, {"model": model}, optimizer, {})
+    fresh, fresh_optimizer = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)), None
+    fresh[1].weight = nn.Parameter(fresh[0].weight.T.contiguous())
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    checkpoint.load({"path": path}, {"model": fresh}, fresh_optimizer, "cpu")
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert str(fresh_optimizer.state_dict()) == str(optimizer.state_dict())
+
+    torch.save({"state": {}, "param_groups": [], "payload": PickledCode()}, os.path.join(path, "optimizer.pt"))
+    with pytest.raises(SystemExit, match=r"^error: --resume .*optimizer.pt holds more than tensors"):
+        checkpoint.load({"path": path}, {"model": fresh}, fresh_optimizer, "cpu")
+    assert not PICKLED_CODE_RAN
+
+
+PICKLED_CODE_RAN = []
+
+
+class PickledCode:
+    def __reduce__(self):
+        return (PICKLED_CODE_RAN.append, ("ran",))
+
+
+def test_rng_state_round_trips_through_json():
+    mixing = random.Random(3)
+
+    def draws():
+        return (random.random(), np.random.rand(), torch.rand(2).tolist(), torch.randperm(5).tolist(), mixing.random())
+
+    draws()
+    saved = json.loads(json.dumps(checkpoint.rng_state(mixing)))
+    expected = draws()
+    draws()
+    checkpoint.set_rng_state(saved, mixing)
+    assert draws() == expected
