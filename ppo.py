@@ -613,7 +613,7 @@ if __name__ == "__main__":
             run_eval(iteration)
         if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stop):
             save_checkpoint(iteration)
-        if stop:
+        if stop and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
             raise SystemExit(checkpoint.stopped_message(stop, f"iteration {iteration}/{args.num_iterations}",
                                                         checkpoint_dir))
 

@@ -244,6 +244,8 @@ if __name__ == "__main__":
                                                  "--batch-size / --micro-batch-size")
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
+    if args.eval_only and args.resume:
+        raise SystemExit("error: --eval-only evaluates --model-name-or-path; --resume continues a training run")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     needs_train_rows = not args.eval_only or args.task == "commongen"  # CommonGen's CIDEr-D idf reads them
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path) if needs_train_rows else []
@@ -389,7 +391,7 @@ if __name__ == "__main__":
             run_eval(step)
         if checkpoint_dir and (step % args.save_every == 0 or step == args.num_steps or stop):
             save_checkpoint(step)
-        if stop:
+        if stop and step < args.num_steps:  # (stopped in the last one: the run ends as usual)
             raise SystemExit(checkpoint.stopped_message(stop, f"step {step}/{args.num_steps}", checkpoint_dir))
 
     if args.save_model:

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ def set_rng_state(state, mixing_rng=None):
 def save(path, models, optimizer, state):
     """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
     while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames)."""
+    start = time.perf_counter()
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short
     os.makedirs(tmp)
@@ -62,6 +64,8 @@ def save(path, models, optimizer, state):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def check_dir(path, run_name):

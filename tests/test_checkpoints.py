@@ -131,6 +131,23 @@ def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_pat
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_in_the_last_step_ends_the_run_as_usual(assets, tmp_path, script):
+    """Nothing is left to resume: the run ends with its checkpoint and --save-model, exit status 0."""
+    helper, per_step = STEP_HELPER[script]
+    args = four_step_args(assets, script) + ["--save-model", "--save-path", "final"]
+    run_script_in_process(script, args, tmp_path, {helper: StopIn(4, per_step, "signal")})
+    assert os.path.isfile(tmp_path / "final" / "model.safetensors")
+    [folder] = checkpoint_folders(tmp_path)
+    with open(os.path.join(folder, "state.json")) as f:
+        assert json.load(f)["step" if script == "sft.py" else "iteration"] == 4
+
+
+def test_sft_eval_only_does_not_take_resume(assets, tmp_path, ppo_checkpoint):
+    assert resume_error("sft.py", sft_args(assets, "imdb") + ["--eval-only", "--resume", ppo_checkpoint], tmp_path) == \
+        "error: --eval-only evaluates --model-name-or-path; --resume continues a training run"
+
+
 def start(command, cwd):
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
