@@ -9,6 +9,9 @@ shows what each guided algorithm changes. Read it top to bottom:
     3. update: epochs of shuffled minibatches of the clipped PPO objective
     4. logging, evaluation, checkpoint
 
+    python ppo.py --task imdb                                   # one GPU (or the CPU)
+    torchrun --nproc_per_node 8 ppo.py --task tldr              # 8 GPUs, DDP: --batch-size is the global count
+
 Token-level MDP: the state is prompt + tokens so far, the action is the next token, the horizon is
 --max-new-tokens. Reward: the task score at the last generated token, plus
 -kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) at every generated token.
@@ -24,11 +27,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, metrics, rewards, tasks
+from common import checkpoint, distributed, metrics, rewards, tasks
 
 
 @dataclass
@@ -157,8 +161,12 @@ class Args:
     # computed at run time
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
+    world_size: int = 1
+    """processes sharing each batch: torchrun's WORLD_SIZE (computed in runtime)"""
+    local_batch_size: int = 0
+    """episodes per iteration in each process (computed in runtime)"""
     minibatch_size: int = 0
-    """episodes per minibatch (computed in runtime)"""
+    """episodes per minibatch in each process (computed in runtime)"""
     gradient_accumulation_steps: int = 0
     """micro-batches per minibatch (computed in runtime)"""
 
@@ -220,6 +228,19 @@ class Critic(nn.Module):
         return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
 
 
+class PolicyAndCritic(nn.Module):
+    """The trained models as one module, so that one DDP wrapper averages both models' gradients (sfd's
+    PolicyAndValueWrapper). Returns the policy's response logits and the critic's values."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask, num_response_tokens):
+        return (response_logits(self.policy, input_ids, attention_mask, num_response_tokens),
+                self.critic(input_ids, attention_mask, num_response_tokens))
+
+
 def mask_after_eos(responses, eos_token_id):
     """1 on generated tokens up to and including the first EOS, 0 after it."""
     is_eos = (responses == eos_token_id).long()
@@ -231,12 +252,12 @@ def masked_mean(x, mask):
 
 
 def normalize_advantages(advantages, mask, how, eps=1e-8):
-    """whiten: (A - mean) / std over the masked tokens; scale: A / std (each advantage keeps its sign);
-    none: the raw GAE advantages (tril)."""
+    """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
+    (each advantage keeps its sign); none: the raw GAE advantages (tril)."""
     if how == "none":
         return advantages * mask
-    mean = masked_mean(advantages, mask)
-    std = torch.sqrt(masked_mean((advantages - mean) ** 2, mask) + eps)
+    mean = distributed.masked_mean(advantages, mask)
+    std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, mask) + eps)
     return (advantages - mean * (how == "whiten")) / std * mask
 
 
@@ -370,7 +391,11 @@ if __name__ == "__main__":
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
-    args.minibatch_size = exact_div(args.batch_size, args.num_minibatches, "--batch-size / --num-minibatches")
+    rank, args.world_size, device = distributed.setup(args.cuda)  # torchrun: one process per GPU
+    master = rank == 0  # logs, evaluates and saves
+    args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch-size / processes")
+    args.minibatch_size = exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process
+                                    f"--batch-size / --num-minibatches{' / processes' * (args.world_size > 1)}")
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
     args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
@@ -383,27 +408,27 @@ if __name__ == "__main__":
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
     resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
-                                                   same=("task", "total_episodes", "batch_size"))
+                                                   same=("task", "total_episodes", "batch_size", "world_size"))
 
     run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
     if checkpoint_dir:
         checkpoint.check_dir(checkpoint_dir, run_name)
-    if args.track:
+    if args.track and master:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
     # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+    if master:
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
-    # seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # models: the policy, its frozen copy pi_ref, the critic; the task reward
@@ -435,6 +460,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},  # fused: one kernel
                                    {"params": critic.parameters(), "lr": args.critic_learning_rate}],
                                   eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
+    model = PolicyAndCritic(policy, critic)  # the update's forward passes; several processes: DDP averages gradients
+    if args.world_size > 1:
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     # rollouts sample with the flags' settings; output_logits are the raw logits: the log-probs are pi's
     lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -443,8 +471,9 @@ if __name__ == "__main__":
     deterministic = dict(do_sample=False, num_beams=args.eval_num_beams)
     eval_generation_config = GenerationConfig(**lengths, **(deterministic if args.eval_greedy else sampling))
     kl_coef = args.kl_coef
-    print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
-          f"{args.batch_size} episodes on {device}; TensorBoard: runs/{run_name}")
+    if master:
+        print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
+              f"{args.batch_size} episodes on {args.world_size} x {device}; TensorBoard: runs/{run_name}")
 
     def run_eval(iteration):
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
@@ -460,23 +489,25 @@ if __name__ == "__main__":
 
     trained_models = {"policy": policy, "critic": critic}
 
-    def save_checkpoint(iteration):  # everything the loop needs to continue exactly
-        writer.flush()  # TensorBoard up to this iteration is on disk with it
-        checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
-            script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
-            global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef, prompt_order=prompt_order,
-            num_rows=len(train_rows), rng=checkpoint.rng_state()))
+    def save_checkpoint(iteration):  # everything the loop needs to continue exactly (rank 0 writes it)
+        rng_states = distributed.gather(checkpoint.rng_state())  # every rank's
+        if master:
+            writer.flush()  # TensorBoard up to this iteration is on disk with it
+            checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
+                script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
+                global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
+                prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states))
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
-    prompt_order = torch.randperm(len(train_examples)).tolist()
+    prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank
     if resumed:  # nanoGPT's init_from="resume": weights, optimizer, counters, KL coefficient, prompts, RNGs
         checkpoint.load(resumed, trained_models, optimizer, device)
         first_iteration = resumed["iteration"] + 1
         global_episodes, train_seconds = resumed["global_episodes"], resumed["train_seconds"]
         kl_coef, prompt_order = resumed["kl_coef"], resumed["prompt_order"]
-        checkpoint.set_rng_state(resumed["rng"])
+        checkpoint.set_rng_state(resumed["rng"][rank])
         print(f"resumed {run_name} at iteration {first_iteration - 1} from {resumed['path']}")
-    elif args.eval_every:
+    elif args.eval_every and master:
         run_eval(0)
     stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
     for iteration in range(first_iteration, args.num_iterations + 1):
@@ -485,8 +516,9 @@ if __name__ == "__main__":
             for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
                 group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
-            prompt_order += torch.randperm(len(train_examples)).tolist()
-        batch = [train_examples[i] for i in prompt_order[: args.batch_size]]
+            prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
+        local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
+        batch = [train_examples[i] for i in local_prompts]  # this rank's share of the batch
         del prompt_order[: args.batch_size]
 
         # 1. rollout: the policy writes the whole continuation
@@ -503,7 +535,7 @@ if __name__ == "__main__":
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
         ref_logprobs, values, bf16_logprobs = [], [], []
         with torch.inference_mode(), autocast:
-            for start in range(0, args.batch_size, args.rollout_batch_size):
+            for start in range(0, len(batch), args.rollout_batch_size):
                 chunk = slice(start, start + args.rollout_batch_size)
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
@@ -515,7 +547,7 @@ if __name__ == "__main__":
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
                 scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
-        if not torch.isfinite(scores).all():
+        if distributed.mean(~torch.isfinite(scores)) > 0:  # on any rank
             raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
                              "any update")
         mask = response_masks.float()
@@ -539,14 +571,15 @@ if __name__ == "__main__":
                  for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss",
                               "target_nll")}
         for epoch in range(args.update_epochs):
-            order = torch.randperm(args.batch_size, device=device)
+            order = torch.randperm(args.local_batch_size, device=device)
             for minibatch in range(args.num_minibatches):
                 for micro in range(args.gradient_accumulation_steps):
                     start = minibatch * args.minibatch_size + micro * args.micro_batch_size
                     idx = order[start : start + args.micro_batch_size]
+                    if args.world_size > 1:  # DDP: average the gradients across ranks after the last micro-batch only
+                        model.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1
                     with autocast:
-                        logits = response_logits(policy, query_responses[idx], attention_masks[idx], num_tokens)
-                        new_values = critic(query_responses[idx], attention_masks[idx], num_tokens)
+                        logits, new_values = model(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
                                                  advantages[idx], returns[idx], mask[idx], args)
@@ -571,28 +604,29 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
         update_seconds = time.perf_counter() - update_start
 
-        # 4. logging (and the adaptive KL controller)
+        # 4. logging (and the adaptive KL controller): statistics of the whole batch, every rank's
         global_episodes += args.batch_size
         train_seconds += time.perf_counter() - iteration_start
-        mean_kl = kl.sum(1).mean().item()
-        mean_score = scores.mean().item()
-        with torch.no_grad():
+        mean_kl = distributed.mean(kl.sum(1)).item()
+        mean_score = distributed.mean(scores).item()
+        with torch.no_grad():  # (several processes: the mean of the ranks' explained variances)
             explained_variance = 1 - (returns - values)[mask.bool()].var() / returns[mask.bool()].var().clamp(min=1e-8)
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
-            "objective/entropy": -(logprobs * mask).sum(1).mean().item(),
+            "objective/entropy": distributed.mean(-(logprobs * mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
-            "policy/approxkl_avg": stats["approxkl"].mean().item(),
-            "policy/clipfrac_avg": stats["clipfrac"].mean().item(),
-            "policy/entropy_avg": stats["entropy"].mean().item(),
-            "loss/policy_avg": stats["policy_loss"].mean().item(),
-            "loss/value_avg": stats["value_loss"].mean().item(),
-            **({"loss/target_avg": stats["target_nll"].mean().item()} if args.target_coef else {}),
-            "val/ratio": stats["ratio"].mean().item(),
-            "val/explained_variance": explained_variance.item(),
-            "val/num_eos_tokens": (responses == tokenizer.eos_token_id).any(1).sum().item(),  # episodes that ended
+            "policy/approxkl_avg": distributed.mean(stats["approxkl"]).item(),
+            "policy/clipfrac_avg": distributed.mean(stats["clipfrac"]).item(),
+            "policy/entropy_avg": distributed.mean(stats["entropy"]).item(),
+            "loss/policy_avg": distributed.mean(stats["policy_loss"]).item(),
+            "loss/value_avg": distributed.mean(stats["value_loss"]).item(),
+            **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
+            "val/ratio": distributed.mean(stats["ratio"]).item(),
+            "val/explained_variance": distributed.mean(explained_variance).item(),
+            "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
+                                        * args.batch_size),  # episodes that ended
             "charts/episodes": global_episodes,
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],
@@ -601,26 +635,30 @@ if __name__ == "__main__":
             "timing/update_s": update_seconds,
             "timing/iteration_s": time.perf_counter() - iteration_start,
         }
-        for name, value in logs.items():
-            writer.add_scalar(name, value, global_episodes)
-        print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-              f"kl {mean_kl:.4f} eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
-              f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
+        if master:
+            for name, value in logs.items():
+                writer.add_scalar(name, value, global_episodes)
+            print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
+                  f"kl {mean_kl:.4f} eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
+                  f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller
             error = float(np.clip(mean_kl / args.kl_target - 1, -0.2, 0.2))
             kl_coef *= 1 + error * args.batch_size / args.kl_horizon
-        if args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
+        if master and args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
             run_eval(iteration)
-        if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stop):
+        stopping = distributed.mean(torch.tensor([len(stop)], device=device)) > 0  # a signal reached any rank
+        if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stopping):
             save_checkpoint(iteration)
-        if stop and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
+        if stopping and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
             raise SystemExit(checkpoint.stopped_message(stop, f"iteration {iteration}/{args.num_iterations}",
-                                                        checkpoint_dir))
+                                                        checkpoint_dir) if master else 1)
 
-    if args.save_model:
+    if args.save_model and master:
         save_path = args.save_path or f"models/{run_name}"
         policy.generation_config = checkpoint_generation_config
         policy.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)
         print(f"saved the policy to {save_path}")
-    writer.close()
+    if master:
+        writer.close()
+    distributed.cleanup()

@@ -147,8 +147,9 @@ def stop_on_signals():
 
 def stopped_message(received, progress, checkpoint_dir):
     """What to print on a stop: where the checkpoint is and the command that continues the run."""
+    signal_name = received[0] if received else "a signal to another process"
     if not checkpoint_dir:
-        return (f"stopped by {received[0]} after {progress}, without a checkpoint (--save-every 0): nothing to "
+        return (f"stopped by {signal_name} after {progress}, without a checkpoint (--save-every 0): nothing to "
                 "resume from")
     argv, skip = [], False
     for arg in sys.argv:  # the run's own command, with --resume pointing at its checkpoint
@@ -159,4 +160,4 @@ def stopped_message(received, progress, checkpoint_dir):
         if not skip:
             argv.append(arg)
     command = shlex.join(["python", *argv, "--resume", checkpoint_dir])
-    return f"stopped by {received[0]} after {progress}; checkpoint: {checkpoint_dir}\nresume with: {command}"
+    return f"stopped by {signal_name} after {progress}; checkpoint: {checkpoint_dir}\nresume with: {command}"

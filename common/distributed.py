@@ -1,0 +1,64 @@
+"""Data parallelism over torchrun's processes (PyTorch DDP): the few collective steps the loops take.
+
+`torchrun --nproc_per_node N script.py ...` starts N processes (ranks) with RANK, WORLD_SIZE and
+LOCAL_RANK set; each samples its share of the batch, DDP averages the gradients, and these helpers
+make the batch statistics global. `python script.py` is one process with no process group: every
+function below is then the identity (the same numbers, bit for bit).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(use_cuda):
+    """(rank, world_size, device): NCCL and one GPU per rank on GPUs, gloo on CPUs."""
+    cuda = use_cuda and torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def mean(x):
+    """x.mean() over every rank's x (the ranks hold equal shares of the batch)."""
+    x = x.float().mean()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def masked_mean(x, mask):
+    """The mean of x over the masked entries of every rank: sums and counts are all-reduced."""
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def broadcast(obj):
+    """Rank 0's object (a list, a number...) on every rank."""
+    if dist.is_initialized():
+        objects = [obj]
+        dist.broadcast_object_list(objects, src=0)
+        obj = objects[0]
+    return obj
+
+
+def gather(obj):
+    """Every rank's object, in rank order (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
