@@ -1,0 +1,27 @@
+"""A torchrun worker for the tests: runs a script's main block in this process (as conftest's
+run_script_in_process does), then writes what this rank ended with, for the test to compare the ranks:
+its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the prompts it rolled out
+(rank{RANK}.json).
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py ppo.py --task imdb ...
+"""
+
+import json
+import os
+import sys
+
+from safetensors.torch import save_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import Spy, run_script_in_process  # noqa: E402
+
+if __name__ == "__main__":
+    script, args = sys.argv[1], sys.argv[2:]
+    spies = {"rollout": Spy()} if script in ("ppo.py", "ppo_plus_plus.py") else {}
+    namespace = run_script_in_process(script, args, os.getcwd(), spies)
+    rank = os.environ["RANK"]
+    for name, model in namespace["trained_models"].items():
+        save_model(model, f"{name}_rank{rank}.safetensors")
+    with open(f"rank{rank}.json", "w") as f:
+        json.dump({"prompt_order": namespace["prompt_order"],
+                   "rollout_prompts": [call.prompts for call in spies["rollout"].calls] if spies else []}, f)
