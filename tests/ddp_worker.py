@@ -1,7 +1,8 @@
 """A torchrun worker for the tests: runs a script's main block in this process (as conftest's
 run_script_in_process does), then writes what this rank ended with, for the test to compare the ranks:
 its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the prompts it rolled out
-(rank{RANK}.json).
+(rank{RANK}.json). With SIGINT_RANK0_IN_ITERATION=n, rank 0 alone gets a SIGINT during iteration n
+(as from Ctrl-C on one node).
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py ppo.py --task imdb ...
 """
@@ -18,6 +19,10 @@ from conftest import Spy, run_script_in_process  # noqa: E402
 if __name__ == "__main__":
     script, args = sys.argv[1], sys.argv[2:]
     spies = {"rollout": Spy()} if script in ("ppo.py", "ppo_plus_plus.py") else {}
+    if os.environ.get("SIGINT_RANK0_IN_ITERATION") and os.environ["RANK"] == "0":
+        from test_checkpoints import StopIn
+
+        spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGINT_RANK0_IN_ITERATION"]), 1, "signal")
     namespace = run_script_in_process(script, args, os.getcwd(), spies)
     rank = os.environ["RANK"]
     for name, model in namespace["trained_models"].items():

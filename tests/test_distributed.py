@@ -1,6 +1,7 @@
 """Several processes (torchrun, DDP over gloo on the CPU): the ranks stay one model, and the batch
 statistics are the whole batch's."""
 
+import glob
 import json
 import os
 import subprocess
@@ -14,11 +15,11 @@ from common import distributed
 from conftest import ROOT, RL_MODULES, RL_SCRIPTS, read_tensorboard, set_flags, task_args
 
 
-def torchrun(script, args, cwd, nproc=2):
+def torchrun(script, args, cwd, nproc=2, env=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                os.path.join(ROOT, "tests", "ddp_worker.py"), script, *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS)
@@ -64,6 +65,29 @@ out = {{m.__name__: {{how: m.normalize_advantages(advantages, mask, how).tolist(
 json.dump(out, open(f"whitened{{rank}}.json", "w"))
 dist.destroy_process_group()
 '''
+
+
+@pytest.mark.parametrize("script", ["ppo_plus_plus.py"])
+def test_two_processes_stopped_on_one_rank_and_resumed_log_what_an_unstopped_run_logs(assets, tmp_path, script):
+    """SIGINT reaches rank 0 alone in iteration 1: both ranks end the iteration, rank 0 writes the checkpoint
+    with both ranks' random streams, both exit; resumed on 2 processes, TensorBoard and the weights are
+    those of a run that never stopped."""
+    from test_checkpoints import four_step_args, logged
+
+    args = four_step_args(assets, script)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    assert torchrun(script, args, whole).returncode == 0
+    result = torchrun(script, args, stopped, env={"SIGINT_RANK0_IN_ITERATION": "1"})
+    assert result.returncode != 0 and "stopped by SIGINT after iteration 1/4; checkpoint: " in result.stderr
+    [folder] = glob.glob(str(stopped / "checkpoints" / "*"))
+    assert len(json.load(open(os.path.join(folder, "state.json")))["rng"]) == 2
+    result = torchrun(script, args + ["--resume", folder], stopped)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert logged(read_tensorboard(stopped)) == logged(read_tensorboard(whole))
+    for name in ("policy", "critic"):
+        a, b = (load_file(cwd / f"{name}_rank0.safetensors") for cwd in (whole, stopped))
+        assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_whitening_over_two_ranks_is_whitening_over_their_union(tmp_path):
