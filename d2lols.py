@@ -51,6 +51,8 @@ class Args:
     """use CUDA when it is available (otherwise the CPU)"""
     bf16: bool = False
     """bfloat16 autocast for forward passes (weights stay fp32; log-probs are computed in fp32)"""
+    fp16: bool = False
+    """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
     track: bool = False
     """log to Weights and Biases as well as TensorBoard"""
     wandb_project_name: str = "rlgf"
@@ -199,12 +201,6 @@ class Args:
 # the paper's mixing probability and switch time per task (tril's configs)
 BETA_DEFAULTS = {"imdb": 0.8, "commongen": 0.8, "tldr": 0.8}
 TAU_DEFAULTS = {"imdb": 20, "commongen": 100, "tldr": 200}
-
-
-def exact_div(a, b, what):
-    if b <= 0 or a % b:
-        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
-    return a // b
 
 
 def left_pad(sequences, pad_token_id, device):
@@ -537,15 +533,6 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
     return result, generations
 
 
-def samples_table(generations):
-    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
-    def cell(s):
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    rows = "\n".join(f"| {cell(g['prompt'])} | {cell(g['continuation'])} | {g['score']:.3f} |" for g in generations)
-    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
-
-
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
@@ -565,15 +552,17 @@ if __name__ == "__main__":
                                      "guide_top_k", "guide_min_new_tokens", "tau"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p", "guide_top_p"))
-    args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
+    args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     rank, args.world_size, device = distributed.setup(args.cuda)  # torchrun: one process per GPU
     master = rank == 0  # logs, evaluates and saves
-    args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch-size / processes")
-    args.minibatch_size = exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process
+    args.local_batch_size = tasks.exact_div(args.batch_size, args.world_size, "--batch-size / processes")
+    args.minibatch_size = tasks.exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process
                                     f"--batch-size / --num-minibatches{' / processes' * (args.world_size > 1)}")
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
-    args.gradient_accumulation_steps = exact_div(args.minibatch_size, args.micro_batch_size,
+    args.gradient_accumulation_steps = tasks.exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
+    if args.bf16 and args.fp16:
+        raise SystemExit("error: --bf16 and --fp16: choose one")
     if args.max_new_tokens < 2:
         raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out)")
     # data and model paths, checked before any model loads: bad input fails fast with one line
@@ -602,15 +591,17 @@ if __name__ == "__main__":
     # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
     if master:
         writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s"
+                        % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
     # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
     random.seed(args.seed + rank)
     rng = random.Random(args.seed + rank)  # mixing and k: a stream of their own
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if args.fp16 else torch.bfloat16,
+                              enabled=args.bf16 or args.fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16: small gradients survive float16
 
     # models: the policy, its frozen copy pi_ref, the critic; the task reward
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
@@ -682,7 +673,7 @@ if __name__ == "__main__":
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, global_episodes)
         tasks.write_jsonl(f"runs/{run_name}/generations/iteration_{iteration:04d}.jsonl", generations)
-        writer.add_text("eval/samples", samples_table(generations[: args.num_sample_generations]), global_episodes)
+        writer.add_text("eval/samples", tasks.samples_table(generations[: args.num_sample_generations]), global_episodes)
         print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     trained_models = {"policy": policy, "critic": critic, "guide_critic": guide_critic}
@@ -694,7 +685,7 @@ if __name__ == "__main__":
             checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
                 script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
                 global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
-                prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states))
+                prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states, scaler=scaler.state_dict()))
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank
@@ -703,6 +694,8 @@ if __name__ == "__main__":
         first_iteration = resumed["iteration"] + 1
         global_episodes, train_seconds = resumed["global_episodes"], resumed["train_seconds"]
         kl_coef, prompt_order = resumed["kl_coef"], resumed["prompt_order"]
+        if resumed["scaler"]:  # --fp16's loss scale
+            scaler.load_state_dict(resumed["scaler"])
         checkpoint.set_rng_state(resumed["rng"][rank], rng)
         print(f"resumed {run_name} at iteration {first_iteration - 1} from {resumed['path']}")
     elif args.eval_every and master:
@@ -746,16 +739,16 @@ if __name__ == "__main__":
         continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
-        ref_logprobs, values, bf16_logprobs = [], [], []
+        ref_logprobs, values, full_pass_logprobs = [], [], []
         with torch.inference_mode(), autocast:
             for start in range(0, len(batch), args.rollout_batch_size):
                 chunk = slice(start, start + args.rollout_batch_size)
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(value_model(query_responses[chunk], attention_masks[chunk], num_tokens))
-                if args.bf16:  # generate's cached bf16 pass rounds unlike training's full pass: take the latter's
+                if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
-                    bf16_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
+                    full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
@@ -764,7 +757,7 @@ if __name__ == "__main__":
             raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
                              "any update")
         mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
-        logprobs = torch.cat(bf16_logprobs) * policy_mask if args.bf16 else logprobs
+        logprobs = torch.cat(full_pass_logprobs) * policy_mask if args.bf16 or args.fp16 else logprobs
 
         # KL and the policy gradient on the policy's tokens
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
@@ -808,19 +801,22 @@ if __name__ == "__main__":
                             target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx], target_mask[idx])
                         loss = loss + args.target_coef * target_nll
                         micro_stats["target_nll"] = target_nll.detach()
-                    (loss / args.gradient_accumulation_steps).backward()
+                    scaler.scale(loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
                         micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature),
                                                              policy_mask[idx])
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch, micro] = value
+                scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm or float("inf"))
                 if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
                     quantity = "gradient" if torch.isfinite(stats["loss"][epoch, minibatch]).all() else "loss"
-                    raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
-                                     "stopped before the optimizer step")
-                optimizer.step()
+                    if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
+                        raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
+                                         "stopped before the optimizer step")
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
         update_seconds = time.perf_counter() - update_start
 

@@ -39,6 +39,8 @@ class Args:
     """use CUDA when it is available (otherwise the CPU)"""
     bf16: bool = False
     """bfloat16 autocast for forward passes (weights stay fp32; the loss is computed in fp32)"""
+    fp16: bool = False
+    """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
     track: bool = False
     """log to Weights and Biases as well as TensorBoard"""
     wandb_project_name: str = "rlgf"
@@ -123,12 +125,6 @@ class Args:
     """optimizer steps (computed in runtime)"""
     gradient_accumulation_steps: int = 0
     """micro-batches per batch (computed in runtime)"""
-
-
-def exact_div(a, b, what):
-    if b <= 0 or a % b:
-        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
-    return a // b
 
 
 def left_pad(sequences, pad_token_id, device):
@@ -222,15 +218,6 @@ def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexit
     return result, generations
 
 
-def samples_table(generations):
-    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
-    def cell(s):
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    rows = "\n".join(f"| {cell(g['prompt'])} | {cell(g['continuation'])} | {g['score']:.3f} |" for g in generations)
-    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
-
-
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     transformers.logging.disable_progress_bar()
@@ -240,8 +227,10 @@ if __name__ == "__main__":
                        non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
                                      "eval_every", "top_k", "num_sample_generations", "save_every"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
-    args.gradient_accumulation_steps = exact_div(args.batch_size, args.micro_batch_size,
+    args.gradient_accumulation_steps = tasks.exact_div(args.batch_size, args.micro_batch_size,
                                                  "--batch-size / --micro-batch-size")
+    if args.bf16 and args.fp16:
+        raise SystemExit("error: --bf16 and --fp16: choose one")
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
     if args.eval_only and args.resume:
@@ -278,7 +267,9 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if args.fp16 else torch.bfloat16,
+                              enabled=args.bf16 or args.fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16: small gradients survive float16
 
     # the model (eval mode: no dropout, as in the RL scripts), the training pairs, the eval setup
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
@@ -328,7 +319,7 @@ if __name__ == "__main__":
         for name, value in result.items():
             writer.add_scalar(f"eval/{name}", value, step * args.batch_size)
         tasks.write_jsonl(f"runs/{run_name}/generations/step_{step:06d}.jsonl", generations)
-        writer.add_text("eval/samples", samples_table(generations[: args.num_sample_generations]),
+        writer.add_text("eval/samples", tasks.samples_table(generations[: args.num_sample_generations]),
                         step * args.batch_size)
         print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
@@ -337,12 +328,15 @@ if __name__ == "__main__":
         checkpoint.save(checkpoint_dir, {"model": model}, optimizer, dict(
             script=os.path.basename(__file__), run_name=run_name, args=asdict(args), step=step,
             train_seconds=train_seconds + time.perf_counter() - train_start, scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
             order=order, num_rows=len(train_rows), rng=checkpoint.rng_state()))
 
     first_step, train_seconds, order = 1, 0.0, []
     if resumed:  # nanoGPT's init_from="resume": weights, optimizer, schedule, counters, example order, RNGs
         checkpoint.load(resumed, {"model": model}, optimizer, device)
         scheduler.load_state_dict(resumed["scheduler"])
+        if resumed["scaler"]:  # --fp16's loss scale
+            scaler.load_state_dict(resumed["scaler"])
         first_step, train_seconds, order = resumed["step"] + 1, resumed["train_seconds"], resumed["order"]
         checkpoint.set_rng_state(resumed["rng"])
         print(f"resumed {run_name} at step {first_step - 1} from {resumed['path']}")
@@ -366,14 +360,17 @@ if __name__ == "__main__":
                                                              tokenizer.pad_token_id, device)
             with autocast:
                 loss = sft_loss(model, input_ids, attention_mask, loss_mask)
-            (loss / args.gradient_accumulation_steps).backward()
+            scaler.scale(loss / args.gradient_accumulation_steps).backward()
             step_loss += loss.item() / args.gradient_accumulation_steps
+        scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
             quantity = "loss" if not math.isfinite(step_loss) else "gradient"
-            raise SystemExit(f"error: step {step}: the {quantity} is not finite (nan or inf); stopped before the "
-                             "optimizer step")
-        optimizer.step()
+            if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
+                raise SystemExit(f"error: step {step}: the {quantity} is not finite (nan or inf); stopped before "
+                                 "the optimizer step")
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

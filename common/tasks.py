@@ -150,6 +150,22 @@ def check_model_path(name, flag):
                          "pass a local model folder (save_pretrained layout) instead")
 
 
+def exact_div(a, b, what):
+    """a // b, or one line naming the flags when b does not divide a."""
+    if b <= 0 or a % b:
+        raise SystemExit(f"error: {what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def samples_table(generations):
+    """A markdown table of (prompt, continuation, score) for TensorBoard's text tab."""
+    def cell(s):
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(g['prompt'])} | {cell(g['continuation'])} | {g['score']:.3f} |" for g in generations)
+    return "| prompt | continuation | score |\n|-|-|-|\n" + rows
+
+
 def check_save_path(path, *model_paths):
     """Before training: --save-path is new, empty, or a previous causal LM saved there (save_pretrained:
     config.json and weights, no sub-folders) that is not one of this run's own inputs; anything else fails,

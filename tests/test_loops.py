@@ -268,14 +268,47 @@ def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, sc
 
 
 @rl_scripts
-def test_bf16_starts_at_ratio_one_too(assets, tmp_path, script):
-    """Under --bf16 the old log-probs come from a full forward as training's (generate's cached bf16 pass
-    differs from it by ~1e-3 per token), so the first ratio is 1 here too (bf16 autocast runs on the CPU)."""
-    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0)
-    _, _, events = run(script, args + ["--bf16"], tmp_path)
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precision):
+    """Under --bf16 / --fp16 the old log-probs come from a full forward as training's (generate's cached
+    half-precision pass differs from it by ~1e-3 per token), so the first ratio is 1 here too (both
+    autocasts run on the CPU). --fp16 trains through its gradient scaler: the weights move."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0,
+                     "--learning-rate", 1e-3)
+    namespace, _, events = run(script, args + [precision], tmp_path)
     for value in scalars(events, "val/ratio"):
         assert value == pytest.approx(1, abs=1e-6)
     assert max(scalars(events, "policy/approxkl_avg")) < 1e-12
+    assert namespace["scaler"].is_enabled() == (precision == "--fp16")
+    start = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    assert not torch.equal(start.transformer.h[0].mlp.c_fc.weight, namespace["policy"].transformer.h[0].mlp.c_fc.weight)
+
+
+@rl_scripts
+def test_fp16_skips_an_overflowing_step_instead_of_stopping(assets, tmp_path, script):
+    """An infinite gradient under --fp16 (a finite loss) is the scaler's business: it skips the step and
+    halves the scale; the run goes on (without --fp16 it stops: the non-finite tests above)."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0) + ["--fp16"]
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    class OverflowOnce(Spy):  # the run's first loss sends infinite gradients back
+        def wrap(self, function):
+            def wrapper(*a, **k):
+                loss, stats = function(*a, **k)
+                self.calls.append(None)
+                return (InfiniteGradient.apply(loss) if len(self.calls) == 1 else loss), stats
+            return wrapper
+
+    namespace = run_script_in_process(script, args, tmp_path, {"ppo_loss": OverflowOnce()})
+    assert namespace["scaler"].get_scale() == 2.0**15  # 2**16 halved once: the step was skipped
 
 
 @pytest.fixture(scope="module")

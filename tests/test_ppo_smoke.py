@@ -68,6 +68,7 @@ def test_bad_input_fails_fast_with_one_clear_line(assets, tmp_path):
         (with_flag(imdb, "--model-name-or-path", str(tmp_path / "no_model")), "--model-name-or-path: no such model folder"),
         (with_flag(imdb, "--reward-model", "./no_classifier"), "--reward-model: no such model folder"),
         (imdb + ["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+        (imdb + ["--bf16", "--fp16"], "--bf16 and --fp16: choose one"),
         (with_flag(imdb, "--batch-size", "0"), "--batch-size must be positive, got 0"),
         (imdb + ["--gamma", "2"], "--gamma must be in (0, 1], got 2.0"),
         (imdb + ["--gae-lambda", "-0.1"], "--gae-lambda must be in [0, 1], got -0.1"),
