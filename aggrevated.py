@@ -38,7 +38,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, distributed, metrics, rewards, tasks
+from common import checkpoint, distributed, memory, metrics, rewards, tasks
 
 
 @dataclass
@@ -53,6 +53,8 @@ class Args:
     """bfloat16 autocast for forward passes (weights stay fp32; log-probs are computed in fp32)"""
     fp16: bool = False
     """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of keeping them (less memory, more time)"""
     track: bool = False
     """log to Weights and Biases as well as TensorBoard"""
     wandb_project_name: str = "rlgf"
@@ -230,7 +232,7 @@ def entropy_from_logits(logits, temperature):
 def response_logits(model, input_ids, attention_mask, num_response_tokens):
     """Logits that predict the last `num_response_tokens` tokens of each row (the LM head runs only there)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                logits_to_keep=num_response_tokens + 1)
+                logits_to_keep=num_response_tokens + 1, use_cache=False)
     return out.logits[:, :-1]
 
 
@@ -247,7 +249,7 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask)).last_hidden_state
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
 
 
@@ -628,6 +630,8 @@ if __name__ == "__main__":
         print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     trained_models = {"policy": policy, "critic": critic}
+    if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
+        memory.enable_gradient_checkpointing(trained_models.values())
 
     def save_checkpoint(iteration):  # everything the loop needs to continue exactly (rank 0 writes it)
         rng_states = distributed.gather(checkpoint.rng_state(rng))  # every rank's
@@ -641,14 +645,11 @@ if __name__ == "__main__":
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank
     if resumed:  # nanoGPT's init_from="resume": weights, optimizer, counters, KL coefficient, prompts, RNGs
-        checkpoint.load(resumed, trained_models, optimizer, device)
+        checkpoint.load(resumed, trained_models, optimizer, scaler, device)
         first_iteration = resumed["iteration"] + 1
         global_episodes, train_seconds = resumed["global_episodes"], resumed["train_seconds"]
         kl_coef, prompt_order = resumed["kl_coef"], resumed["prompt_order"]
-        if resumed["scaler"]:  # --fp16's loss scale
-            scaler.load_state_dict(resumed["scaler"])
         checkpoint.set_rng_state(resumed["rng"][rank], rng)
-        print(f"resumed {run_name} at iteration {first_iteration - 1} from {resumed['path']}")
     elif args.eval_every and master:
         run_eval(0)
     stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
@@ -719,6 +720,7 @@ if __name__ == "__main__":
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
+        memory.set_gradient_checkpointing(trained_models.values(), args.gradient_checkpointing)  # (for the update)
         stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(stats_shape, device=device)
                  for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss",
@@ -759,6 +761,7 @@ if __name__ == "__main__":
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+        memory.set_gradient_checkpointing(trained_models.values(), False)
         update_seconds = time.perf_counter() - update_start
 
         # 4. logging (and the adaptive KL controller): statistics of the whole batch, every rank's

@@ -333,13 +333,10 @@ if __name__ == "__main__":
 
     first_step, train_seconds, order = 1, 0.0, []
     if resumed:  # nanoGPT's init_from="resume": weights, optimizer, schedule, counters, example order, RNGs
-        checkpoint.load(resumed, {"model": model}, optimizer, device)
+        checkpoint.load(resumed, {"model": model}, optimizer, scaler, device)
         scheduler.load_state_dict(resumed["scheduler"])
-        if resumed["scaler"]:  # --fp16's loss scale
-            scaler.load_state_dict(resumed["scaler"])
         first_step, train_seconds, order = resumed["step"] + 1, resumed["train_seconds"], resumed["order"]
         checkpoint.set_rng_state(resumed["rng"])
-        print(f"resumed {run_name} at step {first_step - 1} from {resumed['path']}")
     elif evaluating:
         run_eval(0)
     if args.eval_only:

@@ -112,8 +112,9 @@ def read_state(path, script, args, num_rows, same):
     return state
 
 
-def load(state, models, optimizer, device):
-    """Load the models' weights and the optimizer's state from the checkpoint read by read_state."""
+def load(state, models, optimizer, scaler, device):
+    """Load the models' weights, the optimizer's state and --fp16's loss scale from the checkpoint read by
+    read_state."""
     path = state["path"]
     for name, model in models.items():
         try:
@@ -128,6 +129,10 @@ def load(state, models, optimizer, device):
         raise SystemExit(f"error: --resume {path}: optimizer.pt holds more than tensors, not loaded "
                          f"({str(e).strip().splitlines()[0][:200]})")
     optimizer.load_state_dict(optimizer_state)
+    if state.get("scaler"):  # (saved with --fp16)
+        scaler.load_state_dict(state["scaler"])
+    step = state.get("iteration", state.get("step"))
+    print(f"resumed {state['run_name']} at {'iteration' if 'iteration' in state else 'step'} {step} from {path}")
 
 
 def stop_on_signals():

@@ -365,18 +365,18 @@ def test_save_replaces_the_checkpoint_and_a_crash_while_saving_keeps_the_last_go
 def test_load_restores_weights_and_optimizer_and_runs_no_pickled_code(tmp_path):
     model, optimizer = tiny_training_state()
     path = str(tmp_path / "run")
-    checkpoint.save(path, {"model": model}, optimizer, {})
+    checkpoint.save(path, {"model": model}, optimizer, {})  # (no --fp16 scale)
     fresh, fresh_optimizer = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)), None
     fresh[1].weight = nn.Parameter(fresh[0].weight.T.contiguous())
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    checkpoint.load({"path": path}, {"model": fresh}, fresh_optimizer, "cpu")
+    checkpoint.load({"path": path, "run_name": "x", "step": 1}, {"model": fresh}, fresh_optimizer, None, "cpu")
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert str(fresh_optimizer.state_dict()) == str(optimizer.state_dict())
 
     torch.save({"state": {}, "param_groups": [], "payload": PickledCode()}, os.path.join(path, "optimizer.pt"))
     with pytest.raises(SystemExit, match=r"^error: --resume .*optimizer.pt holds more than tensors"):
-        checkpoint.load({"path": path}, {"model": fresh}, fresh_optimizer, "cpu")
+        checkpoint.load({"path": path, "run_name": "x", "step": 1}, {"model": fresh}, fresh_optimizer, None, "cpu")
     assert not PICKLED_CODE_RAN
 
 

@@ -414,3 +414,35 @@ def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path
         with torch.no_grad():  # the script's own helper, on the trained policy
             nll[coef] = script_globals["reference_nll"](script_globals["policy"], ids, mask, target_mask).item()
     assert nll["1"] < nll["0"] - 0.01, nll
+
+
+@rl_scripts
+def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_path, script, monkeypatch):
+    """With dropout in the checkpoint (p = 0.5): under --gradient-checkpointing the update recomputes the
+    layers (transformers' checkpoint function runs) yet dropout stays off, so the first ratio is 1, and the
+    run trains exactly as without it."""
+    import transformers.modeling_utils
+    from conftest import save_tiny_causal_lm
+
+    dropout_policy = save_tiny_causal_lm(tmp_path / "dropout_policy", assets["tokenizer"], resid_pdrop=0.5,
+                                         embd_pdrop=0.5, attn_pdrop=0.5)
+    args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", dropout_policy, "--num-minibatches", 1,
+                     "--eval-every", 0, "--learning-rate", 1e-3)
+    checkpointed = []
+    original = transformers.modeling_utils.checkpoint
+
+    def counting_checkpoint(*a, **k):
+        checkpointed.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    runs = {}
+    for flags in ([], ["--gradient-checkpointing"]):
+        (tmp_path / str(len(runs))).mkdir()
+        runs[bool(flags)], _, events = run(script, args + flags, tmp_path / str(len(runs)))
+        for value in scalars(events, "val/ratio"):
+            assert value == pytest.approx(1, abs=1e-6)
+        assert bool(checkpointed) == bool(flags)
+    for a, b in zip(runs[False]["policy"].parameters(), runs[True]["policy"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not runs[True]["policy"].training and not runs[True]["policy"].transformer.h[0].training
