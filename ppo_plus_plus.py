@@ -557,7 +557,8 @@ if __name__ == "__main__":
         tokenizer.pad_token = tokenizer.eos_token
     # every model stays in eval mode (no dropout), so the training pass reproduces the rollout's log-probs
     policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: frozen models in bf16 weights
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
     ref_policy.requires_grad_(False)
     critic = Critic(args.model_name_or_path).to(device).eval()
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
@@ -568,7 +569,7 @@ if __name__ == "__main__":
     guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
     if guide_tokenizer.pad_token is None:
         guide_tokenizer.pad_token = guide_tokenizer.eos_token
-    guide_model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=torch.float32).to(device).eval()
+    guide_model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=frozen_dtype).to(device).eval()
     guide_model.requires_grad_(False)
     guide_model.generation_config = GenerationConfig(pad_token_id=guide_tokenizer.pad_token_id,  # the --guide-* flags
                                                      eos_token_id=guide_tokenizer.eos_token_id)  # decide, not its own
