@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers
-from torch.nn.parallel import DistributedDataParallel as DDP
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

@@ -132,7 +132,8 @@ def load(state, models, optimizer, scaler, device):
     if state.get("scaler"):  # (saved with --fp16)
         scaler.load_state_dict(state["scaler"])
     step = state.get("iteration", state.get("step"))
-    print(f"resumed {state['run_name']} at {'iteration' if 'iteration' in state else 'step'} {step} from {path}")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"resumed {state['run_name']} at {'iteration' if 'iteration' in state else 'step'} {step} from {path}")
 
 
 def stop_on_signals():

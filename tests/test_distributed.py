@@ -15,9 +15,10 @@ from common import distributed
 from conftest import ROOT, RL_MODULES, RL_SCRIPTS, read_tensorboard, set_flags, task_args
 
 
-def torchrun(script, args, cwd, nproc=2, env=None):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               os.path.join(ROOT, "tests", "ddp_worker.py"), script, *args]
+def torchrun(script, args, cwd, env=None, worker=os.path.join(ROOT, "tests", "ddp_worker.py")):
+    """2 processes on this machine (gloo): `worker` runs `script args` in each (tests/ddp_worker.py)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+               *([script] if script else []), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -99,8 +100,7 @@ def test_whitening_over_two_ranks_is_whitening_over_their_union(tmp_path):
     (tmp_path / "batch.json").write_text(json.dumps([[advantages[:2].tolist(), mask[:2].tolist()],
                                                      [advantages[2:].tolist(), mask[2:].tolist()]]))
     (tmp_path / "worker.py").write_text(WHITENING_WORKER.format(root=ROOT))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "worker.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = torchrun(None, [], tmp_path, worker="worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"whitened{r}.json")) for r in (0, 1)]
     for module in RL_MODULES:
