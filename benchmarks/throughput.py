@@ -36,12 +36,14 @@ PHASES = ("generate", "score", "update", "iteration")
 # TRL 1.12's PPOTrainer as ../shared/bench/peer_trl/run_trl_ppo.py runs it: 16 prompts of 8 tokens,
 # always 24 new tokens at temperature 0.7 (no top-k), 4 epochs x 2 minibatches, vf_coef 0.1,
 # k1 KL 0.05, gamma 1, lam 0.95, AdamW lr 3e-6 (eps 1e-8, no weight decay) decayed linearly, no
-# gradient clipping, fp32, 160 episodes = 10 updates.
+# gradient clipping, no target regularisation (our TL;DR default is tril's 0.1: a third forward pass), fp32,
+# 160 episodes = 10 updates.
 PEER_TRL_ARGS = [
     "--total-episodes", "160", "--batch-size", "16", "--num-minibatches", "2", "--update-epochs", "4",
     "--max-new-tokens", "24", "--temperature", "0.7", "--top-k", "0", "--top-p", "1.0", "--kl-coef", "0.05",
     "--gamma", "1.0", "--gae-lambda", "0.95", "--vf-coef", "0.1", "--clip-coef", "0.2", "--clip-coef-value", "0.2",
-    "--learning-rate", "3e-6", "--adam-eps", "1e-8", "--weight-decay", "0", "--max-grad-norm", "0",
+    "--learning-rate", "3e-6", "--anneal-lr", "True", "--adam-eps", "1e-8", "--weight-decay", "0", "--max-grad-norm", "0",
+    "--target-coef", "0",
     "--rollout-batch-size", "16", "--eval-every", "0", "--max-prompt-length", "64",
 ]
 
@@ -133,7 +135,7 @@ def main():
         timings = results["ppo.py"]
         seconds = sum(timings["iteration"])
         episodes = batch_size * len(timings["iteration"])
-        print(" ".join(f"{p}={sum(timings[p]):.2f}" for p in PHASES), "(seconds, all iterations)")
+        print("BREAKDOWN", " ".join(f"{p}={sum(timings[p]):.2f}" for p in PHASES), "(seconds, all iterations)")
         print(f"RESULT episodes={episodes} seconds={seconds:.1f} eps={episodes / seconds:.2f} updates={len(timings['iteration'])}")
         return
     print(f"{batch_size} episodes x {new_tokens} new tokens per iteration; medians over "
