@@ -50,11 +50,17 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU)"""
     bf16: bool = False
-    """bfloat16 autocast for forward passes (weights stay fp32; log-probs are computed in fp32)"""
+    """bfloat16 autocast for forward passes; trained weights stay fp32, frozen ones are bfloat16 (log-probs in fp32)"""
     fp16: bool = False
     """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass instead of keeping them (less memory, more time)"""
+    lora_r: int = 0
+    """LoRA rank (peft): policy and critic train low-rank adapters on frozen weights, which are also pi_ref; 0: off"""
+    lora_alpha: int = 64
+    """LoRA alpha: the adapters add alpha / r * B A to each weight (tril: r 8, alpha 64)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the layers that get adapters: module names (e.g. q_proj v_proj), or all-linear (every one but the LM head)"""
     track: bool = False
     """log to Weights and Biases as well as TensorBoard"""
     wandb_project_name: str = "rlgf"
@@ -242,9 +248,9 @@ def response_logits(model, input_ids, attention_mask, num_response_tokens):
 class Critic(nn.Module):
     """V(s_t): a scalar head on a transformer backbone initialised from the policy checkpoint."""
 
-    def __init__(self, model_name_or_path):
+    def __init__(self, model_name_or_path, dtype=torch.float32):
         super().__init__()
-        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=dtype)
         self.value_head = nn.Linear(self.backbone.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -252,7 +258,7 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state.float()
         return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
 
 
@@ -610,17 +616,25 @@ if __name__ == "__main__":
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # every model stays in eval mode (no dropout), so the training pass reproduces the rollout's log-probs
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device).eval()
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: frozen models in bf16 weights
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
-    ref_policy.requires_grad_(False)
-    critic = Critic(args.model_name_or_path).to(device).eval()  # PPO++'s: V of the policy
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: frozen weights in bf16
+    policy_dtype = frozen_dtype if args.lora_r else torch.float32  # (LoRA: the policy's and critic's are frozen)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=policy_dtype).to(device).eval()
+    if not args.lora_r:  # pi_ref: a frozen copy of the starting policy
+        ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
+        ref_policy.requires_grad_(False)
+    critic = Critic(args.model_name_or_path, policy_dtype).to(device).eval()  # PPO++'s: V of the policy
     with torch.random.fork_rng():  # drawing no random numbers: each phase samples exactly as its own script
-        guide_critic = Critic(args.model_name_or_path).to(device).eval()  # AggreVaTeD's: V of the guide
+        guide_critic = Critic(args.model_name_or_path, policy_dtype).to(device).eval()  # AggreVaTeD's: V of the guide
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
     # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
     checkpoint_generation_config = policy.generation_config
     policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if args.lora_r:  # LoRA: adapters train on frozen weights; pi_ref is the policy with its adapters off (one copy)
+        policy = memory.add_lora(policy, args, "CAUSAL_LM")
+        critic.backbone = memory.add_lora(critic.backbone, args, "FEATURE_EXTRACTION")  # its own; the value head trains
+        with torch.random.fork_rng():  # (as the guide critic itself: each phase samples as its own script)
+            guide_critic.backbone = memory.add_lora(guide_critic.backbone, args, "FEATURE_EXTRACTION")
+        ref_policy = memory.AdaptersOff(policy)
     # the guide: frozen, in eval mode, a model of its own (never the policy or a view of it)
     guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
     if guide_tokenizer.pad_token is None:
@@ -639,15 +653,16 @@ if __name__ == "__main__":
                                                      args.max_new_tokens)
     eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)[: args.num_eval_prompts]
     reward_fn = rewards.make_reward_fn(args.task, args.reward_model, device, args.reward_label,
-                                       train_references=[e["references"] for e in train_examples])
+                                       train_references=[e["references"] for e in train_examples], dtype=frozen_dtype)
     perplexity_lm = (ref_policy, tokenizer)
     if args.task == "imdb" and args.perplexity_model:
-        perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model).to(device).eval(),
-                         AutoTokenizer.from_pretrained(args.perplexity_model))
-    trained_parameters = [*policy.parameters(), *critic.parameters(), *guide_critic.parameters()]
-    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},  # fused: one kernel
-                                   {"params": [*critic.parameters(), *guide_critic.parameters()],
-                                    "lr": args.critic_learning_rate}],
+        perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model, dtype=frozen_dtype).to(device)
+                         .eval(), AutoTokenizer.from_pretrained(args.perplexity_model))
+    policy_parameters, critic_parameters = ([p for m in models for p in m.parameters() if p.requires_grad]
+                                            for models in ([policy], [critic, guide_critic]))  # (LoRA: adapters, heads)
+    trained_parameters = policy_parameters + critic_parameters
+    optimizer = torch.optim.AdamW([{"params": policy_parameters, "lr": args.learning_rate},  # fused: one kernel
+                                   {"params": critic_parameters, "lr": args.critic_learning_rate}],
                                   eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
     # the update's forward passes, one module per phase (AggreVaTeD's trains the guide critic, PPO++'s the policy's),
     # so no parameter sits idle in a step; several processes: DDP averages gradients
@@ -665,7 +680,8 @@ if __name__ == "__main__":
     kl_coef = args.kl_coef
     if master:
         print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
-              f"{args.batch_size} episodes on {args.world_size} x {device}; TensorBoard: runs/{run_name}")
+              f"{args.batch_size} episodes on {args.world_size} x {device}, "
+              f"{sum(p.numel() for p in trained_parameters):,} trained parameters; TensorBoard: runs/{run_name}")
 
     def run_eval(iteration):
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
@@ -812,7 +828,8 @@ if __name__ == "__main__":
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch, micro] = value
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
-                grad_norm = nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm or float("inf"))
+                grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
+                             nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
                 if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
                     quantity = "gradient" if torch.isfinite(stats["loss"][epoch, minibatch]).all() else "loss"
                     if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
@@ -887,6 +904,8 @@ if __name__ == "__main__":
 
     if args.save_model and master:
         save_path = args.save_path or f"models/{run_name}"
+        if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class
+            policy = policy.merge_and_unload()
         policy.generation_config = checkpoint_generation_config
         policy.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)

@@ -1,9 +1,11 @@
 """Checkpoints that continue a run exactly, and a clean stop on Ctrl-C or a scheduler's SIGTERM.
 
-A checkpoint is one folder: each trained model as `<name>.safetensors`, `optimizer.pt` (the
-optimizer's state_dict, read back with torch.load(weights_only=True)) and `state.json`, the rest
-of the loop's state as plain JSON (counters, prompt order, KL coefficient, every RNG state, the
-flags). Nothing in it is pickled code. The scripts decide what goes in; this file writes and reads.
+A checkpoint is one folder: each trained model as `<name>.safetensors` (with LoRA its trainable
+tensors only, adapters and value head: the frozen weights are the starting checkpoint's),
+`optimizer.pt` (the optimizer's state_dict, read back with torch.load(weights_only=True)) and
+`state.json`, the rest of the loop's state as plain JSON (counters, prompt order, KL coefficient,
+every RNG state, the flags). Nothing in it is pickled code. The scripts decide what goes in; this
+file writes and reads.
 """
 
 import json
@@ -18,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 
 def rng_state(mixing_rng=None):
@@ -47,6 +49,29 @@ def set_rng_state(state, mixing_rng=None):
         mixing_rng.setstate(python_state(state["mixing"]))
 
 
+def trainable_only(model):
+    """With LoRA a model's own weights are frozen: only its trainable tensors change, and only they are saved."""
+    return not all(p.requires_grad for p in model.parameters())
+
+
+def save_weights(model, file):
+    if trainable_only(model):
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}, file)
+    else:
+        save_model(model, file)
+
+
+def load_weights(model, file, device):
+    if not trainable_only(model):
+        return load_model(model, file, device=device)
+    tensors = load_file(file, device=device)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise RuntimeError(f"its tensors are not this run's trainable ones (--lora-r, --lora-target-modules?): "
+                           f"{len(set(tensors) - expected)} unexpected, {len(expected - set(tensors))} missing")
+    model.load_state_dict(tensors, strict=False)
+
+
 def save(path, models, optimizer, state):
     """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
     while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames)."""
@@ -55,7 +80,7 @@ def save(path, models, optimizer, state):
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short
     os.makedirs(tmp)
     for name, model in models.items():
-        save_model(model, os.path.join(tmp, f"{name}.safetensors"))
+        save_weights(model, os.path.join(tmp, f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
@@ -105,7 +130,8 @@ def read_state(path, script, args, num_rows, same):
         raise SystemExit(f"error: --resume {path}: the checkpoint's run had {state['num_rows']} training rows, this "
                          f"run has {num_rows} (another dataset)")
     changed = [f"--{name.replace('_', '-')} {value} -> {getattr(args, name)}" for name, value in state["args"].items()
-               if name not in ("resume", "checkpoint_dir") and getattr(args, name, value) != value]
+               if name not in ("resume", "checkpoint_dir")  # (as JSON: a tuple flag was saved as a list)
+               and json.loads(json.dumps(getattr(args, name, value))) != value]
     if changed:
         print(f"resuming with flags changed from the checkpoint's: {', '.join(changed)}")
     state["path"] = path
@@ -118,7 +144,7 @@ def load(state, models, optimizer, scaler, device):
     path = state["path"]
     for name, model in models.items():
         try:
-            load_model(model, os.path.join(path, f"{name}.safetensors"), device=str(device))
+            load_weights(model, os.path.join(path, f"{name}.safetensors"), str(device))
         except (RuntimeError, OSError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")

@@ -3,8 +3,14 @@
 Gradient checkpointing: each transformer layer recomputes its activations in the backward pass
 instead of keeping them from the forward pass (activation memory of one layer instead of all, for
 about a third more compute in the update).
+
+LoRA (Hu et al. 2021, through peft): the model's own weights are frozen and low-rank adapters
+W + (alpha / r) B A train instead; B starts at 0, so the adapted model starts as the model itself.
+No gradient or optimizer state for the frozen weights, and the policy's frozen weights double as
+pi_ref (the policy with its adapters switched off).
 """
 
+from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
@@ -25,3 +31,26 @@ def set_gradient_checkpointing(models, on):
         for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.training = on
+
+
+def add_lora(model, args, task_type):
+    """Freeze `model` and give it LoRA adapters (--lora-r, --lora-alpha, --lora-target-modules). peft is
+    imported here only: without --lora-r the scripts never need it."""
+    import peft
+
+    targets = list(args.lora_target_modules)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type=task_type,
+                             target_modules=targets[0] if targets == ["all-linear"] else targets)
+    return peft.get_peft_model(model, config)
+
+
+class AdaptersOff(nn.Module):
+    """pi_ref under LoRA: the policy's own frozen weights, its adapters switched off for each call."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **inputs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)

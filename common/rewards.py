@@ -13,14 +13,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from common import metrics
 
 
-def load_classifier(path, device, num_labels=None):
+def load_classifier(path, device, num_labels=None, dtype=torch.float32):
     """A frozen sequence classifier and its tokenizer; fails with one line if the label count is wrong."""
     # keep the continuation's end; right padding, so absolute-position models (GPT-2, BERT) see the
     # positions of the text alone, and a text's reward does not depend on the batch it is scored in
     tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left", padding_side="right")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -39,7 +39,8 @@ def classifier_logits(model, tokenizer, texts, device, batch_size):
     return torch.cat(logits)
 
 
-def make_reward_fn(task, reward_model, device, reward_label=1, train_references=None, batch_size=32):
+def make_reward_fn(task, reward_model, device, reward_label=1, train_references=None, batch_size=32,
+                   dtype=torch.float32):
     if task == "commongen":
         document_frequency = metrics.cider_document_frequency(train_references)
 
@@ -48,7 +49,7 @@ def make_reward_fn(task, reward_model, device, reward_label=1, train_references=
 
         return reward_fn
 
-    model, tokenizer = load_classifier(reward_model, device, num_labels=1 if task == "tldr" else None)
+    model, tokenizer = load_classifier(reward_model, device, num_labels=1 if task == "tldr" else None, dtype=dtype)
     if task == "imdb" and not 0 <= reward_label < model.config.num_labels:
         raise SystemExit(f"error: --reward-label {reward_label} is not a label of {reward_model} "
                          f"({model.config.num_labels} labels)")

@@ -53,6 +53,20 @@ def test_two_processes_train_one_model(assets, tmp_path, script):
     assert len(events.Scalars("eval/score")) == 2
 
 
+
+def test_two_processes_train_one_set_of_lora_adapters(assets, tmp_path):
+    """--lora-r under DDP: only the adapters and the value head are DDP's parameters; both ranks end with
+    the same adapters, which moved (B starts at 0)."""
+    args = set_flags(task_args(assets, "imdb", "ppo_plus_plus.py"), "--total-episodes", 16, "--batch-size", 8,
+                     "--eval-every", 0, "--learning-rate", 1e-2, "--lora-r", 4)
+    result = torchrun("ppo_plus_plus.py", args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ["policy", "critic"]:
+        rank0, rank1 = (load_file(tmp_path / f"{name}_rank{r}.safetensors") for r in (0, 1))
+        assert any("lora_B" in key and rank0[key].abs().sum() > 0 for key in rank0)
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), (name, key)
+
 WHITENING_WORKER = '''
 import json, os, sys
 sys.path.insert(0, {root!r})
