@@ -280,8 +280,12 @@ def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precis
         assert value == pytest.approx(1, abs=1e-6)
     assert max(scalars(events, "policy/approxkl_avg")) < 1e-12
     assert namespace["scaler"].is_enabled() == (precision == "--fp16")
-    # --bf16 keeps the frozen models (pi_ref, the guide) in bf16 weights: half their memory, a KL near 0 at first
-    frozen = [namespace["ref_policy"]] + ([namespace["guide_model"]] if script != "ppo.py" else [])
+    # --bf16 keeps the frozen models (pi_ref, the reward model, the guide) in bf16 weights: half their memory,
+    # a KL near 0 at first
+    reward_model = [cell.cell_contents for cell in namespace["reward_fn"].__closure__
+                    if isinstance(cell.cell_contents, nn.Module)]
+    frozen = [namespace["ref_policy"], *reward_model] + ([namespace["guide_model"]] if script != "ppo.py" else [])
+    assert len(reward_model) == 1
     assert all(p.dtype == (torch.bfloat16 if precision == "--bf16" else torch.float32)
                for model in frozen for p in model.parameters())
     assert abs(scalars(events, "objective/kl")[0]) < 0.05
