@@ -380,9 +380,9 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams"),
+                                       "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
-                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every"),
+                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every", "lora_r"),
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")

@@ -15,7 +15,8 @@ so the counts are exact. Per process (DDP replicates every model on every GPU):
 D2LOLS adds a second critic (16 bytes a parameter; with LoRA its own frozen backbone and adapters);
 PPO and AggreVaTeD have the same models as PPO++ but PPO has no guide.
 
-    python benchmarks/memory_estimate.py             # the README's table
+    python benchmarks/memory_estimate.py             # the README's table (the tasks' default micro-batches)
+    python benchmarks/memory_estimate.py --micro-batch-size 8 --rollout-batch-size 32   # the GPU recipes
     python benchmarks/memory_estimate.py --model /path/to/a/checkpoint --micro-batch-size 4
 """
 
@@ -38,6 +39,8 @@ TASKS = {  # policy (= guide = critic backbone), reward model, tokens per episod
     "imdb": dict(policy=GPT2, reward=DISTILBERT, tokens=64 + 48, micro_batch=112 // 4),
     "commongen": dict(policy=GPT2, reward=None, tokens=32 + 20, micro_batch=128 // 4),
     "tldr": dict(policy=GPTJ, reward=PYTHIA_1B, tokens=500 + 50, micro_batch=128),
+    # TL;DR with a 1B policy and guide (a Pythia-1B SFT model, e.g. cleanrl's): what fits a 24 GB GPU
+    "tldr, 1B policy": dict(policy=PYTHIA_1B, reward=PYTHIA_1B, tokens=500 + 50, micro_batch=128),
 }
 GB = 1e9
 
@@ -102,7 +105,7 @@ def main():
             common = (spec["policy"], spec["reward"], spec["tokens"], micro_batch, bf16, lora_r, args.rollout_batch_size)
             e = estimate(*common)
             with_checkpointing = estimate(*common, checkpointing=True)["activations"]
-            print(f"| {task} | {flags} | {e['trained']:.1f} | {e['frozen']:.1f} | **{e['states']:.1f}** | "
+            print(f"| {task} | {flags} | {e['trained']:.2f} | {e['frozen']:.1f} | **{e['states']:.1f}** | "
                   f"{e['kv_cache']:.1f} | {e['activations']:.1f} ({micro_batch}) | {with_checkpointing:.1f} |")
 
 

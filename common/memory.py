@@ -41,7 +41,10 @@ def add_lora(model, args, task_type):
     targets = list(args.lora_target_modules)
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type=task_type,
                              target_modules=targets[0] if targets == ["all-linear"] else targets)
-    return peft.get_peft_model(model, config)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:  # e.g. a module name this model does not have
+        raise SystemExit(f"error: --lora-target-modules {' '.join(targets)}: {str(e).splitlines()[0][:300]}")
 
 
 class AdaptersOff(nn.Module):

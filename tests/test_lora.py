@@ -127,3 +127,15 @@ def test_peft_is_imported_only_by_the_lora_helper():
         assert not any(name and name.split(".")[0] == "peft" for name in names), path
     with open(os.path.join(ROOT, "common", "memory.py")) as f:
         assert "import peft" in f.read()
+
+
+@pytest.mark.parametrize("script", RL_SCRIPTS)
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "-1"], "error: --lora-r"),
+    (["--lora-r", "4", "--lora-alpha", "0"], "error: --lora-alpha"),
+    (["--lora-r", "4", "--lora-target-modules", "no_such_layer"], "error: --lora-target-modules no_such_layer: "),
+])
+def test_bad_lora_flags_fail_with_one_line(assets, tmp_path, script, flags, message):
+    with pytest.raises(SystemExit) as error:
+        run_script_in_process(script, task_args(assets, "imdb", script) + flags, tmp_path)
+    assert str(error.value.code).startswith(message) and "\n" not in str(error.value.code)
