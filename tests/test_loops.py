@@ -355,10 +355,11 @@ def test_the_checkpoints_generation_settings_do_not_leak_into_sampling(assets, t
 
 
 @rl_scripts
-@pytest.mark.parametrize("quantity", ["reward", "loss", "gradient"])
+@pytest.mark.parametrize("quantity, max_grad_norm", [("reward", 1), ("loss", 1), ("gradient", 1), ("gradient", 0)])
 def test_a_non_finite_reward_loss_or_gradient_stops_before_the_weights_change(assets, tmp_path, monkeypatch, script,
-                                                                              quantity):
-    args = set_flags(task_args(assets, "imdb", script), "--eval-every", 0)
+                                                                              quantity, max_grad_norm):
+    """(--max-grad-norm 0: no clipping, the gradient's norm is still computed for this check.)"""
+    args = set_flags(task_args(assets, "imdb", script), "--eval-every", 0, "--max-grad-norm", max_grad_norm)
     spies = {}
     if quantity == "reward":
         make_reward_fn = rewards.make_reward_fn
