@@ -290,6 +290,13 @@ def sft_args(assets, task, steps=2):
     return args
 
 
+def reward_model_of(namespace):
+    """The classifier inside a finished run's reward_fn (common/rewards.py keeps it in the closure)."""
+    [model] = [cell.cell_contents for cell in namespace["reward_fn"].__closure__
+               if isinstance(cell.cell_contents, torch.nn.Module)]
+    return model
+
+
 def set_flags(args, *flags):
     """args with `--flag value` pairs set: replaced where present, appended otherwise."""
     args = list(args)

@@ -12,7 +12,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from common import metrics, rewards, tasks
-from conftest import RL_SCRIPTS, Spy, read_tensorboard, run_script_in_process, set_flags, task_args
+from conftest import (RL_SCRIPTS, Spy, read_tensorboard, reward_model_of, run_script_in_process, set_flags,
+                      task_args)
 
 rl_scripts = pytest.mark.parametrize("script", RL_SCRIPTS)
 SPIED = {  # the helpers that build each script's episodes, and the ones the loop feeds
@@ -282,10 +283,8 @@ def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precis
     assert namespace["scaler"].is_enabled() == (precision == "--fp16")
     # --bf16 keeps the frozen models (pi_ref, the reward model, the guide) in bf16 weights: half their memory,
     # a KL near 0 at first
-    reward_model = [cell.cell_contents for cell in namespace["reward_fn"].__closure__
-                    if isinstance(cell.cell_contents, nn.Module)]
-    frozen = [namespace["ref_policy"], *reward_model] + ([namespace["guide_model"]] if script != "ppo.py" else [])
-    assert len(reward_model) == 1
+    frozen = [namespace["ref_policy"], reward_model_of(namespace)] + (
+        [namespace["guide_model"]] if script != "ppo.py" else [])
     assert all(p.dtype == (torch.bfloat16 if precision == "--bf16" else torch.float32)
                for model in frozen for p in model.parameters())
     assert abs(scalars(events, "objective/kl")[0]) < 0.05

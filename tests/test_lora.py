@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from common import checkpoint, memory
-from conftest import RL_SCRIPTS, ROOT, read_tensorboard, run_script_in_process, set_flags, task_args
+from conftest import RL_SCRIPTS, ROOT, read_tensorboard, reward_model_of, run_script_in_process, set_flags, task_args
 from test_checkpoints import checkpoint_folders, four_step_args, logged
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
@@ -106,9 +105,7 @@ def test_lora_with_bf16_and_gradient_checkpointing(assets, tmp_path, script):
     for model in models:
         for name, p in model.named_parameters():
             assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
-    [reward_model] = [cell.cell_contents for cell in namespace["reward_fn"].__closure__
-                      if isinstance(cell.cell_contents, nn.Module)]
-    assert all(p.dtype == torch.bfloat16 for p in reward_model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in reward_model_of(namespace).parameters())
     moved = [p for name, p in namespace["policy"].named_parameters() if "lora_B" in name]
     assert moved and any(p.abs().sum() > 0 for p in moved)  # B starts at 0
     events = read_tensorboard(tmp_path)
