@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, distributed, memory, metrics, rewards, tasks
+from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
 
 
 @dataclass
@@ -354,7 +354,7 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
         responses = out[:, prompt_ids.shape[1] :]
         responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
                                           tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
         batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
         scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
         prompts += batch_prompts
@@ -541,7 +541,7 @@ if __name__ == "__main__":
         responses, response_masks, logprobs = (x[:, :num_tokens] for x in (responses, response_masks, logprobs))
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_masks = torch.cat([prompt_mask, response_masks], 1)
-        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        continuations = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
         ref_logprobs, values, full_pass_logprobs = [], [], []

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, distributed, memory, metrics, rewards, tasks
+from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
 
 
 @dataclass
@@ -378,25 +378,6 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
     return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
 
 
-def decode_in_context(tokenizer, context_ids, ids):
-    """The text `ids` add after `context_ids`, decoded in context: a SentencePiece tokenizer (Llama,
-    Mistral) drops a word's leading space when its piece is decoded alone ("was" + "great")."""
-    context = tokenizer.decode(context_ids, skip_special_tokens=True)
-    text = tokenizer.decode(context_ids + ids, skip_special_tokens=True)
-    return text[len(context) :] if text.startswith(context) else tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def encode_in_context(tokenizer, context, text):
-    """Token ids for `text` written after the string `context`, encoded in context (a SentencePiece
-    tokenizer opens a string encoded alone with a word boundary: "the" + "!" would read "the !"). Where
-    the text's first piece would fuse with the context's last token, no continuation of the context's
-    ids is the tokenizer's own: then the text is encoded alone."""
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids
-    ids = tokenizer(context + text, add_special_tokens=False).input_ids
-    if ids[: len(context_ids)] == context_ids:
-        return ids[len(context_ids) :]
-    return tokenizer(text, add_special_tokens=False).input_ids
-
 
 @torch.inference_mode()
 def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, device):
@@ -414,7 +395,7 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
     if guide.same_tokenizer:
         inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
     else:  # the policy's text so far (its prompt text is its prompt ids decoded), and the guide's input
-        contexts = [e["prompt"] + decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
+        contexts = [e["prompt"] + text.decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
         template = args.guide_prompt_template or "{prompt}"
         inputs = [guide.tokenizer(template.format(prompt=e["prompt"]) + context[len(e["prompt"]) :]).input_ids
                   for e, context in zip(examples, contexts)]
@@ -427,8 +408,8 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
             ended = guide.tokenizer.eos_token_id in tokens
             tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)] if ended else tokens
             if not guide.same_tokenizer:
-                text = decode_in_context(guide.tokenizer, chunk[row], tokens)
-                tokens = encode_in_context(tokenizer, contexts[start + row], text)
+                guide_text = text.decode_in_context(guide.tokenizer, chunk[row], tokens)
+                tokens = text.encode_in_context(tokenizer, contexts[start + row], guide_text)
             results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
     return results
 
@@ -472,7 +453,7 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
         responses = out[:, prompt_ids.shape[1] :]
         responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
                                           tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
         batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
         scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
         prompts += batch_prompts
@@ -681,7 +662,7 @@ if __name__ == "__main__":
             x[:, :num_tokens] for x in (responses, response_masks, logprobs, policy_masks))
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_masks = torch.cat([prompt_mask, response_masks], 1)
-        continuations = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        continuations = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
 
         # 2. scoring: pi_ref's log-probs, the critic's values, the task reward on the text
         ref_logprobs, values, full_pass_logprobs = [], [], []

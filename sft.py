@@ -26,7 +26,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, metrics, rewards, tasks
+from common import checkpoint, metrics, rewards, tasks, text
 
 
 @dataclass
@@ -202,7 +202,7 @@ def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexit
         responses = out[:, prompt_ids.shape[1] :]
         responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
                                           tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
         batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
         scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
         prompts += batch_prompts

@@ -13,6 +13,8 @@ from collections import Counter
 
 import torch
 
+from common.text import encode_in_context
+
 
 def tokenize_words(text):
     """Lower-cased words and punctuation marks: the tokens that distinct-n counts."""
@@ -158,7 +160,7 @@ def output_perplexity(model, tokenizer, prompts, continuations, device, batch_si
         rows = []
         for prompt, continuation in zip(prompts[start : start + batch_size], continuations[start : start + batch_size]):
             prompt_ids = tokenizer(prompt).input_ids
-            continuation_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+            continuation_ids = encode_in_context(tokenizer, prompt, continuation)  # as it reads after the prompt
             if continuation_ids:
                 rows.append((prompt_ids, continuation_ids))
         if not rows:

@@ -12,6 +12,8 @@ import json
 import os
 import random
 
+from common.text import encode_in_context
+
 TASKS = ("imdb", "commongen", "tldr")
 
 # Per-task defaults for the flags that the scripts leave at None: tril's configs (Cornell-RL/tril,
@@ -328,9 +330,9 @@ def make_examples(task, rows, tokenizer, max_prompt_length):
     return examples
 
 
-
 def continuation_ids(tokenizer, prompt, reference, max_length):
-    """A reference continuation as token ids after its prompt: joined with a space where neither side has one
-    (" The dog..." after "...dog.", " I like..." after "TL;DR:"), EOS appended, cut to max_length."""
+    """A reference continuation as token ids after its prompt, encoded in context: joined with a space where
+    neither side has one (" The dog..." after "...dog.", " I like..." after "TL;DR:"), EOS appended, cut to
+    max_length."""
     separator = "" if prompt[-1:].isspace() or reference[:1].isspace() else " "
-    return (tokenizer(separator + reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_length]
+    return (encode_in_context(tokenizer, prompt, separator + reference) + [tokenizer.eos_token_id])[:max_length]

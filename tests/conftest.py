@@ -85,6 +85,13 @@ def make_metaspace_tokenizer(vocab_size=300, seed=0):
                                    padding_side="left")
 
 
+@pytest.fixture(scope="session")
+def metaspace(tmp_path_factory):
+    """A SentencePiece-style tokenizer and a tiny model that uses it (saved with it in one folder)."""
+    tokenizer = make_metaspace_tokenizer()
+    return tokenizer, save_tiny_causal_lm(tmp_path_factory.mktemp("metaspace") / "model", tokenizer, seed=5)
+
+
 def tiny_gpt2_config(tokenizer, **overrides):
     from transformers import GPT2Config
 

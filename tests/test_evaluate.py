@@ -54,8 +54,7 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
 
     batch_size = {"eval_batch_size": 3} if module is sft else {"rollout_batch_size": 3}  # two generate calls
     args = module.Args(task=task, num_sample_generations=2, **batch_size)
-    policy_tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                       batch_decode=tokenizer.batch_decode)
+    policy_tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode)
     perplexity_lm = (AutoModelForCausalLM.from_pretrained(assets["toy_guide"]).eval(),
                      AutoTokenizer.from_pretrained(assets["toy_guide"]))
     no_autocast = torch.autocast("cpu", enabled=False)
@@ -84,7 +83,7 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
 
     # pad = EOS, as GPT-2 and SmolLM2 are used: generate cannot tell the left padding from EOS by itself
     real_eos = tokenizer.eos_token_id
-    pad_is_eos = SimpleNamespace(eos_token_id=real_eos, pad_token_id=real_eos, batch_decode=tokenizer.batch_decode)
+    pad_is_eos = SimpleNamespace(eos_token_id=real_eos, pad_token_id=real_eos, decode=tokenizer.decode)
     scored.clear()
     module.evaluate(policy, pad_is_eos, examples, GenerationConfig(do_sample=False, max_new_tokens=H, eos_token_id=real_eos,
                     pad_token_id=real_eos), recorded_reward_fn, perplexity_lm, args, "cpu", no_autocast)

@@ -11,8 +11,7 @@ import aggrevated
 import d2lols
 import ppo
 import ppo_plus_plus
-from conftest import (GUIDED_MODULES, make_metaspace_tokenizer, module_name, read_tensorboard,
-                      run_script_in_process, save_tiny_causal_lm, set_flags, task_args)
+from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
 
 H = 8
 TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good", "funny sad love",
@@ -214,13 +213,6 @@ def test_the_guide_reads_its_template_and_the_policy_gets_the_guides_text(setup,
         assert tokens == expected + [tokenizer.eos_token_id] * ended
     raw = [t for _, new_ids, _ in calls for row in new_ids.tolist() for t in row]
     assert max(raw) >= len(tokenizer), "the guide should write ids the policy's vocabulary does not have"
-
-
-@pytest.fixture(scope="module")
-def metaspace(tmp_path_factory):
-    """A SentencePiece-style tokenizer and a tiny model that uses it."""
-    tokenizer = make_metaspace_tokenizer()
-    return tokenizer, save_tiny_causal_lm(tmp_path_factory.mktemp("metaspace") / "model", tokenizer, seed=5)
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
@@ -441,19 +433,6 @@ def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path,
     run_script_in_process(script, args + ["--eval-every", "0"], cwd=tmp_path)
     counts = [e.value for e in read_tensorboard(tmp_path).Scalars("val/num_eos_tokens")]
     assert len(counts) == 2 and all(0 <= c <= 4 for c in counts) and sum(counts) > 0, counts  # batches of 4
-
-
-@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
-def test_text_is_decoded_and_encoded_in_context(assets, metaspace, module):
-    """Each script's helpers, on a SentencePiece-style and a byte-level tokenizer: a piece decoded alone
-    loses its word's space, and text encoded alone opens a word ("the" + "!" would read "the !")."""
-    for tokenizer in (metaspace[0], assets["tokenizer"]):
-        context = "this movie was the"
-        context_ids = tokenizer(context, add_special_tokens=False).input_ids
-        for text in (" good fun.", "! and the dog"):
-            ids = module.encode_in_context(tokenizer, context, text)
-            assert tokenizer.decode(context_ids + ids) == context + text
-            assert module.decode_in_context(tokenizer, context_ids, ids) == text
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)

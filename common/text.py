@@ -1,0 +1,35 @@
+"""Text in context: token ids to text and back where a piece's meaning depends on what comes before it.
+
+A SentencePiece tokenizer (Llama-2, Mistral, TinyLlama: `Metaspace`) keeps a word's leading space in
+the word's piece ("▁great") and drops it when that piece opens a decoded string: the continuation
+"▁great" decoded alone reads "great", and "...was" + "great" is scored as "...wasgreat". Encoding a
+string alone adds a word boundary it may not have after its context. So every continuation is decoded
+as the whole episode minus its prompt, and every text written after a context is encoded the same way.
+The reward, the metrics, the target regularisation and the guide all read text through these two.
+"""
+
+
+def decode_in_context(tokenizer, context_ids, ids):
+    """The text `ids` add after `context_ids`: the whole decoded, minus the context decoded. Where the two
+    disagree (a piece that changes how the context's end decodes), the ids decoded alone."""
+    context = tokenizer.decode(context_ids, skip_special_tokens=True)
+    text = tokenizer.decode(list(context_ids) + list(ids), skip_special_tokens=True)
+    return text[len(context) :] if text.startswith(context) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def decode_continuations(tokenizer, prompt_ids, responses):
+    """Each row's continuation text, decoded in context: prompt_ids[i] (a list of ids) then responses[i] (a list
+    or a tensor row; padding and EOS are special tokens and vanish)."""
+    return [decode_in_context(tokenizer, list(p), [int(t) for t in r]) for p, r in zip(prompt_ids, responses)]
+
+
+def encode_in_context(tokenizer, context, text):
+    """Token ids for `text` written after the string `context`, encoded in context (a SentencePiece tokenizer
+    opens a string encoded alone with a word boundary: "the" + "!" would read "the !"). Where the text's first
+    piece would fuse with the context's last token, no continuation of the context's ids is the tokenizer's
+    own: then the text is encoded alone."""
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    ids = tokenizer(context + text, add_special_tokens=False).input_ids
+    if ids[: len(context_ids)] == context_ids:
+        return ids[len(context_ids) :]
+    return tokenizer(text, add_special_tokens=False).input_ids
