@@ -278,8 +278,11 @@ def mask_after_eos(responses, eos_token_id):
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def token_mean(x, mask, num_tokens):
+    """A micro-batch's share of a token mean: x summed over its masked tokens, divided by the token count of the
+    whole minibatch (every micro-batch, every process), so the shares add up to the minibatch's mean however it
+    is split (--micro-batch-size, processes) and however many tokens each part holds."""
+    return (x * mask).sum() / num_tokens
 
 
 def normalize_advantages(advantages, mask, how, eps=1e-8):
@@ -318,27 +321,39 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
-def reference_nll(policy, input_ids, attention_mask, target_mask):
-    """tril's target regularisation: the mean NLL of reference continuations under the policy. Rows are
-    left-padded prompt + reference; target_mask (batch, T) is 1 on the reference tokens among the last T."""
+def reference_batch(examples, pad_token_id, device):
+    """tril's target regularisation: rows of prompt + reference continuation ("target_ids"), left-padded, and the
+    target mask (batch, T), 1 on each row's reference tokens among the last T columns (T: the longest reference)."""
+    input_ids, attention_mask = left_pad([e["prompt_ids"] + e["target_ids"] for e in examples], pad_token_id, device)
+    width = max(len(e["target_ids"]) for e in examples)
+    target_mask = torch.tensor([[0.0] * (width - len(e["target_ids"])) + [1.0] * len(e["target_ids"])
+                                for e in examples], device=device)
+    return input_ids, attention_mask, target_mask
+
+
+def reference_nll(policy, input_ids, attention_mask, target_mask, num_tokens):
+    """The NLL of the reference continuations under the policy, as a token mean over `num_tokens` (token_mean)."""
     num_targets = target_mask.shape[1]
     logits = response_logits(policy, input_ids, attention_mask, num_targets)
-    return -masked_mean(token_logprobs(logits, input_ids[:, -num_targets:], 1.0), target_mask)
+    return -token_mean(token_logprobs(logits, input_ids[:, -num_targets:], 1.0), target_mask, num_tokens)
 
 
-def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, value_mask, args):
-    """Clipped surrogate over the policy's tokens (`mask`) + clipped value loss over the guide's (`value_mask`)."""
+def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, value_mask, num_tokens,
+             num_value_tokens, args):
+    """Clipped surrogate over the policy's tokens (`mask`) + clipped value loss over the guide's (`value_mask`),
+    each a token mean over its own tokens in the minibatch (token_mean)."""
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
-    pg_loss = masked_mean(torch.max(-advantages * ratio,
-                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask)
+    pg_loss = token_mean(torch.max(-advantages * ratio,
+                                   -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
     values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
-    v_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask)
+    v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask,
+                              num_value_tokens)
     with torch.no_grad():
         stats = {
-            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-            "clipfrac": masked_mean(((ratio - 1).abs() > args.clip_coef).float(), mask),
-            "ratio": masked_mean(ratio, mask),
+            "approxkl": 0.5 * token_mean(log_ratio**2, mask, num_tokens),  # k2 estimator (sfd's; CleanRL logs k3)
+            "clipfrac": token_mean(((ratio - 1).abs() > args.clip_coef).float(), mask, num_tokens),
+            "ratio": token_mean(ratio, mask, num_tokens),
             "policy_loss": pg_loss,
             "value_loss": v_loss,
         }
@@ -709,45 +724,46 @@ if __name__ == "__main__":
         advantages = torch.where(policy_goes_on.bool(), one_step, advantages)
         advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
-            reference_ids, reference_mask = left_pad([e["prompt_ids"] + e["target_ids"] for e in batch],
-                                                     tokenizer.pad_token_id, device)
-            width = max(len(e["target_ids"]) for e in batch)
-            target_mask = torch.tensor([[0.0] * (width - len(e["target_ids"])) + [1.0] * len(e["target_ids"])
-                                        for e in batch], device=device)
+            reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
         rollout_seconds = time.perf_counter() - iteration_start
 
         # 3. update: epochs of shuffled minibatches, gradients accumulated over micro-batches
         update_start = time.perf_counter()
         memory.set_gradient_checkpointing(trained_models.values(), args.gradient_checkpointing)  # (for the update)
-        stats_shape = (args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps)
-        stats = {name: torch.zeros(stats_shape, device=device)
+        stats = {name: torch.zeros((args.update_epochs, args.num_minibatches), device=device)
                  for name in ("approxkl", "clipfrac", "ratio", "policy_loss", "value_loss", "entropy", "loss",
                               "target_nll")}
         for epoch in range(args.update_epochs):
             order = torch.randperm(args.local_batch_size, device=device)
             for minibatch in range(args.num_minibatches):
+                minibatch_idx = order[minibatch * args.minibatch_size : (minibatch + 1) * args.minibatch_size]
+                # each loss term is a mean over its own tokens in the whole minibatch, every rank's (DDP averages)
+                loss_tokens = distributed.tokens_per_rank(policy_mask[minibatch_idx])
+                value_tokens = distributed.tokens_per_rank(value_mask[minibatch_idx])
+                target_tokens = distributed.tokens_per_rank(target_mask[minibatch_idx]) if args.target_coef else 0
                 for micro in range(args.gradient_accumulation_steps):
-                    start = minibatch * args.minibatch_size + micro * args.micro_batch_size
-                    idx = order[start : start + args.micro_batch_size]
+                    idx = minibatch_idx[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
                     if args.world_size > 1:  # DDP: average the gradients across ranks after the last micro-batch only
                         model.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1
                     with autocast:
                         logits, new_values = model(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
-                                                 advantages[idx], returns[idx], policy_mask[idx], value_mask[idx], args)
+                                                 advantages[idx], returns[idx], policy_mask[idx], value_mask[idx],
+                                                 loss_tokens, value_tokens, args)
                     if args.target_coef:  # tril's target regularisation, on these episodes' prompts
                         with autocast:
-                            target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx], target_mask[idx])
+                            target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx],
+                                                       target_mask[idx], target_tokens)
                         loss = loss + args.target_coef * target_nll
                         micro_stats["target_nll"] = target_nll.detach()
-                    scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                    scaler.scale(loss).backward()  # (the micro-batches' shares add up to the minibatch's loss)
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
-                        micro_stats["entropy"] = masked_mean(entropy_from_logits(logits, args.temperature),
-                                                             policy_mask[idx])
+                        micro_stats["entropy"] = token_mean(entropy_from_logits(logits, args.temperature),
+                                                            policy_mask[idx], loss_tokens)
                     for name, value in micro_stats.items():
-                        stats[name][epoch, minibatch, micro] = value
+                        stats[name][epoch, minibatch] += value
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
@@ -770,13 +786,13 @@ if __name__ == "__main__":
         mean_score = distributed.mean(scores).item()
         mixed = (k > 0).float()  # the episodes the guide took part in
         mixed_fraction = distributed.mean(mixed).item()
-        with torch.no_grad():  # (several processes: the mean of the ranks' explained variances)
-            explained_variance = (1 - (returns - values)[value_mask.bool()].var()
-                                  / returns[value_mask.bool()].var().clamp(min=1e-8))
+        with torch.no_grad():  # over every rank's tokens
+            explained_variance = (1 - distributed.masked_var(returns - values, value_mask)
+                                  / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
-            "objective/entropy": -(logprobs * policy_mask).sum(1).mean().item(),
+            "objective/entropy": distributed.mean(-(logprobs * policy_mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
             "policy/approxkl_avg": distributed.mean(stats["approxkl"]).item(),
@@ -786,7 +802,7 @@ if __name__ == "__main__":
             "loss/value_avg": distributed.mean(stats["value_loss"]).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
             "val/ratio": distributed.mean(stats["ratio"]).item(),
-            "val/explained_variance": distributed.mean(explained_variance).item(),
+            "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
             "charts/episodes": global_episodes,

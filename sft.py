@@ -171,8 +171,10 @@ def sft_batch(pairs, pad_token_id, device):
     return input_ids, attention_mask, loss_mask
 
 
-def sft_loss(model, input_ids, attention_mask, loss_mask):
-    """Mean negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before.
+def sft_loss(model, input_ids, attention_mask, loss_mask, num_tokens=None):
+    """Negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before,
+    summed and divided by `num_tokens` (default: these tokens): with the whole batch's target tokens, the
+    micro-batches' losses add up to the batch's token mean however it is split.
 
     Left padding puts every target at the end of its row, so the LM head runs only on the last columns."""
     num_target_tokens = int(loss_mask.sum(1).max())
@@ -180,7 +182,7 @@ def sft_loss(model, input_ids, attention_mask, loss_mask):
                    logits_to_keep=num_target_tokens + 1).logits[:, :-1].float()
     targets, mask = input_ids[:, -num_target_tokens:], loss_mask[:, -num_target_tokens:].float()
     token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (token_nll * mask).sum() / mask.sum().clamp(min=1)
+    return (token_nll * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 
 def mask_after_eos(responses, eos_token_id):
@@ -350,15 +352,15 @@ if __name__ == "__main__":
         batch = [train_pairs[i] for i in order[: args.batch_size]]
         del order[: args.batch_size]
 
-        # one optimizer step: the batch's loss, accumulated over micro-batches
-        step_loss = 0.0
+        # one optimizer step: the batch's loss (a mean over its target tokens), accumulated over micro-batches
+        step_loss, num_target_tokens = 0.0, sum(len(target) for _, target in batch)
         for start in range(0, args.batch_size, args.micro_batch_size):
             input_ids, attention_mask, loss_mask = sft_batch(batch[start : start + args.micro_batch_size],
                                                              tokenizer.pad_token_id, device)
             with autocast:
-                loss = sft_loss(model, input_ids, attention_mask, loss_mask)
-            scaler.scale(loss / args.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / args.gradient_accumulation_steps
+                loss = sft_loss(model, input_ids, attention_mask, loss_mask, num_target_tokens)
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
         scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights

@@ -41,6 +41,21 @@ def masked_mean(x, mask):
     return sums[0] / sums[1].clamp(min=1)
 
 
+def masked_var(x, mask):
+    """The (population) variance of x over the masked entries of every rank."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def tokens_per_rank(mask):
+    """The masked tokens of every rank, counted (at least 1), divided by the number of ranks: a loss summed over
+    a rank's tokens and divided by it is, once DDP has averaged the ranks' gradients, the mean over all tokens."""
+    total = mask.sum().float()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.clamp(min=1) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
 def broadcast(obj):
     """Rank 0's object (a list, a number...) on every rank."""
     if dist.is_initialized():

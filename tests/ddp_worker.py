@@ -2,7 +2,9 @@
 run_script_in_process does), then writes what this rank ended with, for the test to compare the ranks:
 its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the prompts it rolled out
 (rank{RANK}.json). With SIGINT_RANK0_IN_ITERATION=n, rank 0 alone gets a SIGINT during iteration n
-(as from Ctrl-C on one node).
+(as from Ctrl-C on one node). With REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
+call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
+(tests/test_split.py: the same episodes as a one-process run).
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py ppo.py --task imdb ...
 """
@@ -16,6 +18,24 @@ from safetensors.torch import save_model
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import Spy, run_script_in_process  # noqa: E402
 
+
+class Replay:
+    """Stands in for one of the script's helpers: returns the recorded results in turn, this rank's rows only."""
+
+    def __init__(self, results, rank, world_size):
+        self.results, self.rank, self.world_size = list(results), rank, world_size
+
+    def share(self, x):
+        n = len(x) // self.world_size
+        return x[self.rank * n : (self.rank + 1) * n]
+
+    def wrap(self, function):
+        def replayed(*args, **kwargs):
+            result = self.results.pop(0)
+            return tuple(self.share(x) for x in result) if isinstance(result, tuple) else self.share(result)
+
+        return replayed
+
 if __name__ == "__main__":
     script, args = sys.argv[1], sys.argv[2:]
     spies = {"rollout": Spy()} if script in ("ppo.py", "ppo_plus_plus.py") else {}
@@ -23,10 +43,17 @@ if __name__ == "__main__":
         from test_checkpoints import StopIn
 
         spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGINT_RANK0_IN_ITERATION"]), 1, "signal")
+    if os.environ.get("REPLAY_EPISODES"):
+        import torch
+
+        recorded = torch.load(os.environ["REPLAY_EPISODES"], weights_only=False)
+        spies = {name: Replay(results, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+                 for name, results in recorded.items()}
     namespace = run_script_in_process(script, args, os.getcwd(), spies)
     rank = os.environ["RANK"]
     for name, model in namespace["trained_models"].items():
         save_model(model, f"{name}_rank{rank}.safetensors")
     with open(f"rank{rank}.json", "w") as f:
         json.dump({"prompt_order": namespace["prompt_order"],
-                   "rollout_prompts": [call.prompts for call in spies["rollout"].calls] if spies else []}, f)
+                   "rollout_prompts": [call.prompts for call in spies["rollout"].calls] if "rollout" in spies
+                   and isinstance(spies["rollout"], Spy) else []}, f)

@@ -159,7 +159,7 @@ def test_aggrevated_pg_loss_on_the_policys_tokens_and_value_loss_on_the_guides(m
     new_logprobs = torch.zeros(1, 4, requires_grad=True)
     new_values = torch.zeros(1, 4, requires_grad=True)
     loss, stats = module.ppo_loss(new_logprobs, new_values, old, old, torch.ones(1, 4), torch.ones(1, 4),
-                                      mask, value_mask, args)
+                                  mask, value_mask, mask.sum(), value_mask.sum(), args)
     loss.backward()
     assert new_logprobs.grad[0, 2:].abs().sum() == 0 and new_logprobs.grad[0, :2].abs().sum() > 0
     assert new_values.grad[0, :2].abs().sum() == 0 and new_values.grad[0, 2:].abs().sum() > 0

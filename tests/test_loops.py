@@ -67,17 +67,24 @@ OTHER_NORM = {"ppo.py": "none", "ppo_plus_plus.py": "scale", "aggrevated.py": "s
 
 
 @rl_scripts
-@pytest.mark.parametrize("advantage_norm", ["default", "other"])
+@pytest.mark.parametrize("advantage_norm", ["default", "other", "ends_early"])
 def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(assets, tmp_path, script,
                                                                                 advantage_norm):
     """One epoch of one minibatch: the policy that scores the ratio is the one that sampled, so the ratio
-    is 1 and approx-KL 0 on every iteration, and the loop hands KL, GAE and the PPO loss the masks the
-    algorithm says: PPO++'s roll-in is state (no loss, no KL), AggreVaTeD's value loss runs on the
-    guide's tokens and its policy gradient on the policy's, D2LOLS does one then the other."""
+    is 1 and approx-KL 0 on every iteration, and the loop hands KL, GAE, the advantage normalisation and the
+    PPO loss the masks the algorithm says: PPO++'s roll-in is state (no loss, no KL), AggreVaTeD's value loss
+    runs on the guide's tokens and its policy gradient on the policy's, D2LOLS does one then the other.
+    ends_early: a policy (and guide) that says EOS with p = 0.2, so episodes end before the horizon and the
+    padding after them is not a loss token."""
     args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--max-new-tokens", 8,
                      "--eval-every", 0, "--kl-coef", 0.1, "--learning-rate", 1e-3, "--gamma", 0.9, "--gae-lambda", 0.8)
     if script != "ppo.py":
         args = set_flags(args, "--beta", 1)
+    if advantage_norm == "ends_early":
+        args = set_flags(args, "--model-name-or-path", assets["often_eos"], "--min-new-tokens", 0, "--top-k", 0)
+        if script != "ppo.py":
+            args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-min-new-tokens", 0,
+                             "--guide-top-k", 0, "--guide-top-p", 1.0)
     norm = OTHER_NORM[script] if advantage_norm == "other" else None
     args += ["--anneal-lr", "False", "--target-coef", "0"] + (["--advantage-norm", norm] if norm else [])
     _, spies, events = run(script, args, tmp_path, SPIED[script] + LOOP_HELPERS + ["reference_nll"])
@@ -88,8 +95,9 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
     assert max(scalars(events, "policy/approxkl_avg")) < 1e-9
     assert scalars(events, "policy/clipfrac_avg") == [0, 0]
     assert scalars(events, "charts/lr") == pytest.approx([1e-3, 1e-3])  # --no-anneal-lr
-    if script != "ppo.py":
+    if script != "ppo.py" and advantage_norm != "ends_early":
         assert min(scalars(events, "guide/mixed_fraction")) >= 0.75  # beta 1: (nearly) every episode is mixed
+    ended_early = 0
 
     for iteration in range(2):
         built = episodes_built(script, spies, iteration)
@@ -99,6 +107,7 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
         built = {name: x[:, :num_tokens] if torch.is_tensor(x) else x for name, x in built.items()}
         policy, episode = built["policy"].float(), built["episode"].float()
         assert policy.sum() > 0
+        ended_early += int((episode.sum(1) < 8).sum())
 
         # KL on the policy's tokens, the score on the episode's last token; GAE over the episode's actions
         kl_call = spies["kl_penalized_rewards"].calls[iteration]
@@ -144,6 +153,8 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
             for i in range(len(policy)):
                 k, n = int(policy[i].sum()), int(episode[i].sum())
                 assert policy[i, :k].all() and value[i, k:n].all()
+    if advantage_norm == "ends_early":
+        assert ended_early >= 2, "want episodes that end before the horizon"
 
 
 def record_rewards(monkeypatch):
@@ -216,7 +227,8 @@ def test_flags_that_change_the_loop(assets, tmp_path, monkeypatch, script):
     for call in calls:
         [row], [attended], [target] = call.input_ids.tolist(), call.attention_mask.tolist(), call.target_mask
         assert references[tuple(t for t, a in zip(row, attended) if a)] == target.sum()
-    target_nll = torch.stack([call.result for call in calls]).view(3, 4).mean(1)
+    # (each call is its micro-batch's share of its minibatch's token mean: summed per minibatch, averaged over the 2)
+    target_nll = torch.stack([call.result for call in calls]).view(3, 2, 2).sum(2).mean(1)
     assert scalars(events, "loss/target_avg") == pytest.approx(target_nll.tolist())
 
 
@@ -421,7 +433,8 @@ def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path
         width = max(map(len, targets))
         target_mask = torch.tensor([[0.0] * (width - len(t)) + [1.0] * len(t) for t in targets])
         with torch.no_grad():  # the script's own helper, on the trained policy
-            nll[coef] = script_globals["reference_nll"](script_globals["policy"], ids, mask, target_mask).item()
+            nll[coef] = script_globals["reference_nll"](script_globals["policy"], ids, mask, target_mask,
+                                                          target_mask.sum()).item()
     assert nll["1"] < nll["0"] - 0.01, nll
 
 

@@ -30,12 +30,14 @@ def kl_rewards(module, scores, logprobs, ref_logprobs, mask, kl_coef, policy_mas
 
 
 def loss(module, new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, args, value_mask=None):
-    """The module's ppo_loss; AggreVaTeD's and D2LOLS's also take the value loss's tokens (default: `mask`)."""
+    """The module's ppo_loss on one whole minibatch (its token counts: the masks' sums); AggreVaTeD's and D2LOLS's
+    also take the value loss's tokens (default: `mask`)."""
     if "value_mask" in inspect.signature(module.ppo_loss).parameters:
         value_mask = mask if value_mask is None else value_mask
         return module.ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask,
-                               value_mask, args)
-    return module.ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, args)
+                               value_mask, mask.sum(), value_mask.sum(), args)
+    return module.ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, returns, mask, mask.sum(),
+                           args)
 
 
 @rl_modules
@@ -262,17 +264,18 @@ def test_exact_div_names_the_flags():
 
 @rl_modules
 def test_reference_nll_is_the_mean_nll_of_the_reference_tokens(assets, module):
-    """tril's target regularisation term: left-padded prompt | reference rows, the NLL of the reference tokens
-    only (token-weighted over the batch), each predicted from everything before it."""
+    """tril's target regularisation term: reference_batch's left-padded prompt | reference rows (references of
+    different lengths), the NLL of the reference tokens only (token-weighted over the batch), each predicted
+    from everything before it."""
     tokenizer = assets["tokenizer"]
     model = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
     pairs = [(tokenizer("the film was").input_ids, tokenizer(" good fun").input_ids + [tokenizer.eos_token_id]),
              (tokenizer("a long prompt about a movie and a plot").input_ids, tokenizer(" yes").input_ids)]
-    ids, attention_mask = module.left_pad([p + t for p, t in pairs], tokenizer.pad_token_id, "cpu")
-    width = max(len(t) for _, t in pairs)
-    target_mask = torch.tensor([[0.0] * (width - len(t)) + [1.0] * len(t) for _, t in pairs])
+    examples = [{"prompt_ids": p, "target_ids": t} for p, t in pairs]  # references of different lengths
+    ids, attention_mask, target_mask = module.reference_batch(examples, tokenizer.pad_token_id, "cpu")
+    assert target_mask.sum(1).tolist() == [len(t) for _, t in pairs]
     with torch.no_grad():
-        nll = module.reference_nll(model, ids, attention_mask, target_mask)
+        nll = module.reference_nll(model, ids, attention_mask, target_mask, target_mask.sum())
         total, count = 0.0, 0
         for prompt, target in pairs:
             row = torch.tensor([prompt + target])
