@@ -654,6 +654,7 @@ if __name__ == "__main__":
                 script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
                 global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
                 prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states, scaler=scaler.state_dict()))
+        distributed.barrier()  # no rank leaves (a stop) before the checkpoint is complete
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank

@@ -162,19 +162,45 @@ def load(state, models, optimizer, scaler, device):
         print(f"resumed {state['run_name']} at {'iteration' if 'iteration' in state else 'step'} {step} from {path}")
 
 
+# a second signal this soon after the first is the same stop, passed on by a launcher (torchrun forwards the
+# Ctrl-C a terminal may also have sent to every process): only a later one stops at once
+SAME_STOP_SECONDS = 3.0
+
+
 def stop_on_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) no longer kill the run: they are noted in the
-    returned list, which the loop checks after each step (a second signal stops at once, as usual)."""
-    received = []
+    returned list, which the loop checks after each step. A second signal stops at once (KeyboardInterrupt),
+    unless it comes within SAME_STOP_SECONDS of the first."""
+    received, first = [], []
 
     def handler(signum, frame):
+        if first and time.monotonic() - first[0] > SAME_STOP_SECONDS:
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}: stopped at once")
+        if first:
+            return
+        first.append(time.monotonic())
         received.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)
         print(f"\n{received[-1]}: finishing this step, then stopping (send it again to stop at once)", flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
     return received
+
+
+def launch_command():
+    """How this process was started, as a command to type: `python script ...`, or under torchrun the launcher
+    with its own options (read from the parent process where the system shows it; else the process count)."""
+    if "LOCAL_WORLD_SIZE" not in os.environ:  # (torchrun sets it)
+        return ["python"]
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [arg.decode() for arg in f.read().split(b"\0") if arg]
+        start = next(i for i, arg in enumerate(parent) if arg.endswith("torchrun") or arg == "torch.distributed.run")
+        return ["torchrun", *parent[start + 1 : len(parent) - parent[::-1].index(sys.argv[0]) - 1]]
+    except (OSError, StopIteration, ValueError):
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+        return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
+                "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]]
 
 
 def stopped_message(received, progress, checkpoint_dir):
@@ -191,5 +217,5 @@ def stopped_message(received, progress, checkpoint_dir):
         skip = arg == "--resume"
         if not skip:
             argv.append(arg)
-    command = shlex.join(["python", *argv, "--resume", checkpoint_dir])
+    command = shlex.join([*launch_command(), *argv, "--resume", checkpoint_dir])
     return f"stopped by {signal_name} after {progress}; checkpoint: {checkpoint_dir}\nresume with: {command}"

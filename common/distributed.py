@@ -6,10 +6,15 @@ make the batch statistics global. `python script.py` is one process with no proc
 function below is then the identity (the same numbers, bit for bit).
 """
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+# how long a rank waits in a collective for the others: rank 0 alone evaluates and writes checkpoints (minutes
+# on a large model) while the others wait for it, so far longer than PyTorch's default (10 min NCCL, 30 gloo)
+TIMEOUT = datetime.timedelta(hours=3)
 
 
 def setup(use_cuda):
@@ -17,7 +22,7 @@ def setup(use_cuda):
     cuda = use_cuda and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -72,6 +77,12 @@ def gather(obj):
     objects = [None] * dist.get_world_size()
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def barrier():
+    """Every rank waits here for the others (one process: returns at once)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def cleanup():

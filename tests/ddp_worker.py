@@ -2,7 +2,10 @@
 run_script_in_process does), then writes what this rank ended with, for the test to compare the ranks:
 its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the prompts it rolled out
 (rank{RANK}.json). With SIGINT_RANK0_IN_ITERATION=n, rank 0 alone gets a SIGINT during iteration n
-(as from Ctrl-C on one node). With REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
+(as from Ctrl-C on one node); with SIGINT_LAUNCHER_IN_ITERATION=n, rank 0 sends it to torchrun during iteration n
+(as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank). With SLOW_SAVE=s, a checkpoint takes s
+seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written.
+With REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
 call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
 (tests/test_split.py: the same episodes as a one-process run).
 
@@ -11,7 +14,9 @@ call]}), each named helper of the script returns its next recorded result, cut t
 
 import json
 import os
+import signal
 import sys
+import time
 
 from safetensors.torch import save_model
 
@@ -43,13 +48,35 @@ if __name__ == "__main__":
         from test_checkpoints import StopIn
 
         spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGINT_RANK0_IN_ITERATION"]), 1, "signal")
+    if os.environ.get("SIGINT_LAUNCHER_IN_ITERATION") and os.environ["RANK"] == "0":
+        from test_checkpoints import StopIn
+
+        spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGINT_LAUNCHER_IN_ITERATION"]), 1, "signal",
+                                               pid=os.getppid())
+    if os.environ.get("SLOW_SAVE"):
+        from common import checkpoint
+
+        save = checkpoint.save
+
+        def slow_save(*args, **kwargs):
+            time.sleep(float(os.environ["SLOW_SAVE"]))
+            save(*args, **kwargs)
+            with open("saved.txt", "w") as f:
+                f.write(repr(time.time()))
+
+        checkpoint.save = slow_save
     if os.environ.get("REPLAY_EPISODES"):
         import torch
 
         recorded = torch.load(os.environ["REPLAY_EPISODES"], weights_only=False)
         spies = {name: Replay(results, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
                  for name, results in recorded.items()}
-    namespace = run_script_in_process(script, args, os.getcwd(), spies)
+    try:
+        namespace = run_script_in_process(script, args, os.getcwd(), spies)
+    finally:
+        if os.environ.get("SLOW_SAVE"):
+            with open(f"exit_rank{os.environ['RANK']}.txt", "w") as f:
+                f.write(repr(time.time()))
     rank = os.environ["RANK"]
     for name, model in namespace["trained_models"].items():
         save_model(model, f"{name}_rank{rank}.safetensors")

@@ -46,12 +46,12 @@ def four_step_args(assets, script):
 
 
 class StopIn(Spy):
-    """Wraps a helper the loop calls `per_step` times a step: during step `step` it sends this process
-    SIGINT (what Ctrl-C does), or raises (a crash)."""
+    """Wraps a helper the loop calls `per_step` times a step: during step `step` it sends this process (or
+    `pid`) SIGINT (what Ctrl-C does), or raises (a crash)."""
 
-    def __init__(self, step, per_step, how):
+    def __init__(self, step, per_step, how, pid=None):
         super().__init__()
-        self.at_call, self.how = step * per_step, how
+        self.at_call, self.how, self.pid = step * per_step, how, pid
 
     def wrap(self, function):
         recorded = super().wrap(function)
@@ -61,7 +61,7 @@ class StopIn(Spy):
             if len(self.calls) == self.at_call:
                 if self.how == "crash":
                     raise RuntimeError("the machine went away")
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(self.pid or os.getpid(), signal.SIGINT)
             return result
 
         return wrapper
@@ -400,3 +400,26 @@ def test_rng_state_round_trips_through_json():
     draws()
     checkpoint.set_rng_state(saved, mixing)
     assert draws() == expected
+
+
+def test_a_signal_passed_on_by_a_launcher_is_the_same_stop_and_a_later_one_stops_at_once(monkeypatch):
+    """torchrun passes a Ctrl-C on to every rank, which the terminal may have sent them too: a second signal
+    right after the first is the same stop (it must not kill the process mid-checkpoint); a later one stops
+    at once."""
+    import time
+
+    monkeypatch.setattr(checkpoint, "SAME_STOP_SECONDS", 0.5)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        received = checkpoint.stop_on_signals()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert received == ["SIGINT"]
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

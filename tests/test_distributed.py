@@ -4,6 +4,7 @@ statistics are the whole batch's."""
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -83,26 +84,40 @@ dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py"])
-def test_two_processes_stopped_on_one_rank_and_resumed_log_what_an_unstopped_run_logs(assets, tmp_path, script):
-    """SIGINT reaches rank 0 alone in iteration 1: both ranks end the iteration, rank 0 writes the checkpoint
-    with both ranks' random streams, both exit; resumed on 2 processes, TensorBoard and the weights are
-    those of a run that never stopped."""
+def test_two_processes_stopped_either_way_save_before_leaving_and_resume_to_what_an_unstopped_run_logs(
+        assets, tmp_path, script):
+    """SIGINT in iteration 1 reaches rank 0 alone (a signal to one process), or torchrun, which passes it on to
+    every rank (Ctrl-C in its terminal). Either way both ranks end the iteration, rank 0 writes the checkpoint
+    with both ranks' random streams (slowed down here by 3 s), and no rank exits before it is complete; the
+    printed command is torchrun's and, run, continues the run: TensorBoard and the weights are then those of a
+    run that never stopped."""
     from test_checkpoints import four_step_args, logged
 
     args = four_step_args(assets, script)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    whole.mkdir(), stopped.mkdir()
+    whole = tmp_path / "whole"
+    whole.mkdir()
     assert torchrun(script, args, whole).returncode == 0
-    result = torchrun(script, args, stopped, env={"SIGINT_RANK0_IN_ITERATION": "1"})
-    assert result.returncode != 0 and "stopped by SIGINT after iteration 1/4; checkpoint: " in result.stderr
-    [folder] = glob.glob(str(stopped / "checkpoints" / "*"))
-    assert len(json.load(open(os.path.join(folder, "state.json")))["rng"]) == 2
-    result = torchrun(script, args + ["--resume", folder], stopped)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert logged(read_tensorboard(stopped)) == logged(read_tensorboard(whole))
-    for name in ("policy", "critic"):
-        a, b = (load_file(cwd / f"{name}_rank0.safetensors") for cwd in (whole, stopped))
-        assert all(torch.equal(a[key], b[key]) for key in a)
+    for way in ("SIGINT_RANK0_IN_ITERATION", "SIGINT_LAUNCHER_IN_ITERATION"):
+        stopped = tmp_path / way
+        stopped.mkdir()
+        result = torchrun(script, args, stopped, env={way: "1", "SLOW_SAVE": "3"})
+        assert result.returncode != 0 and "stopped by SIGINT after iteration 1/4; checkpoint: " in result.stderr, way
+        [folder] = glob.glob(str(stopped / "checkpoints" / "*"))
+        assert len(json.load(open(os.path.join(folder, "state.json")))["rng"]) == 2
+        saved, *exits = (float((stopped / name).read_text()) for name in ("saved.txt", "exit_rank0.txt",
+                                                                          "exit_rank1.txt"))
+        assert min(exits) >= saved, f"{way}: a rank left before the checkpoint was complete"
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("resume with: ")]
+        command = shlex.split(line.removeprefix("resume with: "))
+        assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"] and command[-2:] == [
+            "--resume", folder.removeprefix(str(stopped) + os.sep)], command
+        resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:]], cwd=stopped,
+                                 capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert logged(read_tensorboard(stopped)) == logged(read_tensorboard(whole)), way
+        for name in ("policy", "critic"):
+            a, b = (load_file(cwd / f"{name}_rank0.safetensors") for cwd in (whole, stopped))
+            assert all(torch.equal(a[key], b[key]) for key in a), way
 
 
 def test_whitening_over_two_ranks_is_whitening_over_their_union(tmp_path):
@@ -130,3 +145,29 @@ def test_one_process_helpers_are_the_identity():
     assert distributed.mean(x).item() == x.mean().item()
     assert distributed.masked_mean(x, mask).item() == 1.5
     assert distributed.broadcast([3, 1, 2]) == [3, 1, 2] and distributed.gather("a") == ["a"]
+
+
+def test_the_process_group_waits_long_for_rank_0s_evaluation_and_saves(monkeypatch):
+    """Rank 0 alone evaluates and writes checkpoints while the others wait in a collective: the group's
+    timeout is hours, not PyTorch's default minutes."""
+    seen = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert distributed.setup(use_cuda=False)[:2] == (1, 2)
+    assert seen["timeout"].total_seconds() >= 3 * 3600
+
+
+def test_the_resume_command_names_torchrun_and_its_process_count(monkeypatch):
+    """Under torchrun the printed command is a torchrun command (its own options where the parent process shows
+    them, as in the 2-process test above; else the process count, and the node count when there are several)."""
+    from common import checkpoint
+
+    monkeypatch.setattr(sys, "argv", ["ppo.py", "--task", "imdb"])
+    assert "resume with: python ppo.py --task imdb --resume ck" in checkpoint.stopped_message(["SIGINT"], "x", "ck")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(os, "getppid", os.getpid)  # a parent that is not torchrun: the fallback
+    assert ("resume with: torchrun --nnodes 2 --nproc_per_node 2 ppo.py --task imdb --resume ck"
+            in checkpoint.stopped_message(["SIGINT"], "x", "ck"))
