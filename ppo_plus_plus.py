@@ -243,9 +243,9 @@ def response_logits(model, input_ids, attention_mask, num_response_tokens):
 class Critic(nn.Module):
     """V(s_t): a scalar head on a transformer backbone initialised from the policy checkpoint."""
 
-    def __init__(self, model_name_or_path, dtype=torch.float32):
+    def __init__(self, model_name_or_path, dtype=torch.float32, **config):
         super().__init__()
-        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=dtype)
+        self.backbone = AutoModel.from_pretrained(model_name_or_path, dtype=dtype, **config)
         self.value_head = nn.Linear(self.backbone.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -555,14 +555,18 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # every model stays in eval mode (no dropout), so the training pass reproduces the rollout's log-probs
+    # every model stays in eval mode, and the trained ones have no dropout at all (even under checkpointing),
+    # so the training pass reproduces the rollout's log-probs
+    dropout = memory.dropout_probabilities(args.model_name_or_path)  # (restored for saving)
+    no_dropout = dict.fromkeys(dropout, 0.0)
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: frozen weights in bf16
     policy_dtype = frozen_dtype if args.lora_r else torch.float32  # (LoRA: the policy's and critic's are frozen)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=policy_dtype).to(device).eval()
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=policy_dtype, **no_dropout)
+    policy = policy.to(device).eval()
     if not args.lora_r:  # pi_ref: a frozen copy of the starting policy
         ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
         ref_policy.requires_grad_(False)
-    critic = Critic(args.model_name_or_path, policy_dtype).to(device).eval()
+    critic = Critic(args.model_name_or_path, policy_dtype, **no_dropout).to(device).eval()
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
     # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
     checkpoint_generation_config = policy.generation_config
@@ -819,6 +823,7 @@ if __name__ == "__main__":
         if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class
             policy = policy.merge_and_unload()
         policy.generation_config = checkpoint_generation_config
+        policy.config.update(dropout)  # the checkpoint's own dropout, as it came
         policy.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)
         print(f"saved the policy to {save_path}")

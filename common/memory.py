@@ -11,7 +11,19 @@ pi_ref (the policy with its adapters switched off).
 """
 
 from torch import nn
+from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+def dropout_probabilities(model_name_or_path):
+    """The checkpoint's dropout probabilities (every *dropout* / *pdrop* number of its config). The trained models
+    load with them at 0 (from_pretrained(**dict.fromkeys(them, 0.0)): modules copy a probability when built, so
+    changing the config afterwards does nothing): the training pass then reproduces the rollout's log-probs in
+    every architecture, also those whose layers drop out by their own training flag (OPT, XGLM, BioGPT,
+    Falcon), which gradient checkpointing sets. config.update(them) puts them back before saving."""
+    config = AutoConfig.from_pretrained(model_name_or_path).to_dict()
+    return {name: value for name, value in config.items() if ("dropout" in name or "pdrop" in name)
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
 
 
 def enable_gradient_checkpointing(models):
@@ -25,8 +37,8 @@ def enable_gradient_checkpointing(models):
 
 def set_gradient_checkpointing(models, on):
     """transformers recomputes a layer only while the layer is in training mode. That flag alone is set,
-    and only for the update: dropout stays off (the ratio's log-probs stay the rollout's) and generation
-    keeps its KV cache."""
+    and only for the update: generation keeps its KV cache, and dropout stays off (the trained models have
+    no dropout at all: dropout_probabilities)."""
     for model in models:
         for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):

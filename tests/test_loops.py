@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from common import metrics, rewards, tasks
 from conftest import (RL_SCRIPTS, Spy, read_tensorboard, reward_model_of, run_script_in_process, set_flags,
@@ -439,17 +440,33 @@ def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path
 
 
 @rl_scripts
-def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_path, script, monkeypatch):
+@pytest.mark.parametrize("architecture", ["gpt2", "opt"])
+def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_path, script, monkeypatch,
+                                                                     architecture):
     """With dropout in the checkpoint (p = 0.5): under --gradient-checkpointing the update recomputes the
-    layers (transformers' checkpoint function runs) yet dropout stays off, so the first ratio is 1, and the
-    run trains exactly as without it."""
+    layers (transformers' checkpoint function runs) yet nothing drops out, so the first ratio is 1, and the
+    run trains exactly as without it. GPT-2 drops out through nn.Dropout modules; OPT's layers call dropout
+    with their own training flag, which checkpointing sets. --save-model keeps the checkpoint's dropout."""
     import transformers.modeling_utils
+    from transformers import OPTConfig, OPTForCausalLM
+
     from conftest import save_tiny_causal_lm
 
-    dropout_policy = save_tiny_causal_lm(tmp_path / "dropout_policy", assets["tokenizer"], resid_pdrop=0.5,
-                                         embd_pdrop=0.5, attn_pdrop=0.5)
+    tokenizer = assets["tokenizer"]
+    if architecture == "gpt2":
+        dropout_policy = save_tiny_causal_lm(tmp_path / "dropout_policy", tokenizer, resid_pdrop=0.5,
+                                             embd_pdrop=0.5, attn_pdrop=0.5)
+    else:
+        torch.manual_seed(0)
+        dropout_policy = str(tmp_path / "dropout_policy")
+        OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256, dropout=0.5,
+                                 attention_dropout=0.5, pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                       ).save_pretrained(dropout_policy)
+        tokenizer.save_pretrained(dropout_policy)
     args = set_flags(task_args(assets, "imdb", script), "--model-name-or-path", dropout_policy, "--num-minibatches", 1,
-                     "--eval-every", 0, "--learning-rate", 1e-3)
+                     "--eval-every", 0, "--learning-rate", 1e-3, "--total-episodes", 4)
     checkpointed = []
     original = transformers.modeling_utils.checkpoint
 
@@ -459,7 +476,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
     runs = {}
-    for flags in ([], ["--gradient-checkpointing"]):
+    for flags in ([], ["--gradient-checkpointing", "--save-model", "--save-path", str(tmp_path / "saved")]):
         (tmp_path / str(len(runs))).mkdir()
         runs[bool(flags)], _, events = run(script, args + flags, tmp_path / str(len(runs)))
         for value in scalars(events, "val/ratio"):
@@ -467,4 +484,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_
         assert bool(checkpointed) == bool(flags)
     for a, b in zip(runs[False]["policy"].parameters(), runs[True]["policy"].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert not runs[True]["policy"].training and not runs[True]["policy"].transformer.h[0].training
+    assert not runs[True]["policy"].training
+    assert not any(m.training for m in runs[True]["policy"].modules() if isinstance(m, GradientCheckpointingLayer))
+    saved = json.load(open(tmp_path / "saved" / "config.json"))
+    assert saved["dropout" if architecture == "opt" else "resid_pdrop"] == 0.5
