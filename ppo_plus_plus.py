@@ -529,8 +529,8 @@ if __name__ == "__main__":
 
     run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
-    if checkpoint_dir:
-        checkpoint.check_dir(checkpoint_dir, run_name)
+    save_path = (args.save_path or f"models/{run_name}") if args.save_model else None
+    checkpoint.check_outputs(run_name, checkpoint_dir, save_path)  # every folder it writes, before training
     if args.track and master:
         import wandb
 
@@ -819,13 +819,13 @@ if __name__ == "__main__":
                                                         checkpoint_dir) if master else 1)
 
     if args.save_model and master:
-        save_path = args.save_path or f"models/{run_name}"
         if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class
             policy = policy.merge_and_unload()
         policy.generation_config = checkpoint_generation_config
         policy.config.update(dropout)  # the checkpoint's own dropout, as it came
-        policy.save_pretrained(save_path)
-        tokenizer.save_pretrained(save_path)
+        with checkpoint.writing("the policy to", save_path):  # (a full disk: one line)
+            policy.save_pretrained(save_path)
+            tokenizer.save_pretrained(save_path)
         print(f"saved the policy to {save_path}")
     if master:
         writer.close()

@@ -252,8 +252,8 @@ if __name__ == "__main__":
 
     run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
-    if checkpoint_dir:
-        checkpoint.check_dir(checkpoint_dir, run_name)
+    save_path = (args.save_path or f"models/{run_name}") if args.save_model else None
+    checkpoint.check_outputs(run_name, checkpoint_dir, save_path)  # every folder it writes, before training
     if args.track:
         import wandb
 
@@ -391,9 +391,9 @@ if __name__ == "__main__":
             raise SystemExit(checkpoint.stopped_message(stop, f"step {step}/{args.num_steps}", checkpoint_dir))
 
     if args.save_model:
-        save_path = args.save_path or f"models/{run_name}"
         model.generation_config = checkpoint_generation_config
-        model.save_pretrained(save_path)
-        tokenizer.save_pretrained(save_path)
+        with checkpoint.writing("the model to", save_path):  # (a full disk: one line)
+            model.save_pretrained(save_path)
+            tokenizer.save_pretrained(save_path)
         print(f"saved the model to {save_path}")
     writer.close()

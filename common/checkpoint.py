@@ -8,6 +8,7 @@ every RNG state, the flags). Nothing in it is pickled code. The scripts decide w
 file writes and reads.
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,11 +17,15 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+CHECKPOINT_FILES = ("state.json", "optimizer.pt")  # and one <model>.safetensors per trained model
 
 
 def rng_state(mixing_rng=None):
@@ -72,18 +77,48 @@ def load_weights(model, file, device):
     model.load_state_dict(tensors, strict=False)
 
 
+@contextlib.contextmanager
+def writing(what, path):
+    """A write that fails (a full disk, no permission, a file in the way) ends the run with one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def check_writable(path, what):
+    """Before training: `path` is, or can be made, a folder this run can write in (the first folder on the way
+    that exists takes a file); one line naming `what` otherwise. Nothing is created."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    if not os.path.isdir(existing):
+        raise SystemExit(f"error: {what} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {what} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
 def save(path, models, optimizer, state):
     """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
-    while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames)."""
+    while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames). A
+    write that fails (a full disk) ends the run with one line, the previous checkpoint kept."""
     start = time.perf_counter()
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short
-    os.makedirs(tmp)
-    for name, model in models.items():
-        save_weights(model, os.path.join(tmp, f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short (check_dir: only a checkpoint's files)
+    try:
+        os.makedirs(tmp)
+        for name, model in models.items():
+            save_weights(model, os.path.join(tmp, f"{name}.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous one is kept in {path}" if os.path.exists(path) else "there is no previous one"
+        raise SystemExit(f"error: cannot write the checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}")
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -93,8 +128,20 @@ def save(path, models, optimizer, state):
     print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 
+def is_checkpoint_part(name):
+    return name in CHECKPOINT_FILES or name.endswith(".safetensors")
+
+
 def check_dir(path, run_name):
-    """Before training: the checkpoint folder is new, or this run's own (resumed); anything else fails."""
+    """Before training: the checkpoint folder is new, or this run's own (resumed), and can be written; its
+    siblings `.tmp` and `.old` (which a save replaces) hold only a checkpoint's files; anything else fails."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: --checkpoint-dir {path} is a file, not a folder; choose another path")
+    for sibling in (path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"):
+        if os.path.exists(sibling) and not (os.path.isdir(sibling) and all(map(is_checkpoint_part, os.listdir(sibling)))):
+            raise SystemExit(f"error: --checkpoint-dir {path}: {sibling} is not a checkpoint, and a save would replace "
+                             "it; move it or choose another folder")
+    check_writable(path, "--checkpoint-dir")
     if not os.path.isdir(path) or not os.listdir(path):
         return
     state_file = os.path.join(path, "state.json")
@@ -105,6 +152,16 @@ def check_dir(path, run_name):
     if other_run != run_name:
         raise SystemExit(f"error: --checkpoint-dir {path} holds the checkpoint of run {other_run}; continue it with "
                          "--resume, or choose another folder")
+
+
+def check_outputs(run_name, checkpoint_dir, save_path):
+    """Before training: every folder the run writes can be written, with one line naming the one that cannot:
+    runs/{run_name} (TensorBoard, generations), the checkpoint folder (check_dir), the --save-model folder."""
+    check_writable(f"runs/{run_name}", "TensorBoard's folder")
+    if checkpoint_dir:
+        check_dir(checkpoint_dir, run_name)
+    if save_path:
+        check_writable(save_path, "--save-path")
 
 
 def read_state(path, script, args, num_rows, same):
@@ -118,8 +175,13 @@ def read_state(path, script, args, num_rows, same):
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --resume {path}: not a checkpoint folder (no state.json)") from None
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --resume {path}: not a checkpoint folder ({type(e).__name__}: {e})")
+        raise SystemExit(f"error: --resume {path}: state.json is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [key for key in ("script", "args", "num_rows") if key not in state]
+    if missing:
+        raise SystemExit(f"error: --resume {path}: state.json is damaged (no {', '.join(missing)})")
     if state.get("script") != script:
         raise SystemExit(f"error: --resume {path}: a checkpoint of {state.get('script')}, not of {script}")
     for name in same:
@@ -143,18 +205,31 @@ def load(state, models, optimizer, scaler, device):
     read_state."""
     path = state["path"]
     for name, model in models.items():
+        file = os.path.join(path, f"{name}.safetensors")
+        if not os.path.isfile(file):
+            raise SystemExit(f"error: --resume {path}: {name}.safetensors is missing")
         try:
-            load_weights(model, os.path.join(path, f"{name}.safetensors"), str(device))
+            load_weights(model, file, str(device))
+        except SafetensorError as e:  # cut short, overwritten...
+            raise SystemExit(f"error: --resume {path}: {name}.safetensors is damaged ({str(e)[:200]})") from None
         except (RuntimeError, OSError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")
             raise SystemExit(f"error: --resume {path}: its {name} does not fit this run's model ({detail[:200]})")
+    file = os.path.join(path, "optimizer.pt")
+    if not os.path.isfile(file):
+        raise SystemExit(f"error: --resume {path}: optimizer.pt is missing")
     try:
-        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+        optimizer_state = torch.load(file, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only: tensors and plain containers, never code
         raise SystemExit(f"error: --resume {path}: optimizer.pt holds more than tensors, not loaded "
                          f"({str(e).strip().splitlines()[0][:200]})")
-    optimizer.load_state_dict(optimizer_state)
+    except (RuntimeError, EOFError, OSError) as e:  # cut short, overwritten...
+        raise SystemExit(f"error: --resume {path}: optimizer.pt is damaged ({str(e).strip()[:200]})") from None
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --resume {path}: optimizer.pt does not fit this run's optimizer ({str(e)[:200]})")
     if state.get("scaler"):  # (saved with --fp16)
         scaler.load_state_dict(state["scaler"])
     step = state.get("iteration", state.get("step"))

@@ -236,10 +236,14 @@ def local_split_file(dataset_path, split):
 
 
 def write_jsonl(path, rows):
-    """Rows (dicts) as JSON Lines, one per line, UTF-8; the folder is made if missing."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    """Rows (dicts) as JSON Lines, one per line, UTF-8; the folder is made if missing. A write that fails (a file
+    in the way, no permission, a full disk) ends the run with one line."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from None
 
 
 def load_rows(task, split, dataset_name=None, dataset_path=None):

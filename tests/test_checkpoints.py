@@ -5,6 +5,7 @@ script is run: a run stopped (by a signal, or a crash) and resumed logs exactly 
 never stopped logs, and ends with the same weights.
 """
 
+import errno
 import glob
 import json
 import math
@@ -338,9 +339,10 @@ def test_save_replaces_the_checkpoint_and_a_crash_while_saving_keeps_the_last_go
 
     with monkeypatch.context() as patch:  # a crash while the files are written
         patch.setattr(checkpoint.torch, "save", cut_short)
-        with pytest.raises(OSError):
+        with pytest.raises(SystemExit, match="cannot write the checkpoint .*disk full.*the previous one is kept"):
             checkpoint.save(path, {"model": model}, optimizer, {"iteration": 3})
     assert json.load(open(os.path.join(path, "state.json"))) == {"iteration": 2}
+    assert os.listdir(tmp_path) == ["run"]  # the half-written one is gone
     renames = []
 
     def crash_on_second_rename(src, dst):
@@ -423,3 +425,125 @@ def test_a_signal_passed_on_by_a_launcher_is_the_same_stop_and_a_later_one_stops
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def run_error(script, args, cwd):
+    """The one line a run stopped with (SystemExit at any point, before or during training)."""
+    return resume_error(script, args, cwd)
+
+
+def files_under(root):
+    """Every file under root with its bytes: what a failed run must leave as it was."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_outputs_against_an_existing_file_fail_before_training_and_touch_nothing(assets, tmp_path, script):
+    """--checkpoint-dir, --save-path, runs/ (TensorBoard and the generations) named where a file of the user's
+    is: one line before training, and the file is as it was (no `.old`, no folder in its place)."""
+    args = set_flags(sft_args(assets, "imdb") if script == "sft.py" else task_args(assets, "imdb", script),
+                     "--save-every", 1)
+    (tmp_path / "README.md").write_text("the user's notes")
+    (tmp_path / "mine.tmp").mkdir()
+    (tmp_path / "mine.tmp" / "draft.txt").write_text("keep me too")
+    before = files_under(tmp_path)
+    assert run_error(script, args + ["--checkpoint-dir", "README.md"], tmp_path) == \
+        "error: --checkpoint-dir README.md is a file, not a folder; choose another path"
+    assert run_error(script, args + ["--checkpoint-dir", "README.md/run"], tmp_path) == \
+        "error: --checkpoint-dir README.md/run: README.md is a file, not a folder"
+    assert run_error(script, args + ["--checkpoint-dir", "mine"], tmp_path).startswith(
+        "error: --checkpoint-dir mine: mine.tmp is not a checkpoint, and a save would replace it")
+    assert run_error(script, args + ["--save-model", "--save-path", "README.md"], tmp_path) == \
+        "error: --save-path README.md is a file, not a folder"
+    assert run_error(script, args + ["--save-model", "--save-path", "README.md/model"], tmp_path) == \
+        "error: --save-path README.md/model: README.md is a file, not a folder"
+    (tmp_path / "runs").write_text("not a folder")
+    before = files_under(tmp_path)
+    assert run_error(script, args, tmp_path).startswith("error: TensorBoard's folder runs/")
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("fault", [errno.EACCES, errno.ENOSPC])
+def test_a_folder_that_cannot_be_written_fails_before_training(assets, tmp_path, monkeypatch, fault):
+    """No permission (simulated: the tests run as root) or a full disk where runs/, the checkpoint or the
+    saved model go: one line naming the flag and the reason, before any model loads."""
+    def no_file(*args, **kwargs):
+        raise OSError(fault, os.strerror(fault))
+
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", no_file)
+    args = set_flags(task_args(assets, "imdb"), "--save-every", 1)
+    message = run_error("ppo.py", args, tmp_path)
+    assert message.startswith("error: TensorBoard's folder runs/") and message.endswith(f"({os.strerror(fault)})")
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+def test_a_full_disk_while_writing_stops_with_one_line_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch,
+                                                                                      script):
+    """ENOSPC (simulated) in the second checkpoint, in a generations file, in --save-model: one line each; the
+    first checkpoint stays whole (and resumes), the half-written one is gone."""
+    args = set_flags(sft_args(assets, "imdb", steps=2) if script == "sft.py" else task_args(assets, "imdb", script),
+                     "--save-every", 1, "--eval-every", 0)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    saves = []
+    torch_save = torch.save
+
+    def second_save_fails(*a, **k):
+        saves.append(1)
+        if len(saves) == 2:
+            raise full
+        torch_save(*a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", second_save_fails)
+    (tmp_path / "one").mkdir()
+    message = run_error(script, args, tmp_path / "one")
+    [folder] = checkpoint_folders(tmp_path / "one")
+    assert message == (f"error: cannot write the checkpoint {os.path.relpath(folder, tmp_path / 'one')} (No space left "
+                       f"on device); the previous one is kept in {os.path.relpath(folder, tmp_path / 'one')}")
+    state = json.load(open(os.path.join(folder, "state.json")))
+    assert state.get("iteration", state.get("step")) == 1 and not glob.glob(folder + ".tmp")
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save)
+    run_script_in_process(script, args + ["--resume", folder], tmp_path / "one")  # it resumes
+
+    (tmp_path / "two").mkdir()
+    def full_disk_for_generations(path, *a, **k):
+        if "generations" in str(path):
+            raise full
+        return open(path, *a, **k)
+
+    monkeypatch.setattr(tasks, "open", full_disk_for_generations, raising=False)
+    message = run_error(script, set_flags(args, "--eval-every", 1, "--save-every", 0), tmp_path / "two")
+    assert message == f"error: cannot write {glob.glob('runs/*', root_dir=tmp_path / 'two')[0]}/generations/" \
+        f"{'step_000000' if script == 'sft.py' else 'iteration_0000'}.jsonl: No space left on device", message
+    monkeypatch.delattr(tasks, "open")
+
+    (tmp_path / "three").mkdir()
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(full))
+    message = run_error(script, set_flags(args, "--save-every", 0) + ["--save-model", "--save-path", "out"],
+                        tmp_path / "three")
+    assert message == f"error: cannot write the {'model' if script == 'sft.py' else 'policy'} to out: No space left " \
+                      "on device"
+
+
+@pytest.mark.parametrize("part", ["policy.safetensors", "critic.safetensors", "optimizer.pt", "state.json"])
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_or_missing_part_of_a_checkpoint_fails_with_one_line_naming_it(assets, tmp_path, ppo_checkpoint,
+                                                                                  part, damage):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(ppo_checkpoint, folder)
+    if damage == "missing":
+        os.remove(folder / part)
+    else:
+        data = (folder / part).read_bytes()
+        (folder / part).write_bytes(data[: len(data) // 2])
+    before = files_under(tmp_path)
+    message = resume_error("ppo.py", set_flags(task_args(assets, "imdb"), "--eval-every", 0, "--resume", folder),
+                           tmp_path)
+    if part == "state.json" and damage == "missing":
+        assert message == f"error: --resume {folder}: not a checkpoint folder (no state.json)"
+    else:
+        assert message.startswith(f"error: --resume {folder}: {part} is {'missing' if damage == 'missing' else 'damaged'}")
+    assert {k: v for k, v in files_under(tmp_path).items() if not k.startswith("runs")} == before

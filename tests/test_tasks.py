@@ -76,3 +76,12 @@ def test_the_shared_real_data_loads_in_every_task(assets):
         examples = tasks.make_examples(task, rows, tokenizer, max_prompt_length=64)
         assert len(examples) == n, (task, split)
     assert all(e["prompt"].endswith("TL;DR: ") for e in examples)
+
+
+def test_write_jsonl_fails_with_one_line_where_a_file_is_in_the_way(tmp_path):
+    """The generations folder of a run where a file of the user's is: one line, and the file is untouched."""
+    (tmp_path / "generations").write_text("the user's")
+    with pytest.raises(SystemExit) as error:
+        tasks.write_jsonl(str(tmp_path / "generations" / "iteration_0001.jsonl"), [{"a": 1}])
+    assert str(error.value.code).startswith(f"error: cannot write {tmp_path}/generations/iteration_0001.jsonl: ")
+    assert "\n" not in str(error.value.code) and (tmp_path / "generations").read_text() == "the user's"
