@@ -377,8 +377,10 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
     responses, logprobs = [], []
     for start in range(0, len(prompts), args.rollout_batch_size):
         chunk = slice(start, start + args.rollout_batch_size)
-        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk],
-                              generation_config=generation_config)
+        config = copy.copy(generation_config)  # generate only what is kept: H - k tokens after a roll-in of k
+        config.max_new_tokens = generation_config.max_new_tokens - min(len(r) for r in roll_ins[chunk])
+        config.min_new_tokens = min(config.min_new_tokens or 0, config.max_new_tokens)
+        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config)
         response = out.sequences[:, prompt_ids.shape[1] :]
         logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
         pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
@@ -436,26 +438,25 @@ def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, d
 
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     """PPO++'s restarts. With probability beta the guide rolls in: it writes the first k tokens of the
-    continuation, k ~ U{1..n} where n = the roll-in points its sample offers (in policy tokens, at most
-    H - 1): the tokens before its EOS (L - 1 for a sample of length L), or all it wrote where it stopped
-    without EOS (through text its H tokens can make fewer policy tokens). Returns the states the policy
+    continuation, k ~ U{1..n} with n = L - 1 for its sample of L tokens (in policy tokens, counting its EOS
+    where it wrote one; at most H - 1), as tril: never the whole sample. Returns the states the policy
     starts from as roll-in tokens per row (k of them; none: a plain PPO episode, also where n = 0).
 
-    k is drawn before the guide writes, so the guide writes only up to the largest k (through text, k
-    counts policy tokens, so up to H). Where the sample is shorter (n < k), k is drawn again within
-    it: P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}."""
+    k is drawn before the guide writes, so the guide writes only one token past the largest k (through
+    text, k counts policy tokens: its whole budget). Where the sample is shorter (n < k), k is drawn again
+    within it: P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}."""
     H = args.max_new_tokens
     mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
     k_draw = {i: rng.randint(1, H - 1) for i in mixed}
     roll_ins = [[] for _ in batch]
     if mixed:
-        # the guide writes up to the largest k (through text, k counts policy tokens: its whole budget)
+        # the guide writes one past the largest k (through text, k counts policy tokens: its whole budget)
         budget = args.guide_max_new_tokens
-        max_new_tokens = min(max(k_draw.values()), budget) if guide.same_tokenizer else budget
+        max_new_tokens = min(max(k_draw.values()) + 1, budget) if guide.same_tokenizer else budget
         samples = guide_continue(guide, tokenizer, [batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens,
                                  args, device)
         for i, (tokens, ended) in zip(mixed, samples):
-            n = len(tokens) - ended  # the roll-in points: the sample's tokens before its EOS
+            n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1 (a sample past the largest k: > k)
             k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n else 0  # shorter: drawn again within
             roll_ins[i] = tokens[:k]
     return roll_ins

@@ -98,6 +98,22 @@ def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls
 
 
 @pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_the_policy_generates_only_the_tokens_it_keeps(setup, monkeypatch, module):
+    """After a roll-in of k the policy writes H - k tokens: each generate call asks for H minus its rows'
+    shortest roll-in, not H (rollout_batch_size 3: a chunk of roll-ins 2, 5, 3, then 0 (a PPO episode))."""
+    tokenizer, policy, batch, _ = setup
+    roll_ins = [[9] * 2, [9] * 5, [9] * 3, []]
+    asked, generate = [], policy.generate
+    monkeypatch.setattr(policy, "generate", lambda **kw: asked.append(kw["generation_config"].max_new_tokens)
+                        or generate(**kw))
+    _, _, responses, mask, _, policy_mask = module.rollout(
+        policy, tokenizer, [e["prompt_ids"] for e in batch[:4]], policy_config(tokenizer), make_args(module, 1.0),
+        "cpu", roll_ins)
+    assert asked == [H - 2, H]
+    assert policy_mask.sum(1).tolist() == [H - 2, H - 5, H - 3, H] and mask.sum(1).tolist() == [H] * 4
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
 def test_ppo_plus_plus_with_beta_zero_takes_exactly_ppos_episodes(setup, module):
     tokenizer, policy, batch, guide = setup
     args = make_args(module, beta=0.0)
@@ -392,9 +408,10 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkey
     batch = [{"prompt": "p", "prompt_ids": [5, 6], "references": [""]}] * draws
     tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=0)
     args = make_args(module, beta=1.0)
-    # L = 3 (ended: n = 2 roll-in points), a sample that ran to H (n = H - 1, as k < H), and, through text
-    # only, a sample that stopped without EOS after 3 policy tokens (n = 3)
-    cases = [([7, 8, eos], True, 2), ([7] * H, False, H - 1)] + [([7, 8, 9], False, 3)] * (episodes == "roll_in")
+    # L = 3 (ended: n = 2 roll-in points), a sample that ran to H (n = H - 1, as k < H), and a roll-in sample
+    # that stopped without EOS after 3 tokens (the guide's budget; through text, policy tokens): n = L - 1 = 2,
+    # never the whole sample (tril's k <= L - 1)
+    cases = [([7, 8, eos], True, 2), ([7] * H, False, H - 1)] + [([7, 8, 9], False, 2)] * (episodes == "roll_in")
     for sample, ended, n in cases:
         length = len(sample)
         if episodes == "roll_in":  # PPO++: the guide writes the roll-in
