@@ -40,6 +40,18 @@ def test_cider_d_reproduces_pycocoevalcap():
     assert sum(scores) / len(scores) == pytest.approx(2.3259374506026336, rel=1e-12)
 
 
+def test_cider_d_clips_a_hypothesis_that_repeats_an_n_gram_more_often_than_its_references():
+    """CIDEr-D (not CIDEr) clips each hypothesis n-gram's tf-idf by the reference's: repeating "dog" or "a dog runs
+    in the park", as a reward-hacking policy does, earns no more than the references hold. Numbers: pycocoevalcap
+    1.2's Cider().compute_score on these (already lower-case, punctuation-free) texts, computed 2026-11-25."""
+    predictions = ["dog dog dog dog dog dog", "a dog runs in the park a dog runs in the park a dog runs",
+                   "a cat sits on the mat"]
+    references = [["a dog runs in the park", "the dog plays"], ["a dog runs in the park", "dogs run in a park"],
+                  ["the cat sits on a mat", "a cat is on the mat"]]
+    scores = metrics.cider_d(predictions, references)
+    assert scores == pytest.approx([0.1678243954416106, 0.4680294014963554, 4.0625], rel=1e-12)
+
+
 def test_cider_d_with_a_corpus_idf_differs_from_the_batch_idf():
     corpus_df = metrics.cider_document_frequency(REFERENCES + [["a dog and a cat"], ["the park is green"]])
     with_corpus = metrics.cider_d(PREDICTIONS[:1], REFERENCES[:1], corpus_df)
