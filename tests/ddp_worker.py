@@ -12,6 +12,7 @@ call]}), each named helper of the script returns its next recorded result, cut t
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py ppo.py --task imdb ...
 """
 
+import inspect
 import json
 import os
 import signal
@@ -24,10 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import Spy, run_script_in_process  # noqa: E402
 
 
-class Replay:
-    """Stands in for one of the script's helpers: returns the recorded results in turn, this rank's rows only."""
+class Replay(Spy):
+    """Stands in for one of the script's helpers: returns the recorded results in turn, this rank's rows only, and
+    records the prompts the loop handed it (`prompts`, or the `batch` of examples)."""
 
     def __init__(self, results, rank, world_size):
+        super().__init__()
         self.results, self.rank, self.world_size = list(results), rank, world_size
 
     def share(self, x):
@@ -39,7 +42,13 @@ class Replay:
             result = self.results.pop(0)
             return tuple(self.share(x) for x in result) if isinstance(result, tuple) else self.share(result)
 
-        return replayed
+        replayed.__signature__ = inspect.signature(function)
+        return super().wrap(replayed)
+
+
+def prompts_of(call):
+    return call.prompts if hasattr(call, "prompts") else [e["prompt_ids"] for e in call.batch]
+
 
 if __name__ == "__main__":
     script, args = sys.argv[1], sys.argv[2:]
@@ -81,6 +90,6 @@ if __name__ == "__main__":
     for name, model in namespace["trained_models"].items():
         save_model(model, f"{name}_rank{rank}.safetensors")
     with open(f"rank{rank}.json", "w") as f:
+        episode_helper = spies.get("rollout") or next((s for s in spies.values() if isinstance(s, Replay)), None)
         json.dump({"prompt_order": namespace["prompt_order"],
-                   "rollout_prompts": [call.prompts for call in spies["rollout"].calls] if "rollout" in spies
-                   and isinstance(spies["rollout"], Spy) else []}, f)
+                   "rollout_prompts": [prompts_of(call) for call in episode_helper.calls] if episode_helper else []}, f)
