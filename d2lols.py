@@ -26,7 +26,6 @@ import random
 import time
 import copy
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import numpy as np
@@ -39,10 +38,11 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
+from common.guide import GuideArgs, check_guide_args, load_guide
 
 
 @dataclass
-class Args:
+class Args(GuideArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -89,21 +89,7 @@ class Args:
     """imdb: the classifier label whose probability is the reward (1 = positive)"""
     perplexity_model: Optional[str] = None
     """imdb eval: the LM that scores output perplexity (default: the frozen reference policy)"""
-    # the guide: a frozen LLM, called through text (any tokenizer)
-    guide_model: Optional[str] = None
-    """the guide pi_g: a causal LM checkpoint (hub id or local folder), frozen (None: the task's default)"""
-    guide_prompt_template: Optional[str] = None
-    """the guide's own prompt around the task prompt, containing {prompt} (None: the task prompt as is)"""
-    guide_temperature: float = 1.0
-    """the guide's sampling temperature"""
-    guide_top_k: Optional[int] = None
-    """the guide's top-k (0 = off) (None: the task's default)"""
-    guide_top_p: float = 0.92
-    """the guide's nucleus sampling"""
-    guide_max_new_tokens: Optional[int] = None
-    """the guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril)"""
-    guide_min_new_tokens: Optional[int] = None
-    """no EOS from the guide before this many of its tokens (None: imdb 48, commongen and tldr 5, as tril)"""
+    # the guide's flags (--guide-model, --guide-url, --guide-references, its sampling): common/guide.py
     beta: Optional[float] = None
     """mixing: the probability, per prompt, of a mixed episode, in both phases (None: 0.8)"""
     tau: Optional[int] = None
@@ -400,42 +386,6 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
     return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
 
 
-
-@torch.inference_mode()
-def guide_continue(guide, tokenizer, examples, prefixes, max_new_tokens, args, device):
-    """The guide continues each prompt + prefix (policy tokens), for up to `max_new_tokens` of its tokens.
-
-    Through text: the prompt (in the guide's template) and the prefix's text go in, and the guide's
-    text comes back re-tokenised for the policy, so any tokenizer works; both ways in context (the
-    whole text minus what came before). A guide that shares the policy's tokenizer and has no
-    template gets the tokens directly (the same, without the round trip). Returns per row
-    (continuation as policy tokens, with EOS at the end if the guide ended it, whether it ended)."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min(args.guide_min_new_tokens, max_new_tokens),
-                              do_sample=True, temperature=args.guide_temperature,
-                              top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=guide.tokenizer.eos_token_id,
-                              pad_token_id=guide.tokenizer.pad_token_id)
-    if guide.same_tokenizer:
-        inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
-    else:  # the policy's text so far (its prompt text is its prompt ids decoded), and the guide's input
-        contexts = [e["prompt"] + text.decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
-        template = args.guide_prompt_template or "{prompt}"
-        inputs = [guide.tokenizer(template.format(prompt=e["prompt"]) + context[len(e["prompt"]) :]).input_ids
-                  for e, context in zip(examples, contexts)]
-    results = []
-    for start in range(0, len(inputs), args.rollout_batch_size):
-        chunk = inputs[start : start + args.rollout_batch_size]
-        input_ids, attention_mask = left_pad(chunk, guide.tokenizer.pad_token_id, device)
-        out = guide.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row, tokens in enumerate(out[:, input_ids.shape[1] :].tolist()):
-            ended = guide.tokenizer.eos_token_id in tokens
-            tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)] if ended else tokens
-            if not guide.same_tokenizer:
-                guide_text = text.decode_in_context(guide.tokenizer, chunk[row], tokens)
-                tokens = text.encode_in_context(tokenizer, contexts[start + row], guide_text)
-            results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
-    return results
-
-
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     """PPO++'s restarts. With probability beta the guide rolls in: it writes the first k tokens of the
     continuation, k ~ U{1..n} with n = L - 1 for its sample of L tokens (in policy tokens, counting its EOS
@@ -452,9 +402,8 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     if mixed:
         # the guide writes one past the largest k (through text, k counts policy tokens: its whole budget)
         budget = args.guide_max_new_tokens
-        max_new_tokens = min(max(k_draw.values()) + 1, budget) if guide.same_tokenizer else budget
-        samples = guide_continue(guide, tokenizer, [batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens,
-                                 args, device)
+        max_new_tokens = min(max(k_draw.values()) + 1, budget) if guide.counts_policy_tokens else budget
+        samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens)
         for i, (tokens, ended) in zip(mixed, samples):
             n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1 (a sample past the largest k: > k)
             k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n else 0  # shorter: drawn again within
@@ -494,8 +443,7 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
     suffixes = [[] for _ in batch]
     if open_rows:
         max_new_tokens = min(H - min(len(prefixes[i]) for i in open_rows), args.guide_max_new_tokens)
-        samples = guide_continue(guide, tokenizer, [batch[i] for i in open_rows], [prefixes[i] for i in open_rows],
-                                 max_new_tokens, args, device)
+        samples = guide.write([batch[i] for i in open_rows], [prefixes[i] for i in open_rows], max_new_tokens)
         for i, (tokens, _) in zip(open_rows, samples):
             suffixes[i] = tokens[: H - len(prefixes[i])]
     responses = torch.full((len(batch), H), tokenizer.pad_token_id, dtype=torch.long)
@@ -541,7 +489,6 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
-    args.guide_max_new_tokens = args.max_new_tokens if args.guide_max_new_tokens is None else args.guide_max_new_tokens
     args.tau = TAU_DEFAULTS[args.task] if args.tau is None else args.tau
     transformers.logging.disable_progress_bar()
     if args.critic_learning_rate is None:
@@ -551,12 +498,12 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams", "guide_temperature", "guide_max_new_tokens", "lora_alpha"),
+                                       "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
-                                     "guide_top_k", "guide_min_new_tokens", "tau", "lora_r"),
+                                     "lora_r", "tau"),
                        fraction=("gae_lambda", "beta"),
-                       unit=("gamma", "top_p", "guide_top_p"))
+                       unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     rank, args.world_size, device = distributed.setup(args.cuda)  # torchrun: one process per GPU
     master = rank == 0  # logs, evaluates and saves
@@ -568,8 +515,6 @@ if __name__ == "__main__":
                                                  "minibatch size / --micro-batch-size")
     if args.bf16 and args.fp16:
         raise SystemExit("error: --bf16 and --fp16: choose one")
-    if args.max_new_tokens < 2:
-        raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out)")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
@@ -577,9 +522,7 @@ if __name__ == "__main__":
     if args.task != "commongen":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
-    tasks.check_model_path(args.guide_model, "--guide-model")
-    if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
-        raise SystemExit("error: --guide-prompt-template must contain {prompt}")
+    check_guide_args(args, continues_prefixes=args.tau > 0)
     tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
     resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
                                                    same=("task", "total_episodes", "batch_size", "world_size"))
@@ -637,16 +580,7 @@ if __name__ == "__main__":
         with torch.random.fork_rng():  # (as the guide critic itself: each phase samples as its own script)
             guide_critic.backbone = memory.add_lora(guide_critic.backbone, args, "FEATURE_EXTRACTION")
         ref_policy = memory.AdaptersOff(policy)
-    # the guide: frozen, in eval mode, a model of its own (never the policy or a view of it)
-    guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
-    if guide_tokenizer.pad_token is None:
-        guide_tokenizer.pad_token = guide_tokenizer.eos_token
-    guide_model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=frozen_dtype).to(device).eval()
-    guide_model.requires_grad_(False)
-    guide_model.generation_config = GenerationConfig(pad_token_id=guide_tokenizer.pad_token_id,  # the --guide-* flags
-                                                     eos_token_id=guide_tokenizer.eos_token_id)  # decide, not its own
-    guide = SimpleNamespace(model=guide_model, tokenizer=guide_tokenizer, same_tokenizer=(
-        args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()))
+    guide = load_guide(args, tokenizer, device, frozen_dtype, rng)  # a local model, a server, or the dataset
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
     if args.target_coef:  # tril's target regularisation: one reference continuation per prompt (CommonGen: a sentence)
         reference_rng = random.Random(args.seed)
@@ -666,8 +600,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW([{"params": policy_parameters, "lr": args.learning_rate},  # fused: one kernel
                                    {"params": critic_parameters, "lr": args.critic_learning_rate}],
                                   eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
-    # the update's forward passes, one module per phase (AggreVaTeD's trains the guide critic, PPO++'s the policy's),
-    # so no parameter sits idle in a step; several processes: DDP averages gradients
+    # the update's forward passes, one module per phase (no parameter idle in a step); DDP averages gradients
     phase_models = [PolicyAndCritic(policy, guide_critic), PolicyAndCritic(policy, critic)]
     if args.world_size > 1:
         phase_models = [DDP(m, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
@@ -701,14 +634,15 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 
-    def save_checkpoint(iteration):  # everything the loop needs to continue exactly (rank 0 writes it)
-        rng_states = distributed.gather(checkpoint.rng_state(rng))  # every rank's
+    def save_checkpoint(iteration, rng_state=None, order=None):  # everything to continue exactly (rank 0 writes)
+        rng_states = distributed.gather(rng_state or checkpoint.rng_state(rng))  # every rank's
         if master:
             writer.flush()  # TensorBoard up to this iteration is on disk with it
             checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
                 script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
                 global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
-                prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states, scaler=scaler.state_dict()))
+                prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
+                scaler=scaler.state_dict()))
         distributed.barrier()  # no rank leaves (a stop) before the checkpoint is complete
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
@@ -724,6 +658,7 @@ if __name__ == "__main__":
     stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
+        resume_point = (checkpoint.rng_state(rng), list(prompt_order))  # (where the iteration starts from)
         if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
             for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
                 group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
@@ -739,18 +674,27 @@ if __name__ == "__main__":
         model = phase_models[0] if aggrevated_phase else phase_models[1]
 
         # 1. rollout: the phase's episodes, both laid out as prompt | k roll-in tokens + the rest
-        with autocast:
-            if aggrevated_phase:  # with probability beta the policy rolls in k tokens, the guide rolls out to H
-                prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
-                    policy, guide, tokenizer, batch, generation_config, args, device, rng)
-                response_masks = policy_masks + value_masks
-                k = policy_masks.sum(1)
-            else:  # with probability beta the guide rolls in k tokens (state), the policy rolls out to H
-                roll_ins = guide_roll_in(guide, tokenizer, batch, args, device, rng)
-                prompt_ids, prompt_mask, responses, response_masks, logprobs, policy_masks = rollout(
-                    policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device, roll_ins)
-                value_masks = policy_masks  # the policy's critic learns V of the policy on its own tokens
-                k = torch.tensor([len(r) for r in roll_ins], device=device)
+        failure = None
+        try:
+            with autocast:
+                if aggrevated_phase:  # with probability beta the policy rolls in k tokens, the guide rolls out to H
+                    prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
+                        policy, guide, tokenizer, batch, generation_config, args, device, rng)
+                    response_masks = policy_masks + value_masks
+                    k = policy_masks.sum(1)
+                else:  # with probability beta the guide rolls in k tokens (state), the policy rolls out to H
+                    roll_ins = guide_roll_in(guide, tokenizer, batch, args, device, rng)
+                    prompt_ids, prompt_mask, responses, response_masks, logprobs, policy_masks = rollout(
+                        policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device, roll_ins)
+                    value_masks = policy_masks  # the policy's critic learns V of the policy on its own tokens
+                    k = torch.tensor([len(r) for r in roll_ins], device=device)
+        except checkpoint.StopRun as e:  # a black box that stays down (the guide's server): the iteration cannot end
+            failure = str(e)
+        if distributed.mean(torch.tensor([failure is not None], device=device)) > 0:  # on any rank: stop as on Ctrl-C,
+            if checkpoint_dir:  # at the last completed iteration, with the random state of then
+                save_checkpoint(iteration - 1, *resume_point)
+            raise SystemExit(f"error: {failure or 'another process failed'}\n" + checkpoint.stopped_message(
+                "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
         responses, response_masks, policy_masks, value_masks, logprobs = (

@@ -395,7 +395,8 @@ if __name__ == "__main__":
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
                                        "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
-                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every", "lora_r"),
+                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "lora_r"),
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
@@ -518,14 +519,15 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 
-    def save_checkpoint(iteration):  # everything the loop needs to continue exactly (rank 0 writes it)
-        rng_states = distributed.gather(checkpoint.rng_state())  # every rank's
+    def save_checkpoint(iteration, rng_state=None, order=None):  # everything to continue exactly (rank 0 writes)
+        rng_states = distributed.gather(rng_state or checkpoint.rng_state())  # every rank's
         if master:
             writer.flush()  # TensorBoard up to this iteration is on disk with it
             checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
                 script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
                 global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
-                prompt_order=prompt_order, num_rows=len(train_rows), rng=rng_states, scaler=scaler.state_dict()))
+                prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
+                scaler=scaler.state_dict()))
         distributed.barrier()  # no rank leaves (a stop) before the checkpoint is complete
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
@@ -541,6 +543,7 @@ if __name__ == "__main__":
     stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
+        resume_point = (checkpoint.rng_state(), list(prompt_order))  # (where the iteration starts from)
         if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
             for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
                 group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
@@ -551,9 +554,18 @@ if __name__ == "__main__":
         del prompt_order[: args.batch_size]
 
         # 1. rollout: the policy writes the whole continuation
-        with autocast:
-            prompt_ids, prompt_mask, responses, response_masks, logprobs = rollout(
-                policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device)
+        failure = None
+        try:
+            with autocast:
+                prompt_ids, prompt_mask, responses, response_masks, logprobs = rollout(
+                    policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device)
+        except checkpoint.StopRun as e:  # a black box that stays down (the guide's server): the iteration cannot end
+            failure = str(e)
+        if distributed.mean(torch.tensor([failure is not None], device=device)) > 0:  # on any rank: stop as on Ctrl-C,
+            if checkpoint_dir:  # at the last completed iteration, with the random state of then
+                save_checkpoint(iteration - 1, *resume_point)
+            raise SystemExit(f"error: {failure or 'another process failed'}\n" + checkpoint.stopped_message(
+                "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
         responses, response_masks, logprobs = (x[:, :num_tokens] for x in (responses, response_masks, logprobs))

@@ -237,6 +237,11 @@ def load(state, models, optimizer, scaler, device):
         print(f"resumed {state['run_name']} at {'iteration' if 'iteration' in state else 'step'} {step} from {path}")
 
 
+class StopRun(Exception):
+    """A black box the loop depends on (the guide's server) failed for good: the iteration in flight cannot
+    finish, so the run stops as on Ctrl-C, at its last completed iteration (the checkpoint of then)."""
+
+
 # a second signal this soon after the first is the same stop, passed on by a launcher (torchrun forwards the
 # Ctrl-C a terminal may also have sent to every process): only a later one stops at once
 SAME_STOP_SECONDS = 3.0
@@ -279,8 +284,9 @@ def launch_command():
 
 
 def stopped_message(received, progress, checkpoint_dir):
-    """What to print on a stop: where the checkpoint is and the command that continues the run."""
-    signal_name = received[0] if received else "a signal to another process"
+    """What to print on a stop (`received`: the signals, or what stopped the run): where the checkpoint is and the
+    command that continues the run."""
+    signal_name = received if isinstance(received, str) else received[0] if received else "a signal to another process"
     if not checkpoint_dir:
         return (f"stopped by {signal_name} after {progress}, without a checkpoint (--save-every 0): nothing to "
                 "resume from")

@@ -11,6 +11,7 @@ import aggrevated
 import d2lols
 import ppo
 import ppo_plus_plus
+from common import guide as guides
 from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
 
 H = 8
@@ -19,10 +20,18 @@ TEXTS = ["the movie was", "a dog runs in the park and the cat sat on the", "good
 
 
 def load_guide(path, policy_tokenizer, template=None):
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    same = template is None and tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-    return SimpleNamespace(model=model, tokenizer=tokenizer, same_tokenizer=same)
+    """A local guide (common/guide.py), its flags in guide.args: write() below sets them per call."""
+    args = make_args(ppo_plus_plus, 1.0, guide_model=path, guide_prompt_template=template)
+    guide = guides.load_guide(args, policy_tokenizer, "cpu", torch.float32, random.Random(0))
+    guide.args = args
+    return guide
+
+
+def write(guide, batch, prefixes, max_new_tokens, args):
+    """guide.write with the guide's flags of `args` (a script's Args)."""
+    for name in ("guide_temperature", "guide_top_k", "guide_top_p", "guide_min_new_tokens", "rollout_batch_size"):
+        setattr(guide.args, name, getattr(args, name))
+    return guide.write(batch, prefixes, max_new_tokens)
 
 
 def make_args(module, beta, **overrides):
@@ -71,7 +80,7 @@ ROLL_OUT_MODULES = [aggrevated, d2lols]  # AggreVaTeD's guide_roll_out and ppo_l
 @pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
 def test_ppo_plus_plus_rolls_in_the_guides_tokens_as_state_then_the_policy_rolls_out(setup, module):
     tokenizer, policy, batch, guide = setup
-    assert guide.same_tokenizer
+    assert guide.counts_policy_tokens
     args = make_args(module, beta=1.0)
     torch.manual_seed(0)
     roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
@@ -216,12 +225,12 @@ def test_the_guide_reads_its_template_and_the_policy_gets_the_guides_text(setup,
     policy's tokenisation of the guide's own text (never the guide's ids)."""
     tokenizer, _, batch, _ = setup
     guide = load_guide(assets["guide_bigger"], tokenizer, template=TEMPLATE)
-    assert not guide.same_tokenizer and len(guide.tokenizer) > len(tokenizer)
+    assert not guide.counts_policy_tokens and len(guide.tokenizer) > len(tokenizer)
     calls = record_generate(guide, monkeypatch)
     args = make_args(module, beta=1.0, guide_top_k=0, guide_prompt_template=TEMPLATE)
     prefixes = [tokenizer(" the film").input_ids if i % 2 else [] for i in range(len(batch))]
     torch.manual_seed(0)
-    results = module.guide_continue(guide, tokenizer, batch, prefixes, H, args, "cpu")
+    results = write(guide, batch, prefixes, H, args)
     seen = guide_texts(guide, calls)
     for e, prefix, (guide_input, guide_text), (tokens, ended) in zip(batch, prefixes, seen, results, strict=True):
         assert guide_input == TEMPLATE.format(prompt=e["prompt"]) + tokenizer.decode(prefix)
@@ -242,7 +251,7 @@ def test_the_space_at_the_boundary_survives_a_sentencepiece_tokenizer(assets, me
         tokenizer, guide = assets["tokenizer"], load_guide(metaspace_model, assets["tokenizer"])
     else:
         tokenizer, guide = metaspace_tokenizer, load_guide(assets["toy_guide"], metaspace_tokenizer)  # whole words
-    assert not guide.same_tokenizer
+    assert not guide.counts_policy_tokens
     texts = ["this movie was", "the dog ran", "a sad film and", "the actor said"]
     batch = [{"prompt": t, "prompt_ids": tokenizer(t, add_special_tokens=False).input_ids} for t in texts]
     assert [tokenizer.decode(e["prompt_ids"]) for e in batch] == texts
@@ -251,7 +260,7 @@ def test_the_space_at_the_boundary_survives_a_sentencepiece_tokenizer(assets, me
                 for t, e in zip(texts, batch)]
     calls = record_generate(guide, monkeypatch)
     torch.manual_seed(0)
-    results = module.guide_continue(guide, tokenizer, batch, prefixes, 6, make_args(module, 1.0, guide_top_k=0), "cpu")
+    results = write(guide, batch, prefixes, 6, make_args(module, 1.0, guide_top_k=0))
     guide_words = []
     for e, prefix, row, (tokens, ended) in zip(batch, prefixes, guide_inputs_and_outputs(calls), results, strict=True):
         guide_input, new_ids = row
@@ -322,7 +331,7 @@ def test_the_guides_sampling_flags_reach_its_generate(setup, assets, monkeypatch
     def continuations(**flags):
         torch.manual_seed(0)
         args = make_args(module, beta=1.0, **flags)
-        return [tokens for tokens, _ in module.guide_continue(guide, tokenizer, batch, [[]] * len(batch), H, args, "cpu")]
+        return [tokens for tokens, _ in write(guide, batch, [[]] * len(batch), H, args)]
 
     continuations(guide_temperature=0.7, guide_top_k=5, guide_top_p=0.5)
     config = calls[-1][2]
@@ -415,8 +424,8 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkey
     for sample, ended, n in cases:
         length = len(sample)
         if episodes == "roll_in":  # PPO++: the guide writes the roll-in
-            monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [(sample, ended)] * len(examples))
-            roll_ins = module.guide_roll_in(SimpleNamespace(same_tokenizer=True), tokenizer, batch, args, "cpu",
+            guide = SimpleNamespace(counts_policy_tokens=True, write=lambda examples, *a: [(sample, ended)] * len(examples))
+            roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu",
                                             random.Random(0))
             k = torch.tensor([len(r) for r in roll_ins])
         else:  # AggreVaTeD: the policy writes the roll-in; the guide's roll-out is not needed here
@@ -426,9 +435,9 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkey
                 return (None, None, responses, mask, torch.zeros(len(prompts), H)) + (mask,) * len(roll_ins)
 
             monkeypatch.setattr(module, "rollout", fake_rollout)
-            monkeypatch.setattr(module, "guide_continue", lambda guide, tok, examples, *a: [([], True)] * len(examples))
+            guide = SimpleNamespace(write=lambda examples, *a: [([], True)] * len(examples))
             monkeypatch.setattr(module, "left_pad", lambda *a: (None, None))
-            _, _, _, policy_mask, _, _ = module.guide_roll_out(None, None, tokenizer, batch, GenerationConfig(), args,
+            _, _, _, policy_mask, _, _ = module.guide_roll_out(None, guide, tokenizer, batch, GenerationConfig(), args,
                                                                "cpu", random.Random(0))
             k = policy_mask.sum(1)
         frequencies = torch.bincount(k, minlength=H) / draws
@@ -462,7 +471,7 @@ def test_the_guides_length_flags(setup, assets, module):
     for minimum in (0, 3):
         torch.manual_seed(0)
         args = make_args(module, 1.0, guide_top_k=0, guide_min_new_tokens=minimum)
-        results = module.guide_continue(often_eos, often_eos.tokenizer, examples, [[]] * len(examples), 6, args, "cpu")
+        results = write(often_eos, examples, [[]] * len(examples), 6, args)
         lengths[minimum] = [len(tokens) - ended for tokens, ended in results]
     assert min(lengths[0]) < 3 <= min(lengths[3])
 

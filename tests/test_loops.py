@@ -403,10 +403,22 @@ def test_generation_settings_reach_generate(assets, tmp_path, script):
                      "--total-episodes", 4, "--min-new-tokens", 3, "--eval-greedy", True, "--eval-num-beams", 2)
     builder = {"ppo.py": "rollout", "ppo_plus_plus.py": "rollout", "aggrevated.py": "guide_roll_out",
                "d2lols.py": "guide_roll_out"}[script]
-    names = [builder, "evaluate"] + (["guide_continue"] if script != "ppo.py" else [])
+    names = [builder, "evaluate"] + (["load_guide"] if script != "ppo.py" else [])
     if script != "ppo.py":
         args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-max-new-tokens", 4, "--beta", 1)
-    _, spies, _ = run(script, args, tmp_path, names)
+    guide_calls = []
+
+    def record_guide(guide):  # the loaded guide's write, recorded
+        write = guide.write
+        guide.write = lambda examples, prefixes, max_new_tokens: guide_calls.append(max_new_tokens) or write(
+            examples, prefixes, max_new_tokens)
+        return guide
+
+    spies = {name: Spy() for name in names}
+    if script != "ppo.py":
+        spies["load_guide"].wrap = lambda function, wrap=spies["load_guide"].wrap: (
+            lambda *a, **k: record_guide(wrap(function)(*a, **k)))
+    run_script_in_process(script, args, tmp_path, spies)
     config = spies[builder].calls[0].generation_config
     assert (config.min_new_tokens, config.max_new_tokens, config.do_sample, config.top_k) == (3, 6, True, 0)
     for call in spies["evaluate"].calls:
@@ -415,7 +427,7 @@ def test_generation_settings_reach_generate(assets, tmp_path, script):
     if script == "ppo.py":
         assert (spies["rollout"].calls[0].result[3].sum(1) >= 3).all()  # no episode ended before 3 tokens
     else:
-        assert 0 < max(call.max_new_tokens for call in spies["guide_continue"].calls) <= 4
+        assert 0 < max(guide_calls) <= 4
 
 
 @rl_scripts

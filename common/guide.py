@@ -1,0 +1,226 @@
+"""The guide pi_g: a black box that writes, as the reward is one that scores.
+
+Given the examples and the prefixes the policy's episodes have so far (policy tokens), the guide
+returns each continuation in policy tokens and whether it ended it (EOS). Three sources, one
+interface (`load_guide(...).write(examples, prefixes, max_new_tokens)`):
+
+    a local model    --guide-model (hub id or folder): its own weights, frozen, sampled with
+                     generate(); on token ids where it shares the policy's tokenizer (and has no
+                     template), otherwise through text, decoded and re-encoded in context
+    a served model   --guide-url http://host:port/v1 (--guide-model: the served model's name): any
+                     OpenAI-compatible completions server (vLLM, SGLang, TGI, llama.cpp's server,
+                     `transformers serve`, OpenAI), through text, a bounded number of requests at once
+    the dataset      --guide-references: the task's reference continuations (PPO++ with them is DR-PO,
+                     restarts from dataset states; roll-in only: a dataset cannot continue a prefix)
+
+Which states the guide gives and how the algorithm uses them (the law of k, the masks) is in each
+script, never here.
+"""
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from common import tasks
+from common.checkpoint import StopRun
+from common.text import decode_in_context, encode_in_context
+
+
+@dataclass
+class GuideArgs:
+    """The guide's flags, shared by the guided scripts (their Args include these)."""
+
+    guide_model: Optional[str] = None
+    """the guide pi_g: a causal LM (hub id or local folder), frozen; with --guide-url, the served model's name
+    (None: the task's default)"""
+    guide_url: Optional[str] = None
+    """an OpenAI-compatible completions server as the guide (http://host:port/v1: vLLM, SGLang, TGI, llama.cpp,
+    transformers serve, OpenAI); the key, if it needs one, from the OPENAI_API_KEY environment variable"""
+    guide_references: bool = False
+    """the dataset's reference continuations are the guide (PPO++: DR-PO's restarts from dataset states)"""
+    guide_prompt_template: Optional[str] = None
+    """the guide's own prompt around the task prompt, containing {prompt} (None: the task prompt as is)"""
+    guide_temperature: float = 1.0
+    """the guide's sampling temperature"""
+    guide_top_k: Optional[int] = None
+    """the guide's top-k (0 = off; a server gets it only where set: vLLM, SGLang, llama.cpp take it, OpenAI does
+    not) (None: the task's default)"""
+    guide_top_p: float = 0.92
+    """the guide's nucleus sampling"""
+    guide_max_new_tokens: Optional[int] = None
+    """the guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril)"""
+    guide_min_new_tokens: Optional[int] = None
+    """no EOS from the guide before this many of its tokens (a server gets it as min_tokens where set: vLLM,
+    SGLang) (None: imdb 48, commongen and tldr 5, as tril)"""
+    guide_concurrency: int = 8
+    """--guide-url: requests in flight at once (one prompt each: every server takes that)"""
+    guide_timeout: float = 120.0
+    """--guide-url: seconds to wait for one answer"""
+    guide_max_retries: int = 5
+    """--guide-url: retries of a request that failed (429, 5xx, no connection, timeout), waiting 1, 2, 4... s;
+    then the run stops at its last completed iteration, as on Ctrl-C"""
+
+
+def check_guide_args(args, continues_prefixes):
+    """Before any model loads: the guide's flags, with one line naming the bad one. `continues_prefixes`: the
+    algorithm asks the guide to continue the policy's prefixes (AggreVaTeD), which a dataset cannot."""
+    if args.max_new_tokens < 2:
+        raise SystemExit("error: --max-new-tokens must be at least 2 (a roll-in of k >= 1 tokens and a roll-out)")
+    if args.guide_max_new_tokens is None:
+        args.guide_max_new_tokens = args.max_new_tokens
+    tasks.check_ranges(args, positive=("guide_temperature", "guide_max_new_tokens", "guide_concurrency",
+                                       "guide_timeout"),
+                       non_negative=("guide_top_k", "guide_min_new_tokens", "guide_max_retries"),
+                       unit=("guide_top_p",))
+    if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
+        raise SystemExit("error: --guide-prompt-template must contain {prompt}")
+    if args.guide_references and args.guide_url:
+        raise SystemExit("error: --guide-references and --guide-url: choose one guide")
+    if args.guide_references and continues_prefixes:
+        raise SystemExit("error: --guide-references: the dataset cannot continue the policy's prefixes (this "
+                         "algorithm's roll-outs); use it with ppo_plus_plus.py (DR-PO), or d2lols.py --tau 0")
+    if args.guide_url:
+        if not args.guide_url.startswith(("http://", "https://")):
+            raise SystemExit(f"error: --guide-url {args.guide_url}: not an http(s) address (e.g. http://host:8000/v1)")
+    elif not args.guide_references:
+        tasks.check_model_path(args.guide_model, "--guide-model")
+
+
+def load_guide(args, tokenizer, device, dtype, rng):
+    """The guide of the flags: an object with write(examples, prefixes, max_new_tokens) -> per row
+    (continuation as policy tokens, with EOS at the end where the guide ended it, whether it ended), and
+    counts_policy_tokens (its max_new_tokens counts policy tokens: same tokenizer, or the dataset). `rng` is the
+    script's mixing stream (checkpointed): it picks references and the servers' per-request seeds."""
+    if args.guide_references:
+        return reference_guide(tokenizer, rng)
+    if args.guide_url:
+        return server_guide(args, tokenizer, rng)
+    return local_guide(args, tokenizer, device, dtype)
+
+
+def text_inputs(tokenizer, examples, prefixes, template):
+    """Through text: the policy's text so far (its prompt, then its prefix decoded in context) and the guide's
+    input, the prompt in the guide's template followed by the prefix's text."""
+    contexts = [e["prompt"] + decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
+    inputs = [(template or "{prompt}").format(prompt=e["prompt"]) + context[len(e["prompt"]) :]
+              for e, context in zip(examples, contexts)]
+    return contexts, inputs
+
+
+def local_guide(args, tokenizer, device, dtype):
+    """A causal LM of its own (never the policy or a view of it), frozen, in eval mode."""
+    guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
+    if guide_tokenizer.pad_token is None:
+        guide_tokenizer.pad_token = guide_tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.guide_model, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    eos, pad = guide_tokenizer.eos_token_id, guide_tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(pad_token_id=pad, eos_token_id=eos)  # the --guide-* flags decide
+    same_tokenizer = args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+    @torch.inference_mode()
+    def write(examples, prefixes, max_new_tokens):
+        """The guide continues each prompt + prefix for up to `max_new_tokens` of its tokens, --rollout-batch-size
+        rows a call. A guide that shares the policy's tokenizer gets the tokens directly (the same as the text
+        round trip, without it)."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
+                                  min_new_tokens=min(args.guide_min_new_tokens, max_new_tokens),
+                                  top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=eos, pad_token_id=pad)
+        if same_tokenizer:
+            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
+        else:
+            contexts, texts = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
+            inputs = [guide_tokenizer(t).input_ids for t in texts]
+        results = []
+        for start in range(0, len(inputs), args.rollout_batch_size):
+            chunk = inputs[start : start + args.rollout_batch_size]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in chunk], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in chunk], device=device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row, tokens in enumerate(out[:, width:].tolist()):
+                ended = eos in tokens
+                tokens = tokens[: tokens.index(eos)] if ended else tokens
+                if not same_tokenizer:  # its text, as the policy's tokens after the policy's text so far
+                    text = decode_in_context(guide_tokenizer, chunk[row], tokens)
+                    tokens = encode_in_context(tokenizer, contexts[start + row], text)
+                results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
+        return results
+
+    return SimpleNamespace(write=write, counts_policy_tokens=same_tokenizer, model=model, tokenizer=guide_tokenizer,
+                           source=f"the local model {args.guide_model}")
+
+
+def reference_guide(tokenizer, rng):
+    """The dataset as the guide: each prompt's reference continuation (where it has several, one drawn from `rng`),
+    encoded in context after the prompt, EOS at its end, cut to max_new_tokens policy tokens."""
+
+    def write(examples, prefixes, max_new_tokens):
+        if any(prefixes):
+            raise ValueError("the references cannot continue a prefix: roll-in only")
+        results = []
+        for e in examples:
+            reference = rng.choice(e["references"])
+            tokens = tasks.continuation_ids(tokenizer, e["prompt"], reference, max_new_tokens)
+            ended = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
+            results.append((tokens, ended))
+        return results
+
+    return SimpleNamespace(write=write, counts_policy_tokens=True, source="the dataset's references")
+
+
+def server_guide(args, tokenizer, rng):
+    """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), through text:
+    one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
+    a seed per request (drawn from `rng`: a resume is exact where the server honours it); top_k and min_tokens
+    only where set (vLLM and SGLang take them; OpenAI refuses unknown fields). finish_reason "stop" = the guide
+    ended. A request that fails (429, 5xx, no connection, timeout) is retried --guide-max-retries times with
+    waits of 1, 2, 4... s, each retry printed; then, or on an answer that is not the API's shape, StopRun."""
+    import openai
+
+    client = openai.OpenAI(base_url=args.guide_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
+                           timeout=args.guide_timeout, max_retries=0)  # (our retries: printed, then StopRun)
+    retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+    extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
+             **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
+
+    def complete(prompt, max_tokens, seed):
+        for attempt in range(args.guide_max_retries + 1):
+            try:
+                response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
+                                                     temperature=args.guide_temperature, top_p=args.guide_top_p,
+                                                     seed=seed, extra_body=extra or None)
+                break
+            except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if attempt == args.guide_max_retries:
+                    raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times ({error})")
+                print(f"guide: {args.guide_url}: {error}; retry {attempt + 1}/{args.guide_max_retries} in "
+                      f"{2**attempt} s", flush=True)
+                time.sleep(2**attempt)
+            except openai.APIError as e:  # 400, 401, 404...: a retry would fail the same way
+                raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})")
+        choices = getattr(response, "choices", None)
+        if not (isinstance(choices, list) and len(choices) == 1 and isinstance(getattr(choices[0], "text", None), str)
+                and isinstance(getattr(choices[0], "finish_reason", None), str)):
+            raise StopRun(f"the guide server {args.guide_url} answered out of the completions API's shape "
+                          f"({str(response)[:200]})")
+        return choices[0].text, choices[0].finish_reason == "stop"
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
+
+    def write(examples, prefixes, max_new_tokens):
+        contexts, prompts = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
+        seeds = [rng.randrange(2**31) for _ in prompts]  # in order, before any request: the stream stays exact
+        answers = list(pool.map(complete, prompts, [max_new_tokens] * len(prompts), seeds))
+        return [(encode_in_context(tokenizer, context, text) + [tokenizer.eos_token_id] * ended, ended)
+                for context, (text, ended) in zip(contexts, answers)]
+
+    return SimpleNamespace(write=write, counts_policy_tokens=False, source=f"the server {args.guide_url}")
