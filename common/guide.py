@@ -31,6 +31,8 @@ from common import tasks
 from common.checkpoint import StopRun
 from common.text import decode_in_context, encode_in_context
 
+RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time
+
 
 @dataclass
 class GuideArgs:
@@ -201,9 +203,10 @@ def server_guide(args, tokenizer, rng):
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if attempt == args.guide_max_retries:
                     raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times ({error})")
-                print(f"guide: {args.guide_url}: {error}; retry {attempt + 1}/{args.guide_max_retries} in "
-                      f"{2**attempt} s", flush=True)
-                time.sleep(2**attempt)
+                wait = RETRY_WAIT * 2**attempt
+                print(f"guide: {args.guide_url}: {error}; retry {attempt + 1}/{args.guide_max_retries} in {wait:g} s",
+                      flush=True)
+                time.sleep(wait)
             except openai.APIError as e:  # 400, 401, 404...: a retry would fail the same way
                 raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})")

@@ -1,0 +1,227 @@
+"""The guide's sources (common/guide.py): a model served over HTTP (an OpenAI-compatible completions server,
+here tests/guide_server.py in a thread), its faults and its key, and the dataset's references (DR-PO)."""
+
+import glob
+import os
+import random
+import socket
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import aggrevated
+import d2lols
+import ppo_plus_plus
+from common import guide as guides
+from common import tasks
+from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
+from guide_server import GuideServer
+from test_checkpoints import logged
+from test_guided import H, make_args, policy_config
+
+KEY = "sk-test-4f1c9a7e-key-that-must-not-leak"
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+
+
+@pytest.fixture(scope="module")
+def served(assets):
+    """The toy guide (it continues any text with " movie") as a model a server holds, and its tokenizer."""
+    return AutoModelForCausalLM.from_pretrained(assets["toy_guide"]).eval(), AutoTokenizer.from_pretrained(
+        assets["toy_guide"])
+
+
+def http_args(assets, script, url, *flags):
+    args = set_flags(task_args(assets, "imdb", script), "--guide-url", url, "--guide-model", "toy", "--eval-every", 0,
+                     "--guide-max-retries", 2, *flags)
+    return set_flags(args, "--tau", 1) if script == "d2lols.py" else args
+
+
+def examples(tokenizer, texts=("the movie was", "a dog runs in the park", "good", "the story", "boring", "a child")):
+    return [{"prompt": t, "prompt_ids": tokenizer(t).input_ids, "references": [" the end.", " a good film and more."]}
+            for t in texts]
+
+
+@pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+def test_a_guided_run_over_http_end_to_end_and_the_key_goes_nowhere_else(assets, served, tmp_path, monkeypatch,
+                                                                         capsys, script):
+    """Each guided script trains with a served guide: the server gets the flags' sampling (temperature, top_p,
+    top_k, min_tokens, a seed), the served model's name, and the key from OPENAI_API_KEY as a bearer token,
+    which appears nowhere else: not in what the run prints, not in runs/ (events, the hyperparameter text), not in
+    the checkpoint."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with GuideServer(*served) as server:
+        args = http_args(assets, script, server.url, "--save-every", 1, "--beta", 1, "--guide-top-k", 5,
+                         "--guide-min-new-tokens", 2, "--guide-temperature", 0.7)
+        run_script_in_process(script, args, tmp_path)
+    assert server.requests and set(server.headers) == {f"Bearer {KEY}"}
+    for request in server.requests:
+        assert request["model"] == "toy" and 0 < request["max_tokens"] <= 6 and isinstance(request["seed"], int)
+        assert (request["temperature"], request["top_p"], request["top_k"], request["min_tokens"]) == (0.7, 0.92, 5, 2)
+    assert max(e.value for e in read_tensorboard(tmp_path).Scalars("guide/mixed_fraction")) > 0
+    printed = capsys.readouterr()
+    assert KEY not in printed.out + printed.err
+    files = [f for f in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(f)]
+    assert any("/runs/" in f for f in files) and any("/checkpoints/" in f for f in files)
+    for f in files:
+        assert KEY.encode() not in open(f, "rb").read(), f
+
+
+@pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+def test_a_served_guide_gives_the_episodes_a_local_guide_gives(assets, served, module):
+    """The same greedy model, local (through text: a template) and served: the same roll-ins (PPO++) and
+    roll-outs (AggreVaTeD), so the same masks."""
+    tokenizer = assets["tokenizer"]
+    batch = examples(tokenizer)
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    results = []
+    with GuideServer(*served) as server:
+        for source in ("local", "served"):
+            flags = dict(guide_model=assets["toy_guide"], guide_prompt_template="{prompt}", guide_top_k=1)
+            if source == "served":
+                flags.update(guide_url=server.url, guide_model="toy", guide_top_k=0, guide_concurrency=3)
+            args = make_args(module, 1.0, **flags)
+            guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+            assert not guide.counts_policy_tokens
+            torch.manual_seed(0)
+            if module is aggrevated:
+                results.append(module.guide_roll_out(policy, guide, tokenizer, batch, policy_config(tokenizer), args,
+                                                     "cpu", random.Random(1))[2:5])
+            else:
+                results.append(module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(1)))
+    assert len(server.requests) == len(batch)
+    if module is aggrevated:
+        for local, served_ in zip(*results):
+            assert torch.equal(local, served_)
+        assert results[0][2].sum() > 0  # the guide's tokens: the value mask
+    else:
+        assert results[0] == results[1] and sum(map(len, results[0])) > 0
+
+
+def test_the_guides_stop_reason_ends_its_continuation(assets):
+    """finish_reason "stop": the guide ended (EOS appended in policy tokens); "length": it did not."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
+    for reason, ended in (("stop", True), ("length", False)):
+        with GuideServer(marker=" movie movie") as server:
+            server.complete = lambda prompt, max_tokens, reason=reason: (" movie movie", reason)
+            args.guide_url = server.url
+            guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+            [(tokens, got)] = guide.write(examples(tokenizer)[:1], [[]], 4)
+        assert got == ended and (tokens[-1] == tokenizer.eos_token_id) == ended
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == " movie movie"
+
+
+def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, capsys):
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_concurrency=4, guide_max_retries=3)
+    with GuideServer(marker=" movie", delay=0.05) as server:
+        args.guide_url = server.url
+        guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+            examples(tokenizer) * 2, [[]] * 12, 4)
+    assert len(server.requests) == 12 and 2 <= server.most_in_flight <= 4  # bounded concurrency
+    with GuideServer(marker=" movie", fail_first=2) as server:
+        args.guide_url, args.guide_concurrency = server.url, 1
+        results = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+            examples(tokenizer)[:2], [[]] * 2, 4)
+    assert len(results) == 2 and len(server.requests) == 4  # 2 failed, retried, then 2 answered
+    out = capsys.readouterr().out
+    assert f"guide: {server.url}: InternalServerError" in out and "retry 1/3" in out and "retry 2/3" in out
+
+
+def test_a_malformed_answer_or_a_refused_request_stops_with_one_line(assets):
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
+    with GuideServer(marker=" movie", malformed=True) as server:
+        args.guide_url = server.url
+        with pytest.raises(guides.StopRun, match="answered out of the completions API's shape"):
+            guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+                examples(tokenizer)[:1], [[]], 4)
+    with GuideServer(marker=" movie") as server:
+        args.guide_url = server.url + "/wrong"
+        with pytest.raises(guides.StopRun, match="refused the request .*NotFoundError"):
+            guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+                examples(tokenizer)[:1], [[]], 4)
+
+
+def test_a_server_that_goes_down_stops_the_run_at_its_last_iteration_and_the_resume_matches(assets, served, tmp_path):
+    """The server answers iteration 1, then fails for good: the run stops with one line naming the URL and the
+    error, writes the checkpoint of iteration 1 (--save-every 5 had not), exits non-zero; resumed with the server
+    back, it logs exactly what a run whose server never failed logs (the server is deterministic)."""
+    script = "ppo_plus_plus.py"
+    with GuideServer(*served) as server:
+        args = http_args(assets, script, server.url, "--total-episodes", 12, "--save-every", 5, "--beta", 1)
+        (tmp_path / "whole").mkdir()
+        run_script_in_process(script, args, tmp_path / "whole")
+        per_iteration = len(server.requests) // 3
+    (tmp_path / "stopped").mkdir()
+    with GuideServer(*served, fail_after=per_iteration) as server:
+        with pytest.raises(SystemExit) as stop:
+            run_script_in_process(script, set_flags(args, "--guide-url", server.url), tmp_path / "stopped")
+    lines = str(stop.value.code).splitlines()
+    assert lines[0].startswith(f"error: the guide server {server.url} failed 3 times (InternalServerError")
+    [folder] = glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))
+    assert lines[1] == f"stopped by that error after iteration 1/3; checkpoint: {os.path.relpath(folder, tmp_path / 'stopped')}"
+    assert lines[2].startswith("resume with: python ")
+    with GuideServer(*served) as server:
+        run_script_in_process(script, set_flags(args, "--guide-url", server.url, "--resume", folder), tmp_path / "stopped")
+    assert logged(read_tensorboard(tmp_path / "stopped")) == logged(read_tensorboard(tmp_path / "whole"))
+
+
+def test_a_dead_server_in_the_first_iteration_leaves_a_checkpoint_to_start_from(assets, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    args = http_args(assets, "aggrevated.py", url, "--save-every", 1)
+    with pytest.raises(SystemExit) as stop:
+        run_script_in_process("aggrevated.py", args, tmp_path)
+    message = str(stop.value.code)
+    assert message.startswith(f"error: the guide server {url} failed 3 times (APIConnectionError")
+    assert "after iteration 0/2; checkpoint: checkpoints/" in message and glob.glob(str(tmp_path / "checkpoints" / "*"))
+
+
+# the dataset as the guide (DR-PO)
+
+def test_references_roll_in_as_prefixes_of_a_reference_by_the_law_of_k(assets):
+    """Each roll-in is the first k policy tokens of one of its prompt's references (encoded in context), k <=
+    L - 1 (L counts the reference's EOS), and the policy's mask leaves it out (state, no loss)."""
+    tokenizer = assets["tokenizer"]
+    batch = examples(tokenizer) * 50
+    args = make_args(ppo_plus_plus, 1.0, guide_references=True, max_new_tokens=H)
+    rng = random.Random(0)
+    guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, rng)
+    roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", rng)
+    references = {r: tasks.continuation_ids(tokenizer, e["prompt"], r, H) for e in batch[:1] for r in e["references"]}
+    lengths = {r: len(ids) for r, ids in references.items()}
+    assert min(lengths.values()) < H <= max(lengths.values())  # one ends (EOS) within H, one is cut at H
+    counts = {r: [0] * H for r in references}
+    for roll_in in roll_ins:
+        [reference] = [r for r, ids in references.items() if ids[: len(roll_in)] == roll_in and len(roll_in) < len(ids)]
+        counts[reference][len(roll_in)] += 1
+    for reference, count in counts.items():  # k ~ U{1..L-1}, L = the reference's policy tokens (with EOS)
+        n = min(lengths[reference], H) - 1
+        assert count[0] == 0 and all(c > 0 for c in count[1 : n + 1]) and sum(count[n + 1 :]) == 0, (reference, count)
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    _, _, responses, mask, _, policy_mask = ppo_plus_plus.rollout(
+        policy, tokenizer, [e["prompt_ids"] for e in batch[:6]], policy_config(tokenizer), args, "cpu", roll_ins[:6])
+    for i, roll_in in enumerate(roll_ins[:6]):
+        assert responses[i, : len(roll_in)].tolist() == roll_in and not policy_mask[i, : len(roll_in)].any()
+
+
+@pytest.mark.parametrize("script,flags,ok", [("ppo_plus_plus.py", [], True), ("d2lols.py", ["--tau", "0"], True),
+                                             ("aggrevated.py", [], False), ("d2lols.py", ["--tau", "1"], False)])
+def test_references_as_the_guide_run_dr_po_and_are_refused_where_a_prefix_must_be_continued(assets, tmp_path, script,
+                                                                                            flags, ok):
+    args = set_flags(task_args(assets, "commongen"), "--eval-every", 0, *flags) + ["--guide-references"]
+    if ok:
+        run_script_in_process(script, args, tmp_path)
+        assert max(e.value for e in read_tensorboard(tmp_path).Scalars("guide/mixed_fraction")) > 0
+    else:
+        with pytest.raises(SystemExit) as error:
+            run_script_in_process(script, args, tmp_path)
+        assert str(error.value.code).startswith("error: --guide-references: the dataset cannot continue the policy's")
+        assert not os.path.exists(tmp_path / "runs")  # before any model loads
