@@ -19,6 +19,7 @@ script, never here.
 
 import concurrent.futures
 import os
+import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -181,8 +182,8 @@ def server_guide(args, tokenizer, rng):
     """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), through text:
     one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
     a seed per request (drawn from `rng`: a resume is exact where the server honours it); top_k and min_tokens
-    only where set (vLLM and SGLang take them; OpenAI refuses unknown fields). finish_reason "stop" = the guide
-    ended. A request that fails (429, 5xx, no connection, timeout) is retried --guide-max-retries times with
+    only where set (vLLM and SGLang take them), and no more once the server refuses them (transformers serve,
+    OpenAI: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection, timeout) is retried --guide-max-retries times with
     waits of 1, 2, 4... s, each retry printed; then, or on an answer that is not the API's shape, StopRun."""
     import openai
 
@@ -192,24 +193,39 @@ def server_guide(args, tokenizer, rng):
     extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
              **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
 
+    printing = threading.Lock()
+
     def complete(prompt, max_tokens, seed):
-        for attempt in range(args.guide_max_retries + 1):
+        attempt = 0
+        while True:
+            sent = dict(extra)
             try:
                 response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=args.guide_temperature, top_p=args.guide_top_p,
-                                                     seed=seed, extra_body=extra or None)
+                                                     seed=seed, extra_body=sent or None)
                 break
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                refused = [name for name in sent if name in f"{e} {e.body}"]
+                if not refused:  # a field this server does not take (transformers serve: top_k, min_tokens)
+                    raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
+                with printing:
+                    for name in refused:
+                        if extra.pop(name, None) is not None:
+                            print(f"guide: {args.guide_url} does not take {name}: the guide samples without it",
+                                  flush=True)
             except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if attempt == args.guide_max_retries:
                     raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times ({error})")
                 wait = RETRY_WAIT * 2**attempt
-                print(f"guide: {args.guide_url}: {error}; retry {attempt + 1}/{args.guide_max_retries} in {wait:g} s",
+                attempt += 1
+                print(f"guide: {args.guide_url}: {error}; retry {attempt}/{args.guide_max_retries} in {wait:g} s",
                       flush=True)
                 time.sleep(wait)
-            except openai.APIError as e:  # 400, 401, 404...: a retry would fail the same way
+            except openai.APIError as e:  # 401, 404...: a retry would fail the same way
                 raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})")
+                              f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")
         choices = getattr(response, "choices", None)
         if not (isinstance(choices, list) and len(choices) == 1 and isinstance(getattr(choices[0], "text", None), str)
                 and isinstance(getattr(choices[0], "finish_reason", None), str)):

@@ -5,6 +5,10 @@ import glob
 import os
 import random
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import d2lols
 import ppo_plus_plus
 from common import guide as guides
 from common import tasks
-from conftest import GUIDED_MODULES, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
+from conftest import GUIDED_MODULES, Spy, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
 from guide_server import GuideServer
 from test_checkpoints import logged
 from test_guided import H, make_args, policy_config
@@ -225,3 +229,49 @@ def test_references_as_the_guide_run_dr_po_and_are_refused_where_a_prefix_must_b
             run_script_in_process(script, args, tmp_path)
         assert str(error.value.code).startswith("error: --guide-references: the dataset cannot continue the policy's")
         assert not os.path.exists(tmp_path / "runs")  # before any model loads
+
+
+@pytest.fixture(scope="module")
+def transformers_server(assets, tmp_path_factory):
+    """transformers' own OpenAI-compatible server (`transformers serve FOLDER --port N`), nobody here wrote it, on
+    the toy guide's folder, offline. It takes one prompt string per request and refuses top_k and min_tokens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", assets["toy_guide"],
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://localhost:{port}/health", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log.seek(0)
+                pytest.fail(f"transformers serve did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+    yield f"http://localhost:{port}/v1"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py"])
+def test_a_guided_iteration_through_transformers_serve(assets, transformers_server, tmp_path, capsys, script):
+    """A real server: one iteration of PPO++ (the served guide's roll-ins are its " movie" text) and of AggreVaTeD;
+    the fields it refuses (top_k) are dropped with one line, and the run goes on."""
+    args = set_flags(task_args(assets, "imdb", script), "--guide-url", transformers_server, "--guide-model",
+                     assets["toy_guide"], "--guide-top-k", 5, "--total-episodes", 4, "--beta", 1, "--eval-every", 0)
+    spy = Spy()
+    helper = "guide_roll_in" if script == "ppo_plus_plus.py" else "guide_roll_out"
+    run_script_in_process(script, args, tmp_path, {helper: spy})
+    assert f"guide: {transformers_server} does not take top_k" in capsys.readouterr().out
+    tokenizer = assets["tokenizer"]
+    if script == "ppo_plus_plus.py":
+        written = [tokenizer.decode(roll_in) for roll_in in spy.calls[0].result]
+    else:
+        _, _, responses, policy_mask, value_mask, _ = spy.calls[0].result
+        written = [tokenizer.decode(row[value.bool()]) for row, value in zip(responses, value_mask)]
+    assert sum(" movie" in text for text in written) >= 2, written
