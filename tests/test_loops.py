@@ -297,7 +297,7 @@ def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precis
     # --bf16 keeps the frozen models (pi_ref, the reward model, the guide) in bf16 weights: half their memory,
     # a KL near 0 at first
     frozen = [namespace["ref_policy"], reward_model_of(namespace)] + (
-        [namespace["guide_model"]] if script != "ppo.py" else [])
+        [namespace["guide"].model] if script != "ppo.py" else [])
     assert all(p.dtype == (torch.bfloat16 if precision == "--bf16" else torch.float32)
                for model in frozen for p in model.parameters())
     assert abs(scalars(events, "objective/kl")[0]) < 0.05
