@@ -9,7 +9,7 @@ Progress is the held-out score of the policy alone (no guide), every iteration; 
 algorithm and seed, the first iteration that reaches --target and the last score.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/toy_guided.py                         # 4 algorithms x 5 seeds, ~5 min on 2 cores
+    python benchmarks/toy_guided.py                         # 5 methods x 5 seeds, ~7 min on 2 cores
     python benchmarks/toy_guided.py --reward fraction        # the dense toy (no exploration problem)
 
 Writes benchmarks/results/toy_guided.md, .png and .json (the curves) (or --out).
@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_tokenizer, save_tiny_causal_lm, save_toy_guide, write_task_data  # noqa: E402
 
-LABELS = {"ppo.py": "PPO", "ppo_plus_plus.py": "PPO++", "aggrevated.py": "AggreVaTeD", "d2lols.py": "D2LOLS"}
+LABELS = {"ppo.py": "PPO", "ppo_plus_plus.py": "PPO++", "aggrevated.py": "AggreVaTeD", "d2lols.py": "D2LOLS",
+          "dr-po": "DR-PO"}  # DR-PO: ppo_plus_plus.py --guide-references (restarts from the dataset's references)
 
 
-def toy_command(script, seed, assets, args):
-    """One toy run of a script: its command line (shared with tests/test_learning.py)."""
+def toy_command(method, seed, assets, args):
+    """One toy run of a method (a script, or dr-po): its command line."""
+    script = "ppo_plus_plus.py" if method == "dr-po" else method
     command = [sys.executable, str(ROOT / "tests" / "toy_run.py"), script, "--task", "imdb",
                "--model-name-or-path", assets["policy"], "--reward-model", assets["policy"],
                "--dataset-path", assets["data"], "--total-episodes", str(32 * args.iterations), "--batch-size", "32",
@@ -44,7 +46,8 @@ def toy_command(script, seed, assets, args):
                str(args.learning_rate), "--kl-coef", str(args.kl_coef), "--gamma", str(args.gamma),
                "--target-coef", "0", "--top-k", "0", "--seed", str(seed)]
     if script != "ppo.py":
-        command += ["--guide-model", assets["guide"]] + (["--beta", str(args.beta)] if args.beta is not None else [])
+        command += (["--guide-references"] if method == "dr-po" else ["--guide-model", assets["guide"]]) + (
+            ["--beta", str(args.beta)] if args.beta is not None else [])
     if script == "d2lols.py":
         command += ["--tau", str(args.tau if args.tau is not None else round(0.4 * args.iterations))]
     return command
@@ -67,11 +70,20 @@ def iterations_to_target(scores, target, eval_every):
 
 def make_assets(root, prior_steps=10):
     """The toy's models: the policy, a tiny GPT-2 nudged toward " movie" (10 steps: p ~ 0.03 per token, as
-    a supervised start gives good tokens some probability), and the guide (150 steps: nearly always)."""
+    a supervised start gives good tokens some probability), and the guide (150 steps: nearly always). The
+    data: each review's second half, its reference continuation, is the rewarded run (" movie" as many times as
+    the first half has words), as a dataset of good answers would hold; the prompts (the first halves) are
+    those of the synthetic reviews, and only DR-PO reads the references (--target-coef 0)."""
     tokenizer = make_tokenizer()
     policy = save_toy_guide(root / "policy", tokenizer, steps=prior_steps) if prior_steps else \
         save_tiny_causal_lm(root / "policy", tokenizer)
-    return {"policy": policy, "guide": save_toy_guide(root / "guide", tokenizer), "data": write_task_data(root)["imdb"]}
+    data = write_task_data(root)["imdb"]
+    for split in ("train", "test"):
+        path = Path(data) / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**row, "text": row["text"] + " movie" * len(row["text"].split())}) + "\n"
+                                for row in rows))
+    return {"policy": policy, "guide": save_toy_guide(root / "guide", tokenizer), "data": data}
 
 
 def main():
@@ -92,7 +104,7 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"))
     args = parser.parse_args()
 
-    jobs = [(script, seed) for script in args.scripts for seed in args.seeds]
+    jobs = [(method, seed) for method in args.scripts for seed in args.seeds]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         assets = make_assets(Path(root))
