@@ -5,7 +5,7 @@ POST /v1/completions with {"model", "prompt" (one string), "max_tokens", ...} an
 with the same model and top-k 1 writes the same text) or a fixed marker text. It records every request (its
 JSON and its Authorization header), the most requests it had in flight at once, and can fail: the first
 `fail_first` requests get a 503, and every one after the first `fail_after` (a server that went down);
-`malformed` answers JSON of another shape.
+`malformed` answers JSON of another shape; `body(request)` returns (status, JSON) to answer with.
 """
 
 import json
@@ -18,8 +18,8 @@ import torch
 
 class GuideServer:
     def __init__(self, model=None, tokenizer=None, marker=None, fail_first=0, fail_after=None, malformed=False,
-                 delay=0.0):
-        self.model, self.tokenizer, self.marker = model, tokenizer, marker
+                 delay=0.0, body=None):
+        self.model, self.tokenizer, self.marker, self.body = model, tokenizer, marker, body
         self.fail_first, self.fail_after, self.malformed, self.delay = fail_first, fail_after, malformed, delay
         self.requests, self.headers, self.in_flight, self.most_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
@@ -46,6 +46,8 @@ class GuideServer:
                         return self.reply(503, {"error": {"message": "busy, try again"}})
                     if server.malformed:
                         return self.reply(200, {"result": "not the completions API"})
+                    if server.body is not None:  # a whole answer of another server's making: (status, JSON)
+                        return self.reply(*server.body(body))
                     text, finish_reason = server.complete(body["prompt"], body["max_tokens"])
                     self.reply(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
                                      "created": 0, "choices": [{"index": 0, "text": text, "logprobs": None,

@@ -275,3 +275,37 @@ def test_a_guided_iteration_through_transformers_serve(assets, transformers_serv
         _, _, responses, policy_mask, value_mask, _ = spy.calls[0].result
         written = [tokenizer.decode(row[value.bool()]) for row, value in zip(responses, value_mask)]
     assert sum(" movie" in text for text in written) >= 2, written
+
+
+def vllm_completion(request, text, finish_reason):
+    """A /v1/completions answer in vLLM's shape, field by field as vLLM's protocol.py defines CompletionResponse
+    and CompletionResponseChoice (built here from that schema, not recorded from a running vLLM: none runs here)."""
+    return 200, {"id": "cmpl-9f2c", "object": "text_completion", "created": 1764000000, "model": request["model"],
+                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                              "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                              "prompt_token_ids": None}],
+                 "service_tier": None, "system_fingerprint": None,
+                 "usage": {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4,
+                           "prompt_tokens_details": None},
+                 "kv_transfer_params": None}
+
+
+def test_vllm_shaped_answers_and_errors(assets):
+    """vLLM's completion (its extra fields ignored; "stop" with stop_reason None is its EOS) and its error body
+    ({"object": "error", "message", "type", "param", "code"}): read as the API says."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="Qwen/Qwen2.5-7B-Instruct", guide_top_k=5, guide_min_new_tokens=2)
+    for finish_reason, ended in (("stop", True), ("length", False)):
+        with GuideServer(body=lambda request, reason=finish_reason: vllm_completion(request, " movie movie", reason)) as server:
+            args.guide_url = server.url
+            [(tokens, got)] = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+                examples(tokenizer)[:1], [[]], 4)
+        assert got == ended and tokenizer.decode(tokens, skip_special_tokens=True) == " movie movie"
+        assert (server.requests[0]["top_k"], server.requests[0]["min_tokens"]) == (5, 2)  # vLLM takes both
+    error = {"object": "error", "message": "This model's maximum context length is 2048 tokens.",
+             "type": "BadRequestError", "param": None, "code": 400}
+    with GuideServer(body=lambda request: (400, error)) as server:
+        args.guide_url = server.url
+        with pytest.raises(guides.StopRun, match="refused the request .*maximum context length is 2048"):
+            guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+                examples(tokenizer)[:1], [[]], 4)
