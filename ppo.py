@@ -561,10 +561,11 @@ if __name__ == "__main__":
                     policy, tokenizer, [e["prompt_ids"] for e in batch], generation_config, args, device)
         except checkpoint.StopRun as e:  # a black box that stays down (the guide's server): the iteration cannot end
             failure = str(e)
-        if distributed.mean(torch.tensor([failure is not None], device=device)) > 0:  # on any rank: stop as on Ctrl-C,
+        failures = [f for f in distributed.gather(failure) if f]  # on any rank: every rank stops as on Ctrl-C,
+        if failures:
             if checkpoint_dir:  # at the last completed iteration, with the random state of then
                 save_checkpoint(iteration - 1, *resume_point)
-            raise SystemExit(f"error: {failure or 'another process failed'}\n" + checkpoint.stopped_message(
+            raise SystemExit(f"error: {failures[0]}\n" + checkpoint.stopped_message(
                 "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached

@@ -5,7 +5,8 @@ its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the pr
 (as from Ctrl-C on one node); with SIGINT_LAUNCHER_IN_ITERATION=n, rank 0 sends it to torchrun during iteration n
 (as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank). With SLOW_SAVE=s, a checkpoint takes s
 seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written.
-With REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
+With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
+REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
 call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
 (tests/test_split.py: the same episodes as a one-process run).
 
@@ -74,6 +75,16 @@ if __name__ == "__main__":
                 f.write(repr(time.time()))
 
         checkpoint.save = slow_save
+    if os.environ.get("GUIDE_FAILS_ON_RANK") == os.environ["RANK"]:  # this rank's guide server is down for good
+        from common import checkpoint, guide
+
+        def failing_load_guide(*args, **kwargs):
+            loaded = load_guide(*args, **kwargs)
+            loaded.write = lambda *a: (_ for _ in ()).throw(checkpoint.StopRun("the guide server X failed 6 times"))
+            return loaded
+
+        load_guide = guide.load_guide
+        spies["load_guide"] = type("Failing", (), {"wrap": staticmethod(lambda function: failing_load_guide)})()
     if os.environ.get("REPLAY_EPISODES"):
         import torch
 

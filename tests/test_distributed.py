@@ -140,3 +140,18 @@ def test_the_resume_command_names_torchrun_and_its_process_count(monkeypatch):
     monkeypatch.setattr(os, "getppid", os.getpid)  # a parent that is not torchrun: the fallback
     assert ("resume with: torchrun --nnodes 2 --nproc_per_node 2 ppo.py --task imdb --resume ck"
             in checkpoint.stopped_message(["SIGINT"], "x", "ck"))
+
+
+def test_a_guide_that_fails_on_one_rank_stops_every_rank_at_the_last_completed_iteration(assets, tmp_path):
+    """2 processes, rank 1's guide fails for good in iteration 1 (rank 0's works): every rank agrees to stop (none
+    waits forever in a collective), the checkpoint of the last completed iteration (0) is written with both ranks'
+    random state, rank 0 prints rank 1's error in one line, and the exit status is non-zero."""
+    args = set_flags(task_args(assets, "imdb", "ppo_plus_plus.py"), "--batch-size", 8, "--total-episodes", 16,
+                     "--save-every", 1, "--eval-every", 0, "--beta", 1)
+    result = torchrun("ppo_plus_plus.py", args, tmp_path, env={"GUIDE_FAILS_ON_RANK": "1"})
+    assert result.returncode != 0
+    assert "error: the guide server X failed 6 times\nstopped by that error after iteration 0/2; checkpoint: " in \
+        result.stderr, result.stderr[-3000:]
+    [folder] = glob.glob(str(tmp_path / "checkpoints" / "*"))
+    state = json.load(open(os.path.join(folder, "state.json")))
+    assert state["iteration"] == 0 and len(state["rng"]) == 2
