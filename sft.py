@@ -111,8 +111,13 @@ class Args:
     """tokens generated per eval prompt (None: the task's default)"""
     top_k: Optional[int] = None
     """eval top-k sampling (0 = off) (None: the task's default)"""
+    min_new_tokens: Optional[int] = None
+    """no EOS before this many new tokens in evaluation, as the RL scripts (None: imdb 48, commongen 5, tldr 0)"""
     eval_greedy: Optional[bool] = None
-    """greedy decoding in evaluation (otherwise top-k sampling) (None: the task's default)"""
+    """deterministic decoding in evaluation: greedy, or beam search with --eval-num-beams (otherwise top-k
+    sampling) (None: the task's default)"""
+    eval_num_beams: Optional[int] = None
+    """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril and the RL scripts; imdb and tldr 1)"""
     eval_batch_size: int = 64
     """prompts per generate/scoring call in evaluation"""
     num_sample_generations: int = 8
@@ -225,9 +230,10 @@ if __name__ == "__main__":
     transformers.logging.disable_progress_bar()
     args.max_target_length = args.max_target_length or args.max_new_tokens
     tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",
-                                       "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts"),
+                                       "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts",
+                                       "eval_num_beams"),
                        non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
-                                     "eval_every", "top_k", "num_sample_generations", "save_every"))
+                                     "eval_every", "top_k", "num_sample_generations", "save_every", "min_new_tokens"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.gradient_accumulation_steps = tasks.exact_div(args.batch_size, args.micro_batch_size,
                                                  "--batch-size / --micro-batch-size")
@@ -304,10 +310,12 @@ if __name__ == "__main__":
             perplexity_lm = (AutoModelForCausalLM.from_pretrained(perplexity_path).to(device).eval(),
                              AutoTokenizer.from_pretrained(perplexity_path))
         sampling = dict(do_sample=True, top_k=args.top_k)
+        deterministic = dict(do_sample=False, num_beams=args.eval_num_beams)  # the RL scripts' evaluation
         eval_generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                                  min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
                                                   eos_token_id=tokenizer.eos_token_id,
                                                   pad_token_id=tokenizer.pad_token_id,
-                                                  **({"do_sample": False} if args.eval_greedy else sampling))
+                                                  **(deterministic if args.eval_greedy else sampling))
     plan = (f"evaluating {args.model_name_or_path} on {len(eval_examples)} {args.eval_split} prompts" if args.eval_only
             else f"{len(train_pairs)} training examples, {args.num_steps} steps of {args.batch_size}")
     print(f"{run_name}: {plan} on {device}; TensorBoard: runs/{run_name}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, Spy, read_tensorboard, run_script, run_script_in_process, sft_args
+from conftest import RL_SCRIPTS, ROOT, Spy, read_tensorboard, run_script, run_script_in_process, sft_args, task_args
 
 spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "sft.py"))
 sft = importlib.util.module_from_spec(spec)
@@ -150,3 +150,34 @@ def test_the_checkpoints_generation_settings_do_not_leak_into_evaluation(assets,
             run_script_in_process("sft.py", args, tmp_path / name)
         scores[name] = [e.value for e in read_tensorboard(tmp_path / name).Scalars("eval/score")]
     assert scores["leaky"] == scores["clean"]
+
+
+
+@pytest.mark.parametrize("task", ["commongen", "imdb"])
+def test_eval_decodes_as_the_rl_scripts_do(assets, tmp_path, task):
+    """sft.py's evaluation generates with the RL scripts' settings (CommonGen: beam search with 5 beams, at least 5
+    new tokens, as tril), so its zero-shot and SL rows sit beside the RL rows of a table."""
+    class Caught(Exception):
+        pass
+
+    class FirstEvaluation(Spy):  # records the generation config of the first evaluate() call, then stops the run
+        def wrap(self, function):
+            def evaluate(model, tokenizer, examples, generation_config, *rest):
+                self.calls.append(generation_config)
+                raise Caught
+
+            return evaluate
+
+    configs = {}
+    for script, args in [("sft.py", sft_args(assets, task) + ["--eval-only"])] + [
+            (script, task_args(assets, task, script)) for script in RL_SCRIPTS]:
+        spy = FirstEvaluation()
+        with pytest.raises(Caught):
+            run_script_in_process(script, args + ["--max-new-tokens", "8"], tmp_path, {"evaluate": spy})
+        settings = {"temperature": 1.0, "top_p": 1.0} | spy.calls[0].to_diff_dict()  # unset = 1.0, no scaling
+        configs[script] = {key: value for key, value in settings.items() if key != "transformers_version"}
+    expected = ({"num_beams": 5, "do_sample": False, "min_new_tokens": 5} if task == "commongen"
+                else {"do_sample": True, "top_k": 50, "min_new_tokens": 8})
+    for script, config in configs.items():
+        assert {key: config.get(key) for key in expected} == expected, script
+        assert config == configs["ppo.py"], script
