@@ -1,6 +1,6 @@
 """The paper's IMDB table in miniature, offline, on 2 CPU cores: SL, PPO, PPO++, AggreVaTeD, D2LOLS.
 
-    pip install -r requirements.txt -r benchmarks/requirements.txt
+    pip install -r requirements.txt
     python benchmarks/imdb_offline.py            # ~70 minutes on 2 cores; builds the models if missing
 
 Real assets: SmolLM2-135M-Instruct (policy, pi_ref and critic backbone) and the small IMDB sentiment
@@ -228,7 +228,7 @@ if __name__ == "__main__":
     unknown = [m for m in args.methods if m not in LABELS or m in ("zero_shot", "sl")]
     if unknown or not args.seeds:
         raise SystemExit(f"error: unknown method(s) {unknown} or no seeds; methods: ppo ppo_plus_plus aggrevated d2lols")
-    import matplotlib  # noqa: F401  (fail now, not after 45 minutes: pip install -r benchmarks/requirements.txt)
+    import matplotlib  # noqa: F401  (fail now, not after 45 minutes: pip install -r requirements.txt)
 
     if args.sl_model and not os.path.isfile(os.path.join(args.sl_model, "config.json")):
         raise SystemExit(f"error: --sl-model {args.sl_model} is not a saved model folder")

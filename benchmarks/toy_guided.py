@@ -8,7 +8,7 @@ reward. The guide is the same network trained to write " movie" (tests/conftest.
 Progress is the held-out score of the policy alone (no guide), every iteration; the table gives, per
 algorithm and seed, the first iteration that reaches --target and the last score.
 
-    pip install -r benchmarks/requirements.txt
+    pip install -r requirements.txt
     python benchmarks/toy_guided.py                         # 5 methods x 5 seeds, ~7 min on 2 cores
     python benchmarks/toy_guided.py --reward fraction        # the dense toy (no exploration problem)
 
@@ -159,7 +159,7 @@ def plot(curves, args):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no picture (pip install -r benchmarks/requirements.txt)")
+        print("matplotlib is not installed: no picture (pip install -r requirements.txt)")
         return
     fig, axes = plt.subplots(1, len(args.scripts), figsize=(3 * len(args.scripts), 3), sharey=True)
     for ax, script in zip(axes, args.scripts):

@@ -1,0 +1,513 @@
+"""The paper's CommonGen claim in miniature, offline, on 2 CPU cores: does guidance beat PPO where the policy
+must find sentences it rarely writes on its own?
+
+    pip install -r requirements.txt
+    python benchmarks/commongen_offline.py --models-dir MODELS --data-dir DATA     # ~2 h on 2 cores
+
+MODELS holds smollm2-135m/ (SmolLM2-135M-Instruct; default: the hub's), DATA holds commongen/train.jsonl and
+validation.jsonl (default: the hub's common_gen). SmolLM2-135M-Instruct is the policy, pi_ref and critic
+backbone; the SL model is sft.py on CommonGen train; the reward is CIDEr-D against the concept set's
+references (idf from train), as tril.
+
+Two starts. "weak" (the main table): the zero-shot policy, with the SL model as the guide; rows zero-shot, SL,
+PPO, PPO++, AggreVaTeD, D2LOLS and DR-PO (PPO++ with the references as the guide). "sl" (tril's setting):
+policy and guide both the SL model; rows PPO, PPO++, DR-PO. Every method of a start gets the same episodes
+and optimizer steps, for each seed.
+
+Dev is cut in two: the first 993 - --heldout-sets concept sets are the pilot part (--pilot evaluates there:
+sizes were chosen so), the last --heldout-sets the held-out part that the table is scored on. Evaluation is
+deterministic, at least 5 new tokens: greedy by default (tril: beam search with 5 beams, --eval-num-beams 5,
+3.6x the time on a CPU).
+
+Writes {out}.md (the tables, the SL curve, a few generations), {out}.json (every run's numbers), {out}.png
+(held-out CIDEr-D against episodes) and {out}_generations/ (the last evaluation's generations of every run, JSON Lines). Every run's log and
+TensorBoard events stay in {work-dir}/<run>/; a run that finished is not run again (its done.json), so an
+interrupted driver continues where it stopped.
+"""
+
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import metrics, tasks  # noqa: E402
+from imdb_offline import read_scalars, run  # noqa: E402  (one run's subprocess and its TensorBoard scalars)
+
+HUB_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEV_SETS = 993
+
+
+@dataclass
+class Args:
+    models_dir: Optional[str] = None
+    """a folder holding smollm2-135m/ (SmolLM2-135M-Instruct saved offline) (None: the hub's HuggingFaceTB/SmolLM2-135M-Instruct)"""
+    data_dir: Optional[str] = None
+    """a folder holding commongen/train.jsonl and commongen/validation.jsonl (None: the hub's common_gen)"""
+    work_dir: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline_runs")
+    """every run's log and TensorBoard events, the SL model and the data parts go here"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline")
+    """the table and the picture: {out}.md and {out}.png; the generations in {out}_generations/"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2])
+    """one run of every method per seed"""
+    starts: List[str] = field(default_factory=lambda: ["weak", "sl"])
+    """weak: the zero-shot policy, the SL model as guide (the main table); sl: both the SL model (tril's setting)"""
+    weak_methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "aggrevated", "d2lols", "dr_po"])
+    """the rows of the weak start"""
+    sl_methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "dr_po"])
+    """the rows of the SL start"""
+    heldout_sets: int = 300
+    """the last this many dev concept sets are held out for the table; no pilot evaluates on them"""
+    pilot: bool = False
+    """evaluate on the pilot part of dev (the sets before the held-out ones) instead: for choosing the sizes"""
+    num_eval_prompts: int = 300
+    """concept sets per evaluation (the first ones of the part evaluated)"""
+    eval_num_beams: int = 1
+    """beams in evaluation (tril: 5; on 2 CPU cores one evaluation of 300 sets takes 150 s with 5 beams and 42 s
+    greedy, and the RL runs evaluate 3 times: greedy here)"""
+
+    # the size every method shares (CommonGen: a few concepts, <= 20 new tokens): episodes spent on optimizer steps
+    max_new_tokens: int = 20
+    """the horizon H (tril: 20)"""
+    batch_size: int = 32
+    """episodes per RL iteration"""
+    num_iterations: int = 8
+    """RL iterations: every method sees batch_size * num_iterations episodes"""
+    num_minibatches: int = 4
+    """PPO minibatches per epoch (one optimizer step each)"""
+    update_epochs: int = 2
+    """PPO epochs per batch"""
+    learning_rate: float = 2e-5
+    """RL learning rate of the policy"""
+    critic_learning_rate: float = 1e-5
+    """RL learning rate of the critic"""
+    gae_lambda: float = 1.0
+    """GAE lambda: 1 = the Monte Carlo return (CIDEr-D comes at the end, and the critic starts knowing nothing)"""
+    vf_coef: float = 1.0
+    """value-loss coefficient (tril's CommonGen 30 is for its own value head scale; the critic has its own lr here)"""
+    target_coef: float = 0.0
+    """tril's target regularisation (0.1 there)"""
+    kl_coef: float = 0.0
+    """KL penalty to pi_ref (tril's CommonGen: 0)"""
+    beta: float = 0.8
+    """PPO++/AggreVaTeD/D2LOLS mixing: the probability that the guide rolls in (tril's CommonGen: 0.8)"""
+    tau: int = 3
+    """D2LOLS switch iteration (the paper: 40% of the iterations)"""
+    eval_every: int = 4
+    """held-out evaluation every this many RL iterations (and at the start and the end)"""
+
+    # the SL model (the guide of the weak start, the start of tril's)
+    sl_steps: int = 100
+    """sft.py optimizer steps on CommonGen train"""
+    sl_batch_size: int = 16
+    """SL examples per step"""
+    sl_learning_rate: float = 1e-4
+    """SL learning rate"""
+    sl_eval_every: int = 25
+    """SL evaluation every this many steps: its curve, on the pilot part of dev"""
+    sl_eval_prompts: int = 100
+    """pilot concept sets per SL evaluation"""
+    sl_model: Optional[str] = None
+    """use this SL model instead of training one (the zero-shot and SL rows are then evaluated on their own)"""
+    parallel: bool = True
+    """run the seeds of a method side by side, the cores shared out; the wall times are those of runs that shared
+    the machine"""
+
+
+LABELS = {"zero_shot": "Zero-shot", "sl": "SL (sft.py)", "ppo": "PPO", "ppo_plus_plus": "PPO++",
+          "aggrevated": "AggreVaTeD", "d2lols": "D2LOLS", "dr_po": "DR-PO (PPO++, references as guide)"}
+SCRIPTS = {"ppo": "ppo.py", "ppo_plus_plus": "ppo_plus_plus.py", "aggrevated": "aggrevated.py", "d2lols": "d2lols.py",
+           "dr_po": "ppo_plus_plus.py"}
+GUIDED = ("ppo_plus_plus", "aggrevated", "d2lols", "dr_po")
+NOTES = "<!-- notes: what the table shows, written by hand; a re-run keeps what is below this line -->"
+START_TITLES = {"weak": "Weak start: zero-shot policy, SL guide (the main table)",
+                "sl": "tril's setting: policy and guide both the SL model"}
+METRICS = [("cider_d", "CIDEr-D ↑ (reward)"), ("rouge_L", "ROUGE-L"), ("bleu_4", "BLEU-4"),
+           ("coverage", "coverage"), ("distinct_2", "distinct-2"), ("length", "words")]
+
+
+# -- concept coverage: the share of a set's concepts that its sentence uses, in any inflection --------------------
+
+def word_lemmas(word):
+    """The dictionary lemmas of a word, for every part of speech (lemminflect's English lexicon, which holds the
+    irregular forms: stood -> stand, mice -> mouse); a word it does not know gets its rule-based noun and verb
+    lemmas (skateboarding -> skateboard)."""
+    import lemminflect
+
+    lemmas = {lemma for forms in lemminflect.getAllLemmas(word).values() for lemma in forms}
+    if not lemmas:
+        lemmas = {lemma for pos in ("NOUN", "VERB") for lemma in lemminflect.getAllLemmasOOV(word, pos).get(pos, ())}
+    return lemmas
+
+
+def concept_coverage(concepts, sentence):
+    """The share of `concepts` the sentence contains: a concept counts when a word of the sentence is that word
+    or has it among its lemmas (case ignored; "standing", "stood" and "stands" cover "stand", "standard" does
+    not, nor does a word that merely contains it)."""
+    words = set(metrics.tokenize_words(sentence))
+    lemmas = set(words).union(*(word_lemmas(w) for w in words)) if words else set()
+    return sum(c.lower() in lemmas for c in concepts) / len(concepts)
+
+
+def prompt_concepts(prompt):
+    """The concepts of a CommonGen prompt, "generate a sentence with: dog ball park." -> [dog, ball, park]."""
+    if not (prompt.startswith(tasks.COMMONGEN_PREFIX) and prompt.endswith(".")):
+        raise ValueError(f"not a CommonGen prompt: {prompt!r}")
+    return prompt[len(tasks.COMMONGEN_PREFIX) : -1].split()
+
+
+def generation_metrics(rows):
+    """The table's metrics of one evaluation's generations (prompt, continuation, references per row): CIDEr-D,
+    ROUGE-L and BLEU-4 against the references (the scripts' own functions), concept coverage, distinct-2 and
+    the mean length in words."""
+    continuations = [r["continuation"] for r in rows]
+    references = [r["references"] for r in rows]
+    result = {"cider_d": statistics.mean(metrics.cider_d(continuations, references)),
+              "rouge_L": metrics.rouge(continuations, references)["rouge_L"],
+              "bleu_4": metrics.bleu_4(continuations, references),
+              "coverage": statistics.mean(concept_coverage(prompt_concepts(r["prompt"]), r["continuation"])
+                                          for r in rows),
+              "distinct_2": metrics.distinct_n(continuations, 2),
+              "length": statistics.mean(len(metrics.ptb_tokenize(c)) for c in continuations)}
+    return result
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+def mean_spread(values):
+    """Mean and standard deviation over seeds (0 for one seed)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def beats(a, b):
+    """A beats B when its mean CIDEr-D is higher by more than the two seed spreads (standard deviations)
+    combined; returns "beats", "loses to" (the same, the other way) or "ties with"."""
+    (mean_a, spread_a), (mean_b, spread_b) = mean_spread(a), mean_spread(b)
+    if mean_a - mean_b > spread_a + spread_b:
+        return "beats"
+    if mean_b - mean_a > spread_a + spread_b:
+        return "loses to"
+    return "ties with"
+
+
+def diagnostics(scalars):
+    """What explains a run: the critic, the step size, the drift from pi_ref, and what the guide's roll-ins scored."""
+    def values(tag):
+        return [v for _, v in scalars.get(tag, [])]
+
+    result = {"ev_last": statistics.mean(values("val/explained_variance")[-3:]),
+              "approxkl_mean": statistics.mean(values("policy/approxkl_avg")),
+              "clipfrac_mean": statistics.mean(values("policy/clipfrac_avg")),
+              "kl_last": values("objective/kl")[-1],
+              "train_score_first": values("objective/scores")[0], "train_score_last": values("objective/scores")[-1]}
+    if values("guide/score_mixed"):
+        result |= {"guide_mixed": statistics.mean(values("guide/score_mixed")),
+                   "guide_unmixed": statistics.mean(values("guide/score_unmixed"))}
+    return result
+
+
+def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_line):
+    """{out}.md: per start the mean table, the verdicts against PPO, then per seed the diagnostics."""
+    heading = "pilot part" if args.pilot else "held-out part"
+    beams = "greedy" if args.eval_num_beams == 1 else f"beam search, {args.eval_num_beams} beams"
+    lines = ["# CommonGen in miniature, offline (CPU, 2 cores)", "", f"Command: `{command}`", "", sizes_line, ""]
+    for start in args.starts:
+        methods = (["zero_shot", "sl"] if start == "weak" else ["sl"]) + methods_of(args, start)
+        lines += [f"## {START_TITLES[start]}", "",
+                  "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
+                  "|-|" + "-|" * (len(METRICS) + 2)]
+        for method in methods:
+            key = method if method in ("zero_shot", "sl") else (start, method)
+            runs = results[key]
+            cells = []
+            for metric, _ in METRICS:
+                mean, spread = mean_spread([r[metric] for r in runs])
+                cells.append(f"{mean:.3f}" + (f" ± {spread:.3f}" if len(runs) > 1 else ""))
+            episodes = (0 if method == "zero_shot" else args.sl_steps * args.sl_batch_size if method == "sl"
+                        else args.batch_size * args.num_iterations)
+            seconds = f"{statistics.mean(wall[key]):.0f}" if wall.get(key) else "–"
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {episodes} | {seconds} |")
+        lines += ["", f"Zero-shot and SL: one deterministic evaluation ({beams}); RL rows: mean ± standard "
+                  f"deviation over seeds {', '.join(map(str, args.seeds))}. Scored on the {heading} of dev "
+                  f"({args.num_eval_prompts} concept sets).", ""]
+        ppo = [r["cider_d"] for r in results.get((start, "ppo"), [])]
+        for method in methods_of(args, start):
+            if method != "ppo" and ppo:
+                verdict = beats([r["cider_d"] for r in results[(start, method)]], ppo)
+                lines.append(f"- {LABELS[method]} {verdict} PPO on CIDEr-D (mean difference "
+                             f"{mean_spread([r['cider_d'] for r in results[(start, method)]])[0] - statistics.mean(ppo):+.3f})"
+                             ".")
+        lines += ["", "| method | seed | start | final | explained variance (last 3) | approx-KL (mean) | "
+                  "clip fraction (mean) | KL to pi_ref (last) | training reward first → last | guide roll-in "
+                  "score: mixed / unmixed episodes |", "|-|-|-|-|-|-|-|-|-|-|"]
+        for method in methods_of(args, start):
+            for seed, r, curve in zip(args.seeds, results[(start, method)], curves[(start, method)]):
+                guide = (f"{r['guide_mixed']:.3f} / {r['guide_unmixed']:.3f}" if "guide_mixed" in r else "–")
+                lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
+                             f"{r['ev_last']:.2f} | {r['approxkl_mean']:.4f} | {r['clipfrac_mean']:.3f} | "
+                             f"{r['kl_last']:.3f} | {r['train_score_first']:.3f} → {r['train_score_last']:.3f} | "
+                             f"{guide} |")
+        lines.append("")
+    if sl_curve:
+        lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
+                  "| step | examples | CIDEr-D |",
+                  "|-|-|-|"]
+        lines += [f"| {examples // args.sl_batch_size} | {examples} | {value:.3f} |" for examples, value in sl_curve]
+        lines.append("")
+    lines += ["## A few generations (the last evaluation, seed " + str(args.seeds[0]) + "; as JSON strings, \\n = a new "
+              "line)", ""]
+    for sample in samples:
+        lines.append(f"- **{' '.join(sample['concepts'])}** (a reference: \"{sample['reference']}\")")
+        lines += [f"  - {name}: `{json.dumps(text, ensure_ascii=False)}`" for name, text in sample["texts"]]
+    lines += ["", f"Every run's last generations: `{os.path.relpath(args.out, ROOT)}_generations/`.", "", NOTES]
+    notes = ""  # what a reader wrote below the marker in an earlier table is kept
+    if os.path.isfile(args.out + ".md"):
+        with open(args.out + ".md") as f:
+            notes = f.read().partition(NOTES + "\n")[2]
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n" + notes)
+
+
+def plot(args, curves, start_scores):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes_row = plt.subplots(1, len(args.starts), figsize=(6.4 * len(args.starts), 4.4), squeeze=False)
+    for axes, start in zip(axes_row[0], args.starts):
+        for method in methods_of(args, start):
+            runs = curves[(start, method)]
+            steps = sorted(set.intersection(*(set(s for s, _ in run_curve) for run_curve in runs)))
+            means = [statistics.mean(dict(run_curve)[s] for run_curve in runs) for s in steps]
+            axes.plot(steps, means, marker="o", label=LABELS[method])
+            for run_curve in runs:  # each seed, faint
+                axes.plot(*zip(*run_curve), color=axes.lines[-1].get_color(), alpha=0.25, linewidth=1)
+        for name, style in (("zero_shot", ":"), ("sl", "--")):
+            axes.axhline(start_scores[name], color="gray", linestyle=style, label=LABELS[name])
+        axes.set_xlabel("episodes")
+        axes.set_ylabel(f"CIDEr-D, {'pilot' if args.pilot else 'held-out'} dev ({args.num_eval_prompts} sets)")
+        axes.set_title(START_TITLES[start].split(":")[0] + f" (seeds {', '.join(map(str, args.seeds))})")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle("CommonGen, SmolLM2-135M-Instruct, CPU")
+    figure.tight_layout()
+    figure.savefig(args.out + ".png", dpi=110)
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+
+def methods_of(args, start):
+    return args.weak_methods if start == "weak" else args.sl_methods
+
+
+def prepare_data(args):
+    """{work-dir}/data: train.jsonl, validation.jsonl = the pilot part of dev, test.jsonl = the held-out part."""
+    source = os.path.join(args.data_dir, "commongen") if args.data_dir else None
+    train = tasks.load_rows("commongen", "train", dataset_name="common_gen", dataset_path=source)
+    dev = tasks.group_commongen(tasks.load_rows("commongen", "validation", dataset_name="common_gen",
+                                                dataset_path=source))
+    if not 0 < args.heldout_sets < len(dev):
+        raise SystemExit(f"error: --heldout-sets must be between 1 and {len(dev) - 1} (dev has {len(dev)} sets)")
+    pilot, heldout = dev[: len(dev) - args.heldout_sets], dev[len(dev) - args.heldout_sets :]
+    evaluated = pilot if args.pilot else heldout
+    if args.num_eval_prompts > len(evaluated):
+        raise SystemExit(f"error: --num-eval-prompts {args.num_eval_prompts} > the {len(evaluated)} sets of the "
+                         f"{'pilot' if args.pilot else 'held-out'} part")
+    folder = os.path.join(args.work_dir, "data")
+    tasks.write_jsonl(os.path.join(folder, "train.jsonl"), train)
+    tasks.write_jsonl(os.path.join(folder, "validation.jsonl"), pilot)
+    tasks.write_jsonl(os.path.join(folder, "test.jsonl"), heldout)
+    return folder, len(pilot), len(heldout)
+
+
+def run_once(jobs, args):
+    """Run the jobs that have not finished before (no done.json with the same command), side by side; return
+    every job's wall time (a finished job's from its done.json)."""
+    todo = []
+    for name, script, script_args in jobs:
+        done = os.path.join(args.work_dir, name, "done.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                record = json.load(f)
+            if record["command"] == [script, *script_args]:
+                continue
+        todo.append((name, script, script_args))
+    if todo:
+        for (name, script, script_args), seconds in zip(todo, run(todo, args.work_dir)):
+            with open(os.path.join(args.work_dir, name, "done.json"), "w") as f:
+                json.dump({"command": [script, *script_args], "seconds": seconds}, f)
+    walls = []
+    for name, _, _ in jobs:
+        with open(os.path.join(args.work_dir, name, "done.json")) as f:
+            walls.append(json.load(f)["seconds"])
+    return walls
+
+
+def generations(args, name):
+    """Every evaluation of the run, in order: the rows of its generations JSON Lines files."""
+    files = sorted(glob.glob(os.path.join(args.work_dir, name, "runs", "*", "generations", "*.jsonl")))
+    if not files:
+        raise SystemExit(f"error: {name} wrote no generations (its log: {os.path.join(args.work_dir, name, 'log.txt')})")
+    result = []
+    for path in files:
+        with open(path) as f:
+            result.append([json.loads(line) for line in f])
+    return result
+
+
+def last_generations(args, name):
+    """The rows of the run's last evaluation, also written to {out}_generations/{name}.jsonl."""
+    rows = generations(args, name)[-1]
+    tasks.write_jsonl(os.path.join(args.out + "_generations", name + ".jsonl"), rows)
+    return rows
+
+
+def checked_metrics(args, name, scalars):
+    """The table's metrics of the run's last evaluation, its logged CIDEr-D checked against them."""
+    rows = last_generations(args, name)
+    result = generation_metrics(rows)
+    logged = scalars["eval/cider_d"][-1][1]
+    if abs(logged - result["cider_d"]) > 1e-4 or len(rows) != args.num_eval_prompts:
+        raise SystemExit(f"error: {name}: its generations give CIDEr-D {result['cider_d']:.5f} on {len(rows)} "
+                         f"sets, it logged {logged:.5f}")
+    return result
+
+
+def main(args):
+    for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
+    unknown = [s for s in args.starts if s not in START_TITLES] + [
+        m for s in args.starts for m in methods_of(args, s) if m not in SCRIPTS]
+    if unknown or not args.seeds or not args.starts:
+        raise SystemExit(f"error: unknown start(s) or method(s) {unknown}, or none given; starts: weak sl; methods: "
+                         f"{' '.join(SCRIPTS)}")
+    if "ppo" not in [m for s in args.starts for m in methods_of(args, s)]:
+        print("note: no PPO row: no verdicts", flush=True)
+    import lemminflect  # noqa: F401  (fail now, not after two hours: pip install -r requirements.txt)
+    import matplotlib  # noqa: F401
+
+    policy = os.path.join(args.models_dir, "smollm2-135m") if args.models_dir else HUB_POLICY
+    if args.models_dir and not os.path.isfile(os.path.join(policy, "config.json")):
+        raise SystemExit(f"error: no saved model at {policy} (--models-dir must hold smollm2-135m/)")
+    if args.sl_model and not os.path.isfile(os.path.join(args.sl_model, "config.json")):
+        raise SystemExit(f"error: --sl-model {args.sl_model} is not a saved model folder")
+    os.makedirs(args.work_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    data, num_pilot, num_heldout = prepare_data(args)
+    started = time.perf_counter()
+    split = "validation" if args.pilot else "test"
+    run_prefix = "pilot_" if args.pilot else ""  # pilot runs keep their own folders beside the table's
+    common = ["--task", "commongen", "--dataset-path", data, "--max-new-tokens", str(args.max_new_tokens),
+              "--eval-num-beams", str(args.eval_num_beams)]
+    task = common + ["--eval-split", split, "--num-eval-prompts", str(args.num_eval_prompts)]
+    rl = ["--total-episodes", str(args.batch_size * args.num_iterations), "--batch-size", str(args.batch_size),
+          "--num-minibatches", str(args.num_minibatches), "--update-epochs", str(args.update_epochs),
+          "--learning-rate", str(args.learning_rate), "--critic-learning-rate", str(args.critic_learning_rate),
+          "--gae-lambda", str(args.gae_lambda), "--vf-coef", str(args.vf_coef), "--target-coef", str(args.target_coef),
+          "--kl-coef", str(args.kl_coef), "--eval-every", str(args.eval_every)]
+    total = (0 if args.sl_model else 1) + 2 + sum(len(methods_of(args, s)) for s in args.starts) * len(args.seeds)
+    done = [0]
+
+    def progress(names, walls):
+        for name, wall in zip(names, walls):
+            done[0] += 1
+            elapsed = time.perf_counter() - started
+            print(f"[{done[0]}/{total}] {name}: {wall:.0f} s; {elapsed / 60:.1f} min so far", flush=True)
+
+    # SL: sft.py on CommonGen train (its curve on the pilot part: it sets --sl-steps), unless --sl-model is given
+    results, wall, curves, sl_curve = {}, {}, {}, []
+    sl_model = args.sl_model or os.path.join(args.work_dir, "sl", "model")
+    if not args.sl_model:
+        pilot_eval = ["--eval-split", "validation", "--num-eval-prompts", str(args.sl_eval_prompts)]
+        job = ("sl", "sft.py", common + pilot_eval + [
+            "--model-name-or-path", policy, "--max-steps", str(args.sl_steps), "--batch-size", str(args.sl_batch_size),
+            "--learning-rate", str(args.sl_learning_rate), "--eval-every", str(args.sl_eval_every), "--save-model",
+            "--save-path", sl_model])
+        wall["sl"] = run_once([job], args)
+        progress(["sl"], wall["sl"])
+        sl_curve = read_scalars(args.work_dir, "sl")["eval/cider_d"]
+    # the zero-shot and SL rows: each model evaluated once, as the RL runs evaluate
+    jobs = [(f"{run_prefix}{name}_eval", "sft.py", task + ["--model-name-or-path", model, "--eval-only"])
+            for name, model in (("zero_shot", policy), ("sl", sl_model))]
+    progress([n for n, _, _ in jobs], run_once(jobs, args))
+    for name in ("zero_shot", "sl"):
+        results[name] = [checked_metrics(args, f"{run_prefix}{name}_eval",
+                                         read_scalars(args.work_dir, f"{run_prefix}{name}_eval"))]
+    records = {name: {"start": None, "method": name, "seed": None} | results[name][0] for name in ("zero_shot", "sl")}
+    starting_model = {"weak": policy, "sl": sl_model}
+    side_by_side = len(args.seeds) if args.parallel else 1
+    for start in args.starts:
+        for method in methods_of(args, start):
+            guide = ([] if method == "ppo" else ["--guide-references"] if method == "dr_po"
+                     else ["--guide-model", sl_model])
+            if method != "ppo":
+                guide += ["--beta", str(args.beta)]
+            if method == "d2lols":
+                guide += ["--tau", str(args.tau)]
+            for group in range(0, len(args.seeds), side_by_side):
+                seeds = args.seeds[group : group + side_by_side]
+                jobs = [(f"{run_prefix}{start}_{method}_seed{seed}", SCRIPTS[method],
+                         task + rl + guide + ["--model-name-or-path", starting_model[start], "--seed", str(seed)])
+                        for seed in seeds]
+                walls = run_once(jobs, args)
+                progress([n for n, _, _ in jobs], walls)
+                for (name, _, _), seconds, seed in zip(jobs, walls, seeds):
+                    scalars = read_scalars(args.work_dir, name)
+                    results.setdefault((start, method), []).append(checked_metrics(args, name, scalars)
+                                                                   | diagnostics(scalars))
+                    records[name] = {"start": start, "method": method, "seed": seed, "seconds": seconds,
+                                     "curve": scalars["eval/cider_d"]} | results[(start, method)][-1]
+                    curves.setdefault((start, method), []).append(scalars["eval/cider_d"])
+                    wall.setdefault((start, method), []).append(seconds)
+
+    # a few generations side by side: the first sets evaluated, the start models and each method's first seed
+    texts = {"zero_shot": last_generations(args, f"{run_prefix}zero_shot_eval"),
+             "sl": last_generations(args, f"{run_prefix}sl_eval")}
+    for start in args.starts:
+        for method in methods_of(args, start):
+            texts[LABELS[method] + (" (SL start)" if start == "sl" else "")] = last_generations(
+                args, f"{run_prefix}{start}_{method}_seed{args.seeds[0]}")
+    samples = [{"concepts": prompt_concepts(row["prompt"]), "reference": row["references"][0],
+                "texts": [(LABELS.get(name, name), rows[i]["continuation"]) for name, rows in texts.items()]}
+               for i, row in enumerate(texts["sl"][:4])]
+
+    minutes = (time.perf_counter() - started) / 60
+    beams = "greedy" if args.eval_num_beams == 1 else f"beam search, {args.eval_num_beams} beams"
+    steps = args.num_iterations * args.update_epochs * args.num_minibatches
+    sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; prompt \"{tasks.COMMONGEN_PREFIX}<concepts>.\"; "
+             f"{args.max_new_tokens} new tokens at most (at least 5), sampled (top-k off); reward CIDEr-D against the "
+             f"set's train references (idf from train). RL: {args.num_iterations} iterations of {args.batch_size} "
+             f"episodes, {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
+             f"policy lr {args.learning_rate}, critic lr {args.critic_learning_rate}, vf-coef {args.vf_coef}, GAE "
+             f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}; guided: beta "
+             f"{args.beta}, guide nucleus-sampled (top-p 0.92), D2LOLS tau {args.tau}. SL: {args.sl_steps} steps of "
+             f"{args.sl_batch_size}, lr {args.sl_learning_rate}. Dev: {num_pilot} pilot sets (the first) and "
+             f"{num_heldout} held-out (the last); evaluation: {beams}, as every row. This invocation: {minutes:.0f} "
+             f"min (runs finished by an earlier one are reused, with their own wall times).")
+    command = " ".join(["python benchmarks/commongen_offline.py", *sys.argv[1:]])
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    command += f"` at commit `{commit}"
+    write_table(args, results, curves, sl_curve, wall, samples, command, sizes)
+    with open(args.out + ".json", "w") as f:  # every number of the table, per run
+        json.dump({"command": command, "sizes": sizes, "sl_curve": sl_curve, "runs": records}, f, indent=1)
+    plot(args, curves, {"zero_shot": results["zero_shot"][0]["cider_d"], "sl": results["sl"][0]["cider_d"]})
+    print(open(args.out + ".md").read())
+    print(f"wrote {args.out}.md and {args.out}.png in {minutes:.1f} minutes")
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,156 @@
+"""benchmarks/commongen_offline.py: its own pieces (concept coverage, the verdict, the metrics of a generations
+file) against known values, and the driver end to end on the tiny models, its table checked against what the
+runs themselves wrote."""
+
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+
+import pytest
+
+from common import metrics
+from conftest import ROOT, read_tensorboard, save_tiny_causal_lm
+
+spec = importlib.util.spec_from_file_location("commongen_offline",
+                                              os.path.join(ROOT, "benchmarks", "commongen_offline.py"))
+driver = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(driver)
+
+
+@pytest.mark.parametrize("concept,sentence", [
+    ("stand", "The player stood in the field."),      # irregular past: the lexicon's lemma
+    ("stand", "Two men are standing by the door."),
+    ("stand", "She stands up."),
+    ("mouse", "The mice ran away."),                   # irregular plurals
+    ("child", "Children eat food."),
+    ("tooth", "He brushes his teeth."),
+    ("run", "The dog ran after the ball."),            # irregular verbs
+    ("sit", "They sat on the couch."),
+    ("swim", "The kids swam in the lake."),
+    ("go", "We went home."),
+    ("dance", "A kid is dancing in the room."),        # regular inflections
+    ("kid", "The kids play."),
+    ("dog", "DOGS bark."),                             # case
+    ("couch", "a cat on the couch."),                  # punctuation attached
+])
+def test_a_concept_in_any_inflection_is_covered(concept, sentence):
+    assert driver.concept_coverage([concept], sentence) == 1.0
+
+
+@pytest.mark.parametrize("concept,sentence", [
+    ("stand", "The standard was high."),               # not a form of the word, though it starts with it
+    ("stand", "I understood."),                        # contains "stood"
+    ("cat", "The cathedral is old."),                  # contains the word
+    ("sit", "A seat by the window."),                  # a related word is not the word
+    ("surf", "The surfer waits."),                     # a derived noun is another lemma (as spaCy's)
+    ("mouse", "The mousetrap."),
+    ("dog", ""),
+])
+def test_other_words_do_not_cover_a_concept(concept, sentence):
+    assert driver.concept_coverage([concept], sentence) == 0.0
+
+
+def test_coverage_is_the_share_of_the_set():
+    assert driver.concept_coverage(["field", "look", "stand"], "I stood and looked at the sky.") == pytest.approx(2 / 3)
+    assert driver.concept_coverage(["dog", "frisbee", "catch"], "A dog caught the frisbee.") == 1.0
+
+
+def test_prompt_concepts():
+    assert driver.prompt_concepts("generate a sentence with: dog ball park.") == ["dog", "ball", "park"]
+    with pytest.raises(ValueError, match="not a CommonGen prompt"):
+        driver.prompt_concepts("summarize: dog ball park.")
+
+
+def test_generation_metrics_of_a_file():
+    rows = [{"prompt": "generate a sentence with: dog ball park.", "continuation": " A dog ran to the ball.",
+             "references": ["The dog runs after a ball in the park.", "A dog plays ball."]},
+            {"prompt": "generate a sentence with: cat couch sit.", "continuation": " The cat sat on a couch today.",
+             "references": ["A cat sits on the couch."]}]
+    result = driver.generation_metrics(rows)
+    assert result["coverage"] == pytest.approx((2 / 3 + 1) / 2)
+    assert result["length"] == pytest.approx((6 + 7) / 2)  # PTB words, the period dropped
+    # distinct-2: 14 bigrams ("a dog ... ball ." and "the cat ... today ."), all different
+    assert result["distinct_2"] == pytest.approx(1.0)
+    continuations, references = [r["continuation"] for r in rows], [r["references"] for r in rows]
+    assert result["cider_d"] == pytest.approx(statistics.mean(metrics.cider_d(continuations, references)))
+    assert result["rouge_L"] == pytest.approx(metrics.rouge(continuations, references)["rouge_L"])
+    assert result["bleu_4"] == pytest.approx(metrics.bleu_4(continuations, references))
+
+
+def test_beats_needs_more_than_the_spreads_combined():
+    # stdev([1.0, 1.2]) = stdev([0.6, 0.8]) = 0.1414: the gap 0.4 > 0.283
+    assert driver.beats([1.0, 1.2], [0.6, 0.8]) == "beats"
+    assert driver.beats([0.6, 0.8], [1.0, 1.2]) == "loses to"
+    # gap 0.25 < 0.283: a tie, though one mean is higher
+    assert driver.beats([0.95, 1.15], [0.7, 0.9]) == "ties with"
+    assert driver.beats([1.0], [0.9]) == "beats"  # one seed: no spread
+
+
+def test_the_driver_end_to_end(assets, tmp_path):
+    """Tiny models, 2 seeds, the weak start with PPO and PPO++ and the SL start with DR-PO: the table's rows and
+    seeds are those the runs wrote (their generations files and TensorBoard events)."""
+    # a tiny GPT-2 whose text varies (the default init repeats one token), so the metrics are not all 0
+    save_tiny_causal_lm(tmp_path / "models" / "smollm2-135m", assets["tokenizer"], initializer_range=0.5)
+    (tmp_path / "data").mkdir()
+    os.symlink(assets["data"]["commongen"], tmp_path / "data" / "commongen")
+    work, out = tmp_path / "work", tmp_path / "results" / "cg"
+    argv = ["--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"), "--work-dir", str(work),
+            "--out", str(out), "--heldout-sets", "3", "--num-eval-prompts", "3", "--weak-methods", "ppo",
+            "ppo_plus_plus", "--sl-methods", "dr_po", "--batch-size", "4", "--num-iterations", "2",
+            "--num-minibatches", "2", "--update-epochs", "1", "--eval-every", "1", "--sl-steps", "2",
+            "--sl-batch-size", "4", "--sl-eval-every", "1", "--max-new-tokens", "6"]
+    old_argv, sys.argv = sys.argv, ["commongen_offline.py", *argv]
+    try:
+        driver.main(driver.tyro.cli(driver.Args, args=argv))
+    finally:
+        sys.argv = old_argv
+    record = json.loads(out.with_suffix(".json").read_text())
+    runs = record["runs"]
+    expected = {"zero_shot", "sl"} | {f"{start}_{method}_seed{seed}" for start, method in
+                                      (("weak", "ppo"), ("weak", "ppo_plus_plus"), ("sl", "dr_po")) for seed in (1, 2)}
+    assert set(runs) == expected
+    # the held-out part: the last 3 dev sets, none of the pilot part
+    dev = [json.loads(line) for line in open(os.path.join(assets["data"]["commongen"], "validation.jsonl"))]
+    heldout = [json.loads(line) for line in open(work / "data" / "test.jsonl")]
+    assert [r["concepts"] for r in heldout] == [r["concepts"] for r in dev[-3:]]
+    table = out.with_suffix(".md").read_text()
+    for name, run in runs.items():
+        generations = [json.loads(line) for line in open(out.parent / "cg_generations" / f"{name}.jsonl")]
+        assert [driver.prompt_concepts(g["prompt"]) for g in generations] == [r["concepts"] for r in heldout]
+        assert driver.generation_metrics(generations) == pytest.approx({k: run[k] for k in driver.generation_metrics(generations)})
+        if name in ("zero_shot", "sl"):
+            continue
+        folder = work / name
+        events = read_tensorboard(folder)
+        assert run["curve"] == [[e.step, pytest.approx(e.value)] for e in events.Scalars("eval/cider_d")]
+        assert run["seed"] == int(name[-1]) and f"--seed {run['seed']}" in " ".join(json.load(open(folder / "done.json"))["command"])
+        assert len(run["curve"]) == 3 and run["curve"][-1][0] == 8  # start, iteration 1, the end: 2 x 4 episodes
+        # the run's own last generations file is the one the driver kept
+        [last] = sorted(folder.glob("runs/*/generations/*.jsonl"))[-1:]
+        assert last.read_text() == (out.parent / "cg_generations" / f"{name}.jsonl").read_text()
+        assert events.Scalars("eval/cider_d")[-1].value == pytest.approx(run["cider_d"], abs=1e-4)
+    # each table row is the mean of its seeds' runs
+    for start, method in (("weak", "ppo"), ("weak", "ppo_plus_plus"), ("sl", "dr_po")):
+        values = [runs[f"{start}_{method}_seed{seed}"]["coverage"] for seed in (1, 2)]
+        row = next(line for line in table.split(f"## {driver.START_TITLES[start]}")[1].splitlines()
+                   if line.startswith(f"| {driver.LABELS[method]} | "))
+        mean, spread = (float(x) for x in re.match(r"\| [^|]+ \|[^|]+\|[^|]+\|[^|]+\| ([\d.]+) ± ([\d.]+) \|", row).groups())
+        assert mean == pytest.approx(statistics.mean(values), abs=1e-3)
+        assert spread == pytest.approx(statistics.stdev(values), abs=1e-3)
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    # a second invocation reuses every finished run (their done.json), writes the same table and keeps the notes
+    before = {p: p.stat().st_mtime for p in work.glob("*/done.json")}
+    out.with_suffix(".md").write_text(table + "What it shows: nothing, on tiny models.\n")
+    sys.argv = ["commongen_offline.py", *argv]
+    try:
+        driver.main(driver.tyro.cli(driver.Args, args=argv))
+    finally:
+        sys.argv = old_argv
+    assert {p: p.stat().st_mtime for p in work.glob("*/done.json")} == before
+    again = out.with_suffix(".md").read_text()
+    assert again.endswith(driver.NOTES + "\nWhat it shows: nothing, on tiny models.\n")
+    strip = lambda text: re.sub(r"This invocation: \d+ min", "", text.partition(driver.NOTES)[0])  # noqa: E731
+    assert strip(again) == strip(table)
