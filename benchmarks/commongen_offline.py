@@ -89,8 +89,9 @@ class Args:
     """PPO epochs per batch"""
     learning_rate: float = 2e-5
     """RL learning rate of the policy"""
-    critic_learning_rate: float = 1e-5
-    """RL learning rate of the critic"""
+    critic_learning_rate: float = 1e-4
+    """RL learning rate of the critic (pilots: at 1e-5 its explained variance stayed ~0.01, at 1e-4 it reached
+    0.04-0.09; a critic that knows a roll-in state's value is what the guided methods' advantages need)"""
     gae_lambda: float = 1.0
     """GAE lambda: 1 = the Monte Carlo return (CIDEr-D comes at the end, and the critic starts knowing nothing)"""
     vf_coef: float = 1.0
