@@ -17,7 +17,7 @@ and optimizer steps, for each seed.
 Dev is cut in two: the first 993 - --heldout-sets concept sets are the pilot part (--pilot evaluates there:
 sizes were chosen so), the last --heldout-sets the held-out part that the table is scored on. Evaluation is
 deterministic, at least 5 new tokens: greedy by default (tril: beam search with 5 beams, --eval-num-beams 5,
-3.6x the time on a CPU).
+several times slower on a CPU).
 
 Writes {out}.md (the tables, the SL curve, a few generations), {out}.json (every run's numbers), {out}.png
 (held-out CIDEr-D against episodes) and {out}_generations/ (the last evaluation's generations of every run, JSON Lines). Every run's log and
@@ -73,8 +73,8 @@ class Args:
     num_eval_prompts: int = 300
     """concept sets per evaluation (the first ones of the part evaluated)"""
     eval_num_beams: int = 1
-    """beams in evaluation (tril: 5; on 2 CPU cores one evaluation of 300 sets takes 150 s with 5 beams and 42 s
-    greedy, and the RL runs evaluate 3 times: greedy here)"""
+    """beams in evaluation (tril: 5, which costs several times greedy's time on a CPU, and every RL run
+    evaluates 3 times: greedy here)"""
 
     # the size every method shares (CommonGen: a few concepts, <= 20 new tokens): episodes spent on optimizer steps
     max_new_tokens: int = 20
@@ -134,7 +134,8 @@ NOTES = "<!-- notes: what the table shows, written by hand; a re-run keeps what 
 START_TITLES = {"weak": "Weak start: zero-shot policy, SL guide (the main table)",
                 "sl": "tril's setting: policy and guide both the SL model"}
 METRICS = [("cider_d", "CIDEr-D ↑ (reward)"), ("rouge_L", "ROUGE-L"), ("bleu_4", "BLEU-4"),
-           ("coverage", "coverage"), ("distinct_2", "distinct-2"), ("length", "words")]
+           ("coverage", "coverage"), ("distinct_2", "distinct-2"), ("length", "words"),
+           ("direct", "direct")]
 
 
 # -- concept coverage: the share of a set's concepts that its sentence uses, in any inflection --------------------
@@ -169,8 +170,9 @@ def prompt_concepts(prompt):
 
 def generation_metrics(rows):
     """The table's metrics of one evaluation's generations (prompt, continuation, references per row): CIDEr-D,
-    ROUGE-L and BLEU-4 against the references (the scripts' own functions), concept coverage, distinct-2 and
-    the mean length in words."""
+    ROUGE-L and BLEU-4 against the references (the scripts' own functions), concept coverage, distinct-2, the
+    mean length in words, and "direct": the share written on the prompt's line (SmolLM2-Instruct's habit is a
+    new line, then talk about the sentence: "\n\nThe sentence is: ...")."""
     continuations = [r["continuation"] for r in rows]
     references = [r["references"] for r in rows]
     result = {"cider_d": statistics.mean(metrics.cider_d(continuations, references)),
@@ -179,7 +181,8 @@ def generation_metrics(rows):
               "coverage": statistics.mean(concept_coverage(prompt_concepts(r["prompt"]), r["continuation"])
                                           for r in rows),
               "distinct_2": metrics.distinct_n(continuations, 2),
-              "length": statistics.mean(len(metrics.ptb_tokenize(c)) for c in continuations)}
+              "length": statistics.mean(len(metrics.ptb_tokenize(c)) for c in continuations),
+              "direct": statistics.mean(bool(c.split("\n", 1)[0].strip()) for c in continuations)}
     return result
 
 
@@ -249,8 +252,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                              f"{mean_spread([r['cider_d'] for r in results[(start, method)]])[0] - statistics.mean(ppo):+.3f})"
                              ".")
         lines += ["", "| method | seed | start | final | explained variance (last 3) | approx-KL (mean) | "
-                  "clip fraction (mean) | KL to pi_ref (last) | training reward first → last | guide roll-in "
-                  "score: mixed / unmixed episodes |", "|-|-|-|-|-|-|-|-|-|-|"]
+                  "clip fraction (mean) | KL to pi_ref (last) | training reward first → last | training reward of "
+                  "mixed / unmixed episodes (mean) |", "|-|-|-|-|-|-|-|-|-|-|"]
         for method in methods_of(args, start):
             for seed, r, curve in zip(args.seeds, results[(start, method)], curves[(start, method)]):
                 guide = (f"{r['guide_mixed']:.3f} / {r['guide_unmixed']:.3f}" if "guide_mixed" in r else "–")
@@ -258,7 +261,10 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                              f"{r['ev_last']:.2f} | {r['approxkl_mean']:.4f} | {r['clipfrac_mean']:.3f} | "
                              f"{r['kl_last']:.3f} | {r['train_score_first']:.3f} → {r['train_score_last']:.3f} | "
                              f"{guide} |")
-        lines.append("")
+        lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (the references) wrote the first k tokens; AggreVaTeD, "
+                  "the policy wrote the first k and the guide the rest (unmixed: the guide alone); D2LOLS, AggreVaTeD's "
+                  "until tau, then PPO++'s. Training reward: CIDEr-D against the set's train references (1.5 per set "
+                  "on average, dev has 4), so lower than on dev.", ""]
     if sl_curve:
         lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
                   "| step | examples | CIDEr-D |",

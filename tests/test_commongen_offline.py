@@ -68,11 +68,15 @@ def test_generation_metrics_of_a_file():
     rows = [{"prompt": "generate a sentence with: dog ball park.", "continuation": " A dog ran to the ball.",
              "references": ["The dog runs after a ball in the park.", "A dog plays ball."]},
             {"prompt": "generate a sentence with: cat couch sit.", "continuation": " The cat sat on a couch today.",
+             "references": ["A cat sits on the couch."]},
+            {"prompt": "generate a sentence with: cat couch sit.", "continuation": "\n\nThe sentence: cat sits.",
              "references": ["A cat sits on the couch."]}]
     result = driver.generation_metrics(rows)
-    assert result["coverage"] == pytest.approx((2 / 3 + 1) / 2)
-    assert result["length"] == pytest.approx((6 + 7) / 2)  # PTB words, the period dropped
-    # distinct-2: 14 bigrams ("a dog ... ball ." and "the cat ... today ."), all different
+    assert result["coverage"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert result["length"] == pytest.approx((6 + 7 + 4) / 3)  # PTB words, the punctuation dropped
+    assert result["direct"] == pytest.approx(2 / 3)  # the third one starts on a new line
+    # distinct-2: 14 bigrams in the first two ("a dog ... ball ." and "the cat ... today ."), all different, and
+    # 5 in the third ("the sentence : cat sits ."), "the sentence" / "sentence :" / ": cat" / "cat sits" / "sits ."
     assert result["distinct_2"] == pytest.approx(1.0)
     continuations, references = [r["continuation"] for r in rows], [r["references"] for r in rows]
     assert result["cider_d"] == pytest.approx(statistics.mean(metrics.cider_d(continuations, references)))
