@@ -2,7 +2,7 @@
 must find sentences it rarely writes on its own?
 
     pip install -r requirements.txt
-    python benchmarks/commongen_offline.py --models-dir MODELS --data-dir DATA     # ~2 h on 2 cores
+    python benchmarks/commongen_offline.py --models-dir MODELS --data-dir DATA     # both starts ~2 h on 2 cores (weak: ~87 min)
 
 MODELS holds smollm2-135m/ (SmolLM2-135M-Instruct; default: the hub's), DATA holds commongen/train.jsonl and
 validation.jsonl (default: the hub's common_gen). SmolLM2-135M-Instruct is the policy, pi_ref and critic
@@ -42,10 +42,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import metrics, tasks  # noqa: E402
-from imdb_offline import read_scalars, run  # noqa: E402  (one run's subprocess and its TensorBoard scalars)
+from imdb_offline import mean_spread, read_scalars, run  # noqa: E402  (mean and stdev over seeds; runs; their scalars)
 
 HUB_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEV_SETS = 993
 
 
 @dataclass
@@ -187,11 +186,6 @@ def generation_metrics(rows):
 
 
 # -- the table -------------------------------------------------------------------------------------------------
-
-def mean_spread(values):
-    """Mean and standard deviation over seeds (0 for one seed)."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
 
 def beats(a, b):
     """A beats B when its mean CIDEr-D is higher by more than the two seed spreads (standard deviations)
