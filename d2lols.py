@@ -13,8 +13,8 @@ or a plain PPO episode (PPO++).
     3. update: epochs of shuffled minibatches of the clipped PPO objective
     4. logging, evaluation, checkpoint
 
-    python ppo.py --task imdb                                   # one GPU (or the CPU)
-    torchrun --nproc_per_node 8 ppo.py --task tldr              # 8 GPUs, DDP: --batch-size is the global count
+    python d2lols.py --task imdb                       # one GPU (or the CPU)
+    torchrun --nproc_per_node 8 d2lols.py --task tldr  # 8 GPUs, DDP: --batch-size is the global count
 
 Token-level MDP: the state is prompt + tokens so far, the action is the next token, the horizon is
 --max-new-tokens. Reward: the task score at the last generated token, plus
