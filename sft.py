@@ -226,7 +226,7 @@ def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexit
 
 
 if __name__ == "__main__":
-    args = tasks.fill_task_defaults(tyro.cli(Args))
+    args = tasks.fill_task_defaults(tyro.cli(Args), warn_placeholders=False)  # (gpt2 is where SFT starts)
     transformers.logging.disable_progress_bar()
     args.max_target_length = args.max_target_length or args.max_new_tokens
     tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",

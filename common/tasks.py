@@ -116,13 +116,26 @@ COMMONGEN_PREFIX = "generate a sentence with: "
 TLDR_MARKER = "TL;DR:"
 
 
-def fill_task_defaults(args):
-    """Set every flag left at None to the task's default (an unknown task exits with one line)."""
+# defaults that only make a run possible, not meaningful: an RL run that takes one says so
+PLACEHOLDER_DEFAULTS = {"commongen": ("model_name_or_path", "guide_model")}
+
+
+def fill_task_defaults(args, warn_placeholders=True):
+    """Set every flag left at None to the task's default (an unknown task exits with one line). A placeholder
+    default (CommonGen's gpt2 policy and guide, in an RL script) is named in one printed line."""
     if args.task not in TASKS:
         raise SystemExit(f"error: unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    placeholders = []
     for name, value in TASK_DEFAULTS[args.task].items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
+            if name in PLACEHOLDER_DEFAULTS.get(args.task, ()):
+                placeholders.append("--" + name.replace("_", "-"))
+    if warn_placeholders and placeholders and os.environ.get("RANK", "0") == "0":
+        verb = "default" if len(placeholders) > 1 else "defaults"
+        print(f"note: {' and '.join(placeholders)} {verb} to {TASK_DEFAULTS[args.task]['model_name_or_path']}, a "
+              f"placeholder that runs but has not learned {args.task}: make a supervised model first (python sft.py "
+              f"--task {args.task} --save-model --save-path models/{args.task}-sl) and pass its folder", flush=True)
     return args
 
 

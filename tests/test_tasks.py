@@ -66,6 +66,29 @@ def test_task_defaults_fill_only_unset_flags():
     assert args.learning_rate == 3e-6 and args.max_new_tokens == 50
 
 
+def test_a_placeholder_default_is_named_in_one_line(capsys):
+    """CommonGen's gpt2 policy and guide run but have learned nothing of the task: an RL run that takes them by
+    default says so (sft.py, which starts from gpt2 on purpose, does not); a model that is passed is not named."""
+    class Args:
+        task, model_name_or_path, guide_model = "commongen", None, None
+
+    tasks.fill_task_defaults(Args())
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("note: --model-name-or-path and --guide-model default to gpt2, a placeholder")
+    assert "python sft.py --task commongen --save-model" in line
+    passed = Args()
+    passed.model_name_or_path = "models/commongen-sl"
+    tasks.fill_task_defaults(passed)
+    assert "note: --guide-model defaults to gpt2" in capsys.readouterr().out
+    passed.guide_model = "models/commongen-sl"
+    tasks.fill_task_defaults(passed)
+    tasks.fill_task_defaults(Args(), warn_placeholders=False)
+    imdb = Args()
+    imdb.task = "imdb"
+    tasks.fill_task_defaults(imdb)
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
 def test_the_shared_real_data_loads_in_every_task(assets):
     tokenizer = assets["tokenizer"]
