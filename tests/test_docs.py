@@ -1,0 +1,302 @@
+"""Every documented command runs as documented, and every file, flag, function and metric the docs name exists.
+
+The commands are collected from README.md, docs/*.md and the module docstrings of the scripts and benchmarks:
+whole `python ...` / `torchrun ...` lines in code blocks (continuation lines joined) and in backticks. Each runs
+in this process through its script's argument parsing and every check that comes before a model loads
+(`from_pretrained` is patched to stop there; `torchrun --nproc_per_node N` sets the process count the checks
+see), so a recipe whose sizes do not divide, or a flag that does not exist, fails here."""
+
+import argparse
+import ast
+import glob
+import os
+import re
+import shlex
+import sys
+
+import pytest
+import torch
+import transformers
+import tyro
+
+from common import checkpoint, distributed, tasks
+from conftest import ROOT, run_script_in_process
+
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+SCRIPTS = ["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py"]
+PYTHON_FILES = SCRIPTS + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+# commands that are not a script's: the test command (CI runs it, .ci/run checks it is the README's)
+NOT_SCRIPTS = {("-m", "pytest")}
+
+
+def logical_lines(text):
+    """Lines with their backslash continuations joined."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def commands_in(line):
+    """The python / torchrun commands on one shell line (after `&&` or `;`, without env assignments)."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return []
+    found, current = [], []
+    for word in words + [";"]:
+        if word in ("&&", ";", "||", "|"):
+            while current and (re.fullmatch(r"[A-Z_]+=\S*", current[0]) or current[0] == "("):
+                current = current[1:]
+            if current and current[0] in ("python", "python3", "torchrun"):
+                found.append(current)
+            current = []
+        else:
+            current.append(word.lstrip("(") if not current else word)
+    return found
+
+
+def documented_commands():
+    """[(where, argv)] of every command in the docs and the scripts' docstrings."""
+    commands = []
+    for path in DOCS:
+        text = open(path).read()
+        where = os.path.relpath(path, ROOT)
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+            for line in logical_lines(block):
+                commands += [(where, argv) for argv in commands_in(line)]
+        outside = re.sub(r"```.*?```", "", text, flags=re.S)
+        for inline in re.findall(r"`((?:python|torchrun) [^`]+)`", outside):
+            commands += [(where, argv) for argv in commands_in(inline)]
+    for path in PYTHON_FILES:
+        docstring = ast.get_docstring(ast.parse(open(os.path.join(ROOT, path)).read())) or ""
+        for line in logical_lines(docstring):
+            if line.strip().startswith(("python ", "torchrun ")):
+                commands += [(path, argv) for argv in commands_in(line.strip())]
+    return commands
+
+
+def split_command(argv):
+    """(script, its arguments, the number of processes) of a python or torchrun command."""
+    if argv[0] == "torchrun":
+        processes, i = 1, 1
+        while not argv[i].endswith(".py"):
+            if argv[i].startswith("--nproc_per_node") or argv[i].startswith("--nproc-per-node"):
+                processes *= int(argv[i].split("=")[1] if "=" in argv[i] else argv[i + 1])
+            elif argv[i] == "--nnodes":
+                processes *= int(argv[i + 1])
+            i += 1
+        return argv[i], argv[i + 1 :], processes
+    return argv[1], argv[2:], 1
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_every_command_we_expect():
+    """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
+    scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
+    assert len(COMMANDS) == 51, [" ".join(argv) for _, argv in COMMANDS]
+    assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
+                                    "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
+    assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS
+    assert "python -m pytest -q tests" in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+class Reached(Exception):
+    """The script got past its checks to the point where models load."""
+
+
+def stop(*args, **kwargs):
+    raise Reached
+
+
+FAKE_ROWS = {"imdb": [{"text": "a fine film", "label": 1}] * 4,
+             "commongen": [{"concepts": ["dog", "ball"], "target": "a dog runs for a ball"}] * 4,
+             "tldr": [{"prompt": "POST: a post\nTL;DR: ", "label": "a summary"}] * 4}
+
+
+@pytest.fixture
+def until_models_load(monkeypatch, tmp_path):
+    """Run a command in-process up to the point where its models would load: the data, the hub, the process
+    group and the models are stand-ins; every flag and size check runs as it would."""
+    def run(script, args, processes):
+        monkeypatch.setattr(distributed, "setup", lambda use_cuda: (0, processes, torch.device("cpu")))
+        monkeypatch.setattr(tasks, "load_rows", lambda task, split, *a, **k: list(FAKE_ROWS[task]))
+        monkeypatch.setattr(tasks, "check_model_path", lambda name, flag: None)  # a folder made by an earlier step
+        monkeypatch.setattr(checkpoint, "read_state", stop)  # --resume: its folder is the run's own
+        for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoModel,
+                     transformers.AutoModelForSequenceClassification):
+            monkeypatch.setattr(auto, "from_pretrained", stop)
+        if script.startswith("benchmarks/"):  # a driver: its argument parsing, then stop
+            parse_args, cli = argparse.ArgumentParser.parse_args, tyro.cli
+            monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: stop(parse_args(self, *a, **k)))
+            monkeypatch.setattr(tyro, "cli", lambda *a, **k: stop(cli(*a, **k)))
+            monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+        with pytest.raises(Reached):
+            run_script_in_process(script, args, tmp_path)
+
+    return run
+
+
+@pytest.mark.parametrize("where, argv", [c for c in COMMANDS if tuple(c[1][1:3]) not in NOT_SCRIPTS],
+                         ids=lambda x: x if isinstance(x, str) else " ".join(x)[:90])
+def test_every_documented_command_passes_its_checks(until_models_load, where, argv):
+    script, args, processes = split_command(argv)
+    assert os.path.isfile(os.path.join(ROOT, script)), f"{where}: no script {script}"
+    if "--help" in args:
+        with pytest.raises(SystemExit) as stopped:
+            run_script_in_process(script, args, os.getcwd())
+        assert stopped.value.code == 0
+        return
+    until_models_load(script, args, processes)
+
+
+def test_the_planted_recipe_bug_is_caught(until_models_load):
+    """The 8-GPU IMDB recipe with 128 episodes a batch and the default 5,600 episodes: refused by the checks."""
+    with pytest.raises(SystemExit, match="5600 is not divisible by 128"):
+        until_models_load("ppo_plus_plus.py", ["--task", "imdb", "--bf16", "--batch-size", "128"], 8)
+
+
+# ---- every file, flag, function and metric the docs name exists
+
+
+def backticked(text):
+    return re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def known_flags():
+    flags = set()
+    for path in PYTHON_FILES + ["common/guide.py"]:
+        source = open(os.path.join(ROOT, path)).read()
+        flags |= set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+        for field in re.findall(r"^    (\w+): [\w\[\], .\"']+(?: = .*)?$", source, re.M):
+            flags |= {"--" + field.replace("_", "-"), "--no-" + field.replace("_", "-")}
+    return flags | {"--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--shutdown-timeout",
+                    "--logdir", "--port", "--continuous-batching", "--signal", "--help"}  # torchrun's, tensorboard's, servers', SLURM's
+
+
+def test_every_flag_the_docs_name_exists():
+    flags = known_flags()
+    unknown = {}
+    for path in DOCS:
+        text = open(path).read()
+        for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", text)):
+            if flag not in flags:
+                unknown.setdefault(os.path.relpath(path, ROOT), []).append(flag)
+    assert not unknown
+
+
+def test_every_file_the_docs_name_exists():
+    """Paths (with a folder) exist from the repository's root or the doc's folder; a bare file name of ours (a
+    script, a test) exists somewhere in the repository. Not checked: what a run writes (runs/, checkpoints/,
+    models/, offline/, a driver's *_runs/ folder) and bare names of files a format or a run defines."""
+    ours = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "**", "*.*"), recursive=True)}
+    missing = []
+    for path in DOCS:
+        text = open(path).read()
+        here = os.path.dirname(path)
+        links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+        names = [t for t in backticked(text) if re.fullmatch(r"[\w.-]+(/[\w.{}*-]*)*\.(py|md|json|jsonl|png|txt|yaml)|"
+                                                              r"[\w.-]+/([\w.-]+/)*", t)]
+        for name in links + names:
+            if name.startswith(("http://", "https://")) or re.match(r"(runs|checkpoints|models|offline)/", name) \
+                    or re.search(r"_runs/|[{*<]", name):
+                continue  # a web page, or what a run writes
+            if "/" not in name.rstrip("/"):
+                if name.endswith(".py") and name not in ours:
+                    missing.append((os.path.relpath(path, ROOT), name))
+                continue
+            if not any(os.path.exists(os.path.join(base, name)) for base in (ROOT, here)):
+                missing.append((os.path.relpath(path, ROOT), name))
+    assert not missing
+
+
+def test_every_link_to_a_section_finds_it():
+    def slug(heading):
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+    broken = []
+    for path in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", open(path).read()):
+            target_path = os.path.join(os.path.dirname(path), target) if target else path
+            headings = re.findall(r"^#+ (.+)$", open(target_path).read(), re.M)
+            if anchor not in {slug(h) for h in headings}:
+                broken.append((os.path.relpath(path, ROOT), f"{target}#{anchor}"))
+    assert not broken
+
+
+def defined_names():
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        names.add(os.path.splitext(os.path.basename(path))[0])
+    return names
+
+
+# names the docs use that are not code of ours nor of the libraries below: notation, tril's and SLURM's words
+OTHERS = {"pi_ref", "pi_g", "None", "__main__", "KillWait", "min_length", "quantize_model", "lora_dropout", "vf_coef",
+          "state.json", "finish_reason", "max_tokens", "min_tokens", "top_p", "top_k", "OPENAI_API_KEY",
+          "LOCAL_RANK", "HF_HUB_OFFLINE", "model_max_length", "logits_to_keep", "output_logits", "weights_only",
+          "require_backward_grad_sync", "disable_adapter", "merge_and_unload", "save_pretrained", "from_pretrained",
+          "PolicyAndValueWrapper"}
+LIBRARIES = ("torch", "torch.amp", "torch.distributed", "transformers", "random", "gc", "safetensors.torch")
+OUR_MODULES = ("common.tasks", "common.rewards", "common.metrics", "common.guide", "common.text", "common.checkpoint",
+               "common.distributed", "common.memory")
+
+
+def resolves(token, names):
+    """A name of ours (defined in the repository), an attribute of our modules, or of a library we use."""
+    import importlib
+
+    first, *rest = token.split(".")
+    for module in OUR_MODULES + LIBRARIES:
+        if module.split(".")[-1] == first or (module in LIBRARIES and not rest):
+            obj = importlib.import_module(module)
+            try:
+                for part in rest if module.split(".")[-1] == first else [first]:
+                    obj = getattr(obj, part)
+                return True
+            except AttributeError:
+                continue
+    if rest and first in names:  # an attribute of one of our variables (`rng.randint`): the variable is ours
+        return True
+    return not rest and first in names
+
+
+def test_every_function_the_docs_name_exists():
+    names = defined_names()
+    unknown = []
+    for path in DOCS:
+        for token in backticked(open(path).read()):
+            token = re.sub(r"\(.*\)$", "", token)  # `f()`, `f(x)`
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", token) or not ("_" in token or "." in token or
+                                                                  re.fullmatch(r"[A-Z]\w*[a-z]\w*", token)):
+                continue  # a plain word, a value
+            if token in OTHERS or re.search(r"\.(py|md|json|jsonl|png|pt|safetensors|txt|yaml)$", token):
+                continue
+            if not resolves(token, names):
+                unknown.append((os.path.relpath(path, ROOT), token))
+    assert not unknown
+
+
+def logged_tags():
+    source = "".join(open(os.path.join(ROOT, s)).read() for s in SCRIPTS)
+    return set(re.findall(r"\"((?:objective|policy|loss|val|charts|timing|guide|eval)/\w+)\"", source))
+
+
+def test_every_metric_the_docs_name_is_logged():
+    tags, unknown = logged_tags(), []
+    for path in DOCS:
+        for token in backticked(open(path).read()):
+            match = re.fullmatch(r"(objective|policy|loss|val|charts|timing|guide)/(\{[\w,]+\}|\w+)(\w*)", token)
+            if not match:
+                continue
+            prefix, names, suffix = match.groups()
+            for name in names.strip("{}").split(","):
+                if f"{prefix}/{name}{suffix}" not in tags:
+                    unknown.append((os.path.relpath(path, ROOT), f"{prefix}/{name}{suffix}"))
+    assert not unknown
