@@ -307,7 +307,7 @@ def group_commongen(rows):
     """One entry per concept set with all of its reference sentences (hub rows hold one target each)."""
     groups = {}
     for i, row in enumerate(rows):
-        if "references" in row:  # already grouped (the layout of ../shared/data's validation file)
+        if "references" in row:  # already grouped (a local validation file may be)
             groups[i] = (row["concepts"], list(row["references"]))
         else:  # hub rows: one target each, grouped by concept set
             key = row.get("concept_set_idx", tuple(row["concepts"]))

@@ -140,7 +140,9 @@ def until_models_load(monkeypatch, tmp_path):
                          ids=lambda x: x if isinstance(x, str) else " ".join(x)[:90])
 def test_every_documented_command_passes_its_checks(until_models_load, where, argv):
     script, args, processes = split_command(argv)
-    assert os.path.isfile(os.path.join(ROOT, script)), f"{where}: no script {script}"
+    path = os.path.realpath(os.path.join(ROOT, script))
+    assert path.startswith(ROOT + os.sep), f"{where}: {script} is outside the repository"
+    assert os.path.isfile(path), f"{where}: no script {script}"
     if "--help" in args:
         with pytest.raises(SystemExit) as stopped:
             run_script_in_process(script, args, os.getcwd())
@@ -300,3 +302,15 @@ def test_every_metric_the_docs_name_is_logged():
                 if f"{prefix}/{name}{suffix}" not in tags:
                     unknown.append((os.path.relpath(path, ROOT), f"{prefix}/{name}{suffix}"))
     assert not unknown
+
+
+def test_no_doc_or_script_names_a_path_outside_the_repository():
+    """What the docs and benchmarks run is the project's own: no ../ path, no /tmp default, no sibling folder."""
+    outside = []
+    for path in DOCS + [os.path.join(ROOT, p) for p in PYTHON_FILES] + glob.glob(os.path.join(ROOT, "common", "*.py")):
+        for number, line in enumerate(open(path), 1):
+            relative = [os.path.realpath(os.path.join(os.path.dirname(path), p))
+                        for p in re.findall(r"(?<![.\w/])\.\./[\w./-]*", line)]
+            if any(not p.startswith(ROOT) for p in relative) or re.search(r"/tmp/|dirname\(ROOT\)|\bshared/", line):
+                outside.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()[:100]}")
+    assert not outside, "\n".join(outside)
