@@ -4,9 +4,9 @@
     python benchmarks/imdb_offline.py            # ~70 minutes on 2 cores; builds the models if missing
 
 Real assets: SmolLM2-135M-Instruct (policy, pi_ref and critic backbone) and the small IMDB sentiment
-classifier (reward), both built by ../shared/tools/offline_models.py; the real reviews of
-../shared/data/imdb. Every method starts from the same SmolLM2 checkpoint and sees the same number
-of episodes; the guide of the three guided methods is the SL model trained here first (the
+classifier (reward), both built by benchmarks/offline_assets.py into --models-dir if missing; the real
+reviews of the hub's imdb dataset, or of --data-dir (imdb/train.jsonl, imdb/test.jsonl). Every method
+starts from the same SmolLM2 checkpoint and sees the same number of episodes; the guide of the three guided methods is the SL model trained here first (the
 paper's guide: supervised on the positive training reviews, nucleus-sampled).
 
 Writes benchmarks/results/imdb_offline.md (the table: held-out sentiment score, output perplexity
@@ -25,21 +25,20 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 
 @dataclass
 class Args:
-    models_dir: str = "/tmp/rlgf-offline-models"
-    """where the real offline models are (built there with ../shared/tools/offline_models.py if missing)"""
-    data_dir: str = os.path.join(SHARED, "data")
-    """../shared/data (its imdb/ folder holds train.jsonl and test.jsonl)"""
+    models_dir: str = os.path.join(ROOT, "offline", "models")
+    """where the real offline models are (built there by benchmarks/offline_assets.py if missing)"""
+    data_dir: Optional[str] = None
+    """local data: a folder whose imdb/ holds train.jsonl and test.jsonl (default: the hub's imdb dataset)"""
     work_dir: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline_runs")
     """every run's log, TensorBoard events and the SL model go here"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline")
@@ -222,8 +221,8 @@ if __name__ == "__main__":
             setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
     policy = os.path.join(args.models_dir, "smollm2-135m")
     classifier = os.path.join(args.models_dir, "sentiment-imdb")
-    imdb = os.path.join(args.data_dir, "imdb")
-    if not os.path.isfile(os.path.join(imdb, "test.jsonl")):
+    imdb = os.path.join(args.data_dir, "imdb") if args.data_dir else None  # (None: the hub's)
+    if imdb and not os.path.isfile(os.path.join(imdb, "test.jsonl")):
         raise SystemExit(f"error: no IMDB data at {imdb} (expected train.jsonl and test.jsonl)")
     unknown = [m for m in args.methods if m not in LABELS or m in ("zero_shot", "sl")]
     if unknown or not args.seeds:
@@ -234,12 +233,12 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --sl-model {args.sl_model} is not a saved model folder")
     if not (os.path.isdir(policy) and os.path.isdir(classifier)):
         print(f"building the offline models in {args.models_dir} (a few minutes)", flush=True)
-        subprocess.run([sys.executable, os.path.join(SHARED, "tools", "offline_models.py"), "--out", args.models_dir,
-                        "--data", args.data_dir], check=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "offline_assets.py"), "--out", args.models_dir]
+                       + (["--data-dir", args.data_dir] if args.data_dir else []), check=True)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
 
-    task = ["--task", "imdb", "--dataset-path", imdb, "--reward-model", classifier,
+    task = ["--task", "imdb", *(["--dataset-path", imdb] if imdb else []), "--reward-model", classifier,
             "--max-prompt-length", str(args.max_prompt_length), "--max-new-tokens", str(args.max_new_tokens),
             "--eval-split", "test", "--num-eval-prompts", str(args.num_eval_prompts)]
     episodes = args.batch_size * args.num_iterations
