@@ -6,8 +6,9 @@
 Real assets: SmolLM2-135M-Instruct (policy, pi_ref and critic backbone) and the small IMDB sentiment
 classifier (reward), both built by benchmarks/offline_assets.py into --models-dir if missing; the real
 reviews of the hub's imdb dataset, or of --data-dir (imdb/train.jsonl, imdb/test.jsonl). Every method
-starts from the same SmolLM2 checkpoint and sees the same number of episodes; the guide of the three guided methods is the SL model trained here first (the
-paper's guide: supervised on the positive training reviews, nucleus-sampled).
+starts from the same SmolLM2 checkpoint and sees the same number of episodes; the guide of the three
+guided methods is the SL model trained here first (the paper's guide: supervised on the positive
+training reviews, nucleus-sampled).
 
 Writes benchmarks/results/imdb_offline.md (the table: held-out sentiment score, output perplexity
 under the starting model, distinct-1/2; mean and spread over seeds; episodes and wall time) and
