@@ -2,7 +2,7 @@
 
 pycocoevalcap (the COCO caption toolkit that CommonGen's evaluation uses) runs Stanford's PTB tokenizer in
 Java (lower-cased, its punctuation tokens removed) and then scores CIDEr-D. common/metrics.py does both in
-Python (`ptb_tokenize`, `cider_d`). This checks, on the real CommonGen data of ../shared/data/commongen:
+Python (`ptb_tokenize`, `cider_d`). This checks, on the real CommonGen data (the hub's, or --data-dir's):
   1. the tokens: ptb_tokenize against the Java tokenizer, sentence by sentence (every dev reference and
      train target, and the hypotheses below);
   2. the score: cider_d against pycocoevalcap's PTBTokenizer + Cider, per example and as the corpus mean,
@@ -11,11 +11,12 @@ Python (`ptb_tokenize`, `cider_d`). This checks, on the real CommonGen data of .
      (upper case, stray punctuation, contractions, brackets).
 
     pip install -r requirements.txt -r benchmarks/requirements.txt     # pycocoevalcap; Java 8+ on the PATH
-    python benchmarks/cider_agreement.py          # ~10 s; writes benchmarks/results/cider_agreement.md
+    python benchmarks/cider_agreement.py                         # ~10 s; writes benchmarks/results/cider_agreement.md
+    python benchmarks/cider_agreement.py --data-dir offline/data # local files: commongen/{train,validation}.jsonl
 """
 
 import argparse
-import json
+import subprocess
 import os
 import random
 import sys
@@ -23,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import metrics  # noqa: E402
+from common import metrics, tasks  # noqa: E402
 
 
 def noisy(sentence, rng):
@@ -35,16 +36,32 @@ def noisy(sentence, rng):
     return " ".join(words)
 
 
+def commit():
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip()
+
+
+def concept_sets(rows):
+    """One {concepts, references} per concept set, from rows grouped already or one per target sentence."""
+    sets = {}
+    for row in rows:
+        sets.setdefault(tuple(row["concepts"]), []).extend(row["references"] if "references" in row else [row["target"]])
+    return [{"concepts": list(concepts), "references": references} for concepts, references in sets.items()]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "commongen"))
+    parser.add_argument("--data-dir", help="a folder whose commongen/ holds train.jsonl and validation.jsonl "
+                                           "(default: the hub's dataset)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cider_agreement.md"))
     args = parser.parse_args()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    dev = [json.loads(line) for line in open(os.path.join(args.data_dir, "validation.jsonl"))]
-    train = [json.loads(line)["target"] for line in open(os.path.join(args.data_dir, "train.jsonl"))]
+    local = os.path.join(args.data_dir, "commongen") if args.data_dir else None
+    name = tasks.TASK_DEFAULTS["commongen"]["dataset_name"]
+    dev = concept_sets(tasks.load_rows("commongen", "validation", name, local))
+    train = [r for s in concept_sets(tasks.load_rows("commongen", "train", name, local)) for r in s["references"]]
     rng = random.Random(0)
     sets = [d for d in dev if len(d["references"]) >= 2]
     hypotheses = {
@@ -74,8 +91,9 @@ def main():
         rows.append((name, len(hyps), coco_mean, sum(our_scores) / len(our_scores), max_difference))
 
     lines = ["# CIDEr-D: common/metrics.py against pycocoevalcap (Java PTB tokenizer + Cider)", "",
-             f"CommonGen dev ({len(dev)} concept sets) and train targets from `../shared/data/commongen`; "
-             "`python benchmarks/cider_agreement.py`.", "",
+             f"CommonGen dev ({len(dev)} concept sets) and train targets ({local or 'the hub'}); "
+             f"`python benchmarks/cider_agreement.py{' --data-dir ' + args.data_dir if args.data_dir else ''}` at "
+             f"commit `{commit()}`.", "",
              "| | count | agree |", "|-|-|-|",
              f"| tokenized sentences (dev references, train targets, the hypotheses below) | {len(sentences)} | "
              f"{len(sentences) - len(disagree)} ({1 - len(disagree) / len(sentences):.2%}) |", "",
