@@ -9,16 +9,15 @@ iterations in a subprocess and reads the per-phase times they log to TensorBoard
 and prints episodes/s and tokens/s (generated tokens) per phase, as medians over the timed
 iterations (the first, warm-up iteration is left out).
 
-    # a real model (see ../shared/tools/offline_models.py): CPU, batch 16, 48 new tokens
-    python benchmarks/throughput.py --model /tmp/models/smollm2-135m --reward-model /tmp/models/sentiment-imdb \\
-        --dataset-path ../shared/data/imdb
+    # real models (benchmarks/offline_assets.py builds them): CPU, batch 16, 48 new tokens, the hub's IMDB
+    python benchmarks/throughput.py --model offline/models/smollm2-135m --reward-model offline/models/sentiment-imdb
 
     # every algorithm at the same settings, each one's iteration time against PPO's
-    python benchmarks/throughput.py --model ... --reward-model ... --scripts ppo.py ppo_plus_plus.py aggrevated.py d2lols.py
+    python benchmarks/throughput.py --model offline/models/smollm2-135m --reward-model offline/models/sentiment-imdb \\
+        --scripts ppo.py ppo_plus_plus.py aggrevated.py d2lols.py
 
-    # the TRL peer's exact settings on its tiny models (../shared/bench/peer_trl), one RESULT line that
-    # ../shared/bench/peer_trl/measure.py understands
-    python benchmarks/throughput.py --peer-trl /tmp/peer-trl-data
+    # TRL's PPO trainer's settings on the tiny models benchmarks/trl_comparison.py builds: one RESULT line
+    python benchmarks/throughput.py --peer-trl offline/trl-fixture
 """
 
 import argparse
@@ -33,7 +32,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("generate", "score", "update", "iteration")
 
-# TRL 1.12's PPOTrainer as ../shared/bench/peer_trl/run_trl_ppo.py runs it: 16 prompts of 8 tokens,
+# TRL 1.12's PPOTrainer as benchmarks/trl_comparison.py runs it: 16 prompts of 8 tokens,
 # always 24 new tokens at temperature 0.7 (no top-k), 4 epochs x 2 minibatches, vf_coef 0.1,
 # k1 KL 0.05, gamma 1, lam 0.95, AdamW lr 3e-6 (eps 1e-8, no weight decay) decayed linearly, no
 # gradient clipping, no target regularisation (our TL;DR default is tril's 0.1: a third forward pass), fp32,
@@ -86,13 +85,14 @@ def main():
     parser.add_argument("--scripts", nargs="+", default=["ppo.py"],
                         help="scripts to time at the same settings: ppo.py ppo_plus_plus.py aggrevated.py d2lols.py")
     parser.add_argument("--task", default="imdb")
-    parser.add_argument("--dataset-path", default=os.path.join(ROOT, "..", "shared", "data", "imdb"))
+    parser.add_argument("--dataset-path", help="the task's local data (default: the hub's dataset)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--iterations", type=int, default=4, help="timed iterations (plus one warm-up)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per script (medians over all their iterations)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--peer-trl", metavar="FIXTURE", help="mirror the TRL peer on the folder make_tiny.py wrote")
+    parser.add_argument("--peer-trl", metavar="FIXTURE",
+                        help="TRL's PPO settings on the tiny models benchmarks/trl_comparison.py builds")
     parser.add_argument("--extra", default="", help="more flags for every script, e.g. '--bf16'")
     args = parser.parse_args()
 
@@ -117,7 +117,8 @@ def main():
             policy = args.model
             batch_size, new_tokens, warmup, iterations = args.batch_size, args.max_new_tokens, 1, args.iterations + 1
             script_args = ["--task", args.task, "--model-name-or-path", args.model, "--reward-model", args.reward_model,
-                           "--dataset-path", args.dataset_path, "--batch-size", str(batch_size),
+                           *(["--dataset-path", args.dataset_path] if args.dataset_path else []),
+                           "--batch-size", str(batch_size),
                            "--total-episodes", str(batch_size * iterations), "--num-minibatches", "2",
                            "--update-epochs", "4", "--max-new-tokens", str(new_tokens), "--eval-every", "0",
                            "--rollout-batch-size", str(batch_size)]
