@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("generate", "score", "update", "iteration")
@@ -94,6 +95,7 @@ def main():
     parser.add_argument("--peer-trl", metavar="FIXTURE",
                         help="TRL's PPO settings on the tiny models benchmarks/trl_comparison.py builds")
     parser.add_argument("--extra", default="", help="more flags for every script, e.g. '--bf16'")
+    parser.add_argument("--out", help="also write the table to this Markdown file, with the command and commit")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:
@@ -139,18 +141,28 @@ def main():
         print("BREAKDOWN", " ".join(f"{p}={sum(timings[p]):.2f}" for p in PHASES), "(seconds, all iterations)")
         print(f"RESULT episodes={episodes} seconds={seconds:.1f} eps={episodes / seconds:.2f} updates={len(timings['iteration'])}")
         return
-    print(f"{batch_size} episodes x {new_tokens} new tokens per iteration; medians over "
-          f"{len(results[args.scripts[0]]['iteration'])} timed iterations per script"
-          + ("" if args.peer_trl else " (the warm-up iteration left out)"))
-    print(f"{'script':<18} {'phase':<10} {'seconds':>8} {'episodes/s':>11} {'tokens/s':>10} {'x ppo.py':>9}")
+    lines = [f"{batch_size} episodes x {new_tokens} new tokens per iteration; medians over "
+             f"{len(results[args.scripts[0]]['iteration'])} timed iterations per script"
+             + ("" if args.peer_trl else " (the warm-up iteration left out)"),
+             f"{'script':<18} {'phase':<10} {'seconds':>8} {'episodes/s':>11} {'tokens/s':>10} {'x ppo.py':>9}"]
     for script, timings in results.items():
         for phase in PHASES:
             seconds = statistics.median(timings[phase])
             ratio = ""
             if phase == "iteration" and "ppo.py" in results:
                 ratio = f"{seconds / statistics.median(results['ppo.py']['iteration']):9.2f}"
-            print(f"{script:<18} {phase:<10} {seconds:8.3f} {batch_size / seconds:11.2f} "
-                  f"{batch_size * new_tokens / seconds:10.1f} {ratio}")
+            lines.append(f"{script:<18} {phase:<10} {seconds:8.3f} {batch_size / seconds:11.2f} "
+                         f"{batch_size * new_tokens / seconds:10.1f} {ratio}")
+    print("\n".join(lines))
+    if args.out:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+        command = " ".join(["python", os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0])
+                            else sys.argv[0], *sys.argv[1:]])
+        with open(args.out, "w") as f:
+            f.write(f"# Throughput\n\nCommand: `{command}` at commit `{commit}`, "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores.\n\n```\n"
+                    + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":
