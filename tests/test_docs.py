@@ -90,6 +90,15 @@ def split_command(argv):
 COMMANDS = documented_commands()
 
 
+def repository_files():
+    """The repository's own files (tracked, or new and not ignored): not a venv or data folder beside them."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.split()
+    return [os.path.join(ROOT, p) for p in listed if os.path.exists(os.path.join(ROOT, p))]
+
+
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
@@ -190,7 +199,7 @@ def test_every_file_the_docs_name_exists():
     """Paths (with a folder) exist from the repository's root or the doc's folder; a bare file name of ours (a
     script, a test) exists somewhere in the repository. Not checked: what a run writes (runs/, checkpoints/,
     models/, offline/, a driver's *_runs/ folder) and bare names of files a format or a run defines."""
-    ours = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "**", "*.*"), recursive=True)}
+    ours = {os.path.basename(p) for p in repository_files()}
     missing = []
     for path in DOCS:
         text = open(path).read()
@@ -227,7 +236,7 @@ def test_every_link_to_a_section_finds_it():
 
 def defined_names():
     names = set()
-    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
+    for path in [p for p in repository_files() if p.endswith(".py")]:
         tree = ast.parse(open(path).read())
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
