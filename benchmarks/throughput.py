@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--extra", default="", help="more flags for every script, e.g. '--bf16'")
     parser.add_argument("--out", help="also write the table to this Markdown file, with the command and commit")
     args = parser.parse_args()
+    for name in ("model", "reward_model", "guide_model", "dataset_path", "peer_trl", "out"):  # the runs have their own cwd
+        if getattr(args, name) and os.path.exists(getattr(args, name)):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
 
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as data_dir:
         if args.peer_trl:
