@@ -43,10 +43,12 @@ def commit():
 
 def concept_sets(rows):
     """One {concepts, references} per concept set, from rows grouped already or one per target sentence."""
+    grouped = [{"concepts": row["concepts"], "references": row["references"]} for row in rows if "references" in row]
     sets = {}
     for row in rows:
-        sets.setdefault(tuple(row["concepts"]), []).extend(row["references"] if "references" in row else [row["target"]])
-    return [{"concepts": list(concepts), "references": references} for concepts, references in sets.items()]
+        if "references" not in row:
+            sets.setdefault(tuple(row["concepts"]), []).append(row["target"])
+    return grouped + [{"concepts": list(concepts), "references": references} for concepts, references in sets.items()]
 
 
 def main():
