@@ -255,10 +255,10 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                              f"{r['ev_last']:.2f} | {r['approxkl_mean']:.4f} | {r['clipfrac_mean']:.3f} | "
                              f"{r['kl_last']:.3f} | {r['train_score_first']:.3f} → {r['train_score_last']:.3f} | "
                              f"{guide} |")
-        lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (the references) wrote the first k tokens; AggreVaTeD, "
-                  "the policy wrote the first k and the guide the rest (unmixed: the guide alone); D2LOLS, AggreVaTeD's "
-                  "until tau, then PPO++'s. Training reward: CIDEr-D against the set's train references (1.5 per set "
-                  "on average, dev has 4), so lower than on dev.", ""]
+        lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (DR-PO: the references) wrote the first k tokens; "
+                  "AggreVaTeD, the policy wrote the first k and the guide the rest (unmixed: the guide alone); "
+                  "D2LOLS, AggreVaTeD's until tau, then PPO++'s. Training reward: CIDEr-D against the set's train "
+                  "references (1.5 per set on average, dev has 4), so lower than on dev.", ""]
     if sl_curve:
         lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
                   "| step | examples | CIDEr-D |",
