@@ -102,7 +102,7 @@ def repository_files():
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 51, [" ".join(argv) for _, argv in COMMANDS]
+    assert len(COMMANDS) == 79, [" ".join(argv) for _, argv in COMMANDS]
     assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
                                     "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS
@@ -253,7 +253,7 @@ OTHERS = {"pi_ref", "pi_g", "None", "__main__", "KillWait", "min_length", "quant
           "state.json", "finish_reason", "max_tokens", "min_tokens", "top_p", "top_k", "OPENAI_API_KEY",
           "LOCAL_RANK", "HF_HUB_OFFLINE", "model_max_length", "logits_to_keep", "output_logits", "weights_only",
           "require_backward_grad_sync", "disable_adapter", "merge_and_unload", "save_pretrained", "from_pretrained",
-          "PolicyAndValueWrapper"}
+          "PolicyAndValueWrapper", "PPOTrainer", "common_gen"}  # (sfd's, TRL's, the hub's CommonGen)
 LIBRARIES = ("torch", "torch.amp", "torch.distributed", "transformers", "random", "gc", "safetensors.torch")
 OUR_MODULES = ("common.tasks", "common.rewards", "common.metrics", "common.guide", "common.text", "common.checkpoint",
                "common.distributed", "common.memory")
@@ -323,3 +323,23 @@ def test_no_doc_or_script_names_a_path_outside_the_repository():
             if any(not p.startswith(ROOT) for p in relative) or re.search(r"/tmp/|dirname\(ROOT\)|\bshared/", line):
                 outside.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()[:100]}")
     assert not outside, "\n".join(outside)
+
+
+def test_the_documented_commongen_path_runs_end_to_end(assets, tmp_path, capsys):
+    """docs/sft.md's two commands, a supervised model and then a guided run from it, run as written (the tiny
+    model and data, and tiny sizes, appended): the guided run starts from the saved folder, with no placeholder
+    note (tests/test_tasks.py: the note where the default is taken)."""
+    sft_command, rl_command = [argv for where, argv in COMMANDS if where == "docs/sft.md" and "commongen" in argv]
+    assert sft_command[1] == "sft.py" and rl_command[1] == "ppo_plus_plus.py"
+    data = ["--dataset-path", assets["data"]["commongen"], "--max-new-tokens", "6", "--num-eval-prompts", "4"]
+    run_script_in_process("sft.py", sft_command[2:] + data + ["--model-name-or-path", assets["policy"],
+                                                              "--max-steps", "2", "--batch-size", "4"], tmp_path)
+    assert os.path.isfile(tmp_path / "models" / "commongen-sl" / "config.json")
+    capsys.readouterr()
+    rl = rl_command[2:] + data + ["--total-episodes", "8", "--batch-size", "4", "--num-minibatches", "2",
+                                  "--update-epochs", "1", "--eval-every", "1", "--eval-num-beams", "1"]
+    namespace = run_script_in_process("ppo_plus_plus.py", rl, tmp_path)
+    assert namespace["args"].model_name_or_path == "models/commongen-sl" == namespace["args"].guide_model
+    out = capsys.readouterr().out
+    assert "note:" not in out and "iteration 2/2" in out
+    assert len(glob.glob(str(tmp_path / "runs" / "*" / "generations" / "iteration_0002.jsonl"))) == 1
