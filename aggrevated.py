@@ -670,7 +670,7 @@ if __name__ == "__main__":
         # Where the policy writes the next token too, one TD step on the guide's critic (GAE's trace would charge
         # the token for the policy's own later tokens); the roll-in's last token keeps GAE's lambda-return of the
         # guide's actual roll-out. Centring them (whiten) changes no expected gradient (a constant baseline) and
-        # removes the offset of a critic that only learns on the guide's states (measured: README, the toy).
+        # removes the offset of a critic that only learns on the guide's states (measured: docs/results.md, the toy).
         policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
         one_step = rewards_per_token + args.gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
         advantages = torch.where(policy_goes_on.bool(), one_step, advantages)

@@ -15,7 +15,7 @@ under the starting model, distinct-1/2; mean and spread over seeds; episodes and
 benchmarks/results/imdb_offline.png (held-out score against episodes, one line per method), and keeps
 the last evaluation's generations of every run in benchmarks/results/imdb_offline_generations/. Every
 run's log, TensorBoard events and generations stay under --work-dir. Held-out = the test split; the
-sizes below come from pilot runs of ppo.py (the README lists them and what split they were scored on).
+sizes below come from pilot runs of ppo.py (docs/results.md lists them and what split they were scored on).
 """
 
 import glob

@@ -15,7 +15,7 @@ so the counts are exact. Per process (DDP replicates every model on every GPU):
 D2LOLS adds a second critic (16 bytes a parameter; with LoRA its own frozen backbone and adapters);
 PPO and AggreVaTeD have the same models as PPO++ but PPO has no guide.
 
-    python benchmarks/memory_estimate.py             # the README's table (the tasks' default micro-batches)
+    python benchmarks/memory_estimate.py             # docs/scaling.md's table (the tasks' default micro-batches)
     python benchmarks/memory_estimate.py --micro-batch-size 8 --rollout-batch-size 32   # the GPU recipes
     python benchmarks/memory_estimate.py --model /path/to/a/checkpoint --micro-batch-size 4
 """

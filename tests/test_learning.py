@@ -48,7 +48,7 @@ def test_the_kl_penalty_holds_the_policy_near_pi_ref(assets, tmp_path):
 
 @pytest.mark.parametrize("script,learns", [("ppo.py", False), ("ppo_plus_plus.py", True), ("aggrevated.py", True)])
 def test_guidance_finds_a_reward_that_ppo_cannot(assets, tmp_path, script, learns):
-    """The paper's mechanism in miniature (benchmarks/toy_guided.py, README): the reward needs 3 " movie" in a
+    """The paper's mechanism in miniature (benchmarks/toy_guided.py, docs/results.md): the reward needs 3 " movie" in a
     row, which the policy alone (p ~ 0.03 per token) almost never writes. In 30 iterations PPO sees no
     reward and stays at 0, while PPO++ (restarts from the guide's states) and AggreVaTeD (the guide's value
     after the policy's tokens) learn it: on this seed they first pass 0.5 at iterations 12 and 18."""
