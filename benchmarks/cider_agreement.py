@@ -41,16 +41,6 @@ def commit():
                           cwd=ROOT).stdout.strip()
 
 
-def concept_sets(rows):
-    """One {concepts, references} per concept set, from rows grouped already or one per target sentence."""
-    grouped = [{"concepts": row["concepts"], "references": row["references"]} for row in rows if "references" in row]
-    sets = {}
-    for row in rows:
-        if "references" not in row:
-            sets.setdefault(tuple(row["concepts"]), []).append(row["target"])
-    return grouped + [{"concepts": list(concepts), "references": references} for concepts, references in sets.items()]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="a folder whose commongen/ holds train.jsonl and validation.jsonl "
@@ -62,8 +52,8 @@ def main():
 
     local = os.path.join(args.data_dir, "commongen") if args.data_dir else None
     name = tasks.TASK_DEFAULTS["commongen"]["dataset_name"]
-    dev = concept_sets(tasks.load_rows("commongen", "validation", name, local))
-    train = [r for s in concept_sets(tasks.load_rows("commongen", "train", name, local)) for r in s["references"]]
+    dev = tasks.group_commongen(tasks.load_rows("commongen", "validation", name, local))
+    train = [r for s in tasks.group_commongen(tasks.load_rows("commongen", "train", name, local)) for r in s["references"]]
     rng = random.Random(0)
     sets = [d for d in dev if len(d["references"]) >= 2]
     hypotheses = {
