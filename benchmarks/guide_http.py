@@ -93,6 +93,8 @@ def main():
              "--seed", str(args.seed)]
     if args.data_dir:
         flags += ["--dataset-path", os.path.join(args.data_dir, "imdb")]
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"  # before the runs: the code that makes the numbers
     work = Path(tempfile.mkdtemp(prefix="guide_http_"))  # the runs' folders and the server's log
     rows = {}
     server, url = start_server(model, work / "server.log")
@@ -114,7 +116,7 @@ def main():
 
     command = "python benchmarks/guide_http.py " + " ".join(sys.argv[1:])
     lines = ["# The guide over HTTP: SmolLM2-135M, local and served by `transformers serve`", "",
-             f"`{command.strip()}`", "",
+             f"`{command.strip()}` at commit `{commit}`", "",
              f"ppo_plus_plus.py --task imdb, policy and guide SmolLM2-135M-Instruct, {args.iterations} iterations "
              f"of {args.batch_size} episodes, {args.max_new_tokens} new tokens, --beta 1 (every episode mixed), "
              f"seed {args.seed}; served: --guide-concurrency {args.guide_concurrency}, one prompt per request. On "

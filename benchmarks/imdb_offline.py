@@ -19,6 +19,7 @@ sizes below come from pilot runs of ppo.py (docs/results.md lists them and what 
 """
 
 import glob
+import json
 import os
 import shutil
 import statistics
@@ -156,10 +157,26 @@ def mean_spread(values):
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_table(args, results, seconds, episodes, sizes_line, guide_line):
+def provenance(args, policy, classifier):
+    """The code's commit and the models' checksums (from their BUILD.json, when offline_assets.py built them)."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    models = []
+    for name, folder in (("policy", policy), ("classifier", classifier)):
+        build = os.path.join(folder, "BUILD.json")
+        if os.path.isfile(build):
+            with open(build) as f:
+                info = json.load(f)
+            accuracy = f", test accuracy {info['test_accuracy']}" if "test_accuracy" in info else ""
+            models.append(f"{name} model.safetensors sha256 {info['files']['model.safetensors'][:12]}{accuracy}")
+    return commit, "; ".join(models)
+
+
+def write_table(args, results, seconds, episodes, sizes_line, guide_line, commit, models):
     lines = [
         "# IMDB in miniature, offline (CPU, 2 cores)", "",
-        f"Command: `{' '.join(['python benchmarks/imdb_offline.py', *sys.argv[1:]])}`. {sizes_line}", "",
+        f"Command: `{' '.join(['python benchmarks/imdb_offline.py', *sys.argv[1:]])}` at commit `{commit}`. "
+        f"{sizes_line}" + (f" Models (benchmarks/offline_assets.py): {models}." if models else ""), "",
         guide_line, "",
         "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
         "|-|" + "-|" * (len(METRICS) + 2),
@@ -238,6 +255,7 @@ if __name__ == "__main__":
                        + (["--data-dir", args.data_dir] if args.data_dir else []), check=True)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    commit, models = provenance(args, policy, classifier)  # before the runs: the code that makes the numbers
 
     task = ["--task", "imdb", *(["--dataset-path", imdb] if imdb else []), "--reward-model", classifier,
             "--max-prompt-length", str(args.max_prompt_length), "--max-new-tokens", str(args.max_new_tokens),
@@ -314,7 +332,7 @@ if __name__ == "__main__":
              + (f" (trained by an earlier run: {os.path.relpath(args.sl_model, ROOT)})." if args.sl_model else "."))
     guide = ("Guide (PPO++, AggreVaTeD, D2LOLS): the SL model, nucleus-sampled (top-p 0.92, "
              "top-k 50), as in the paper. Zero-shot = the starting model, evaluated by the same code.")
-    write_table(args, results, seconds, episode_counts, sizes, guide)
+    write_table(args, results, seconds, episode_counts, sizes, guide, commit, models)
     plot(args, curves, [r["score"] for r in results["sl"]])
     print(open(args.out + ".md").read())
     print(f"wrote {args.out}.md and {args.out}.png in {(time.perf_counter() - started) / 60:.1f} minutes")

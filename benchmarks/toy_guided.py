@@ -104,6 +104,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"))
     args = parser.parse_args()
 
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"  # before the runs: the code that makes the numbers
     jobs = [(method, seed) for method in args.scripts for seed in args.seeds]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
@@ -127,7 +129,7 @@ def main():
 
     header = "| algorithm | " + " | ".join(f"seed {s}" for s in args.seeds) + " | reached | median iterations | final score (mean ± sd) |"
     lines = [f"# Toy guided RL: reward `{args.reward}`", "",
-             f"`python benchmarks/toy_guided.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+             f"`python benchmarks/toy_guided.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" at commit `{commit}`", "",
              f"{args.iterations} iterations of 32 episodes x 8 tokens, lr {args.learning_rate}, kl-coef {args.kl_coef}, "
              f"gamma {args.gamma}; each cell: the first iteration at which the policy alone (no guide) scores "
              f">= {args.target} on 32 held-out prompts (- if never), and its last score.", "",
