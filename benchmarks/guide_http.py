@@ -73,6 +73,9 @@ def start_server(model, log_path):
             time.sleep(1)
 
 
+NOTES = "<!-- notes: what the table shows, written by hand; a re-run keeps what is below this line -->"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", help="a folder with smollm2-135m/ and sentiment-imdb/ (default: the hub)")
@@ -84,6 +87,9 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guide_http"))
     args = parser.parse_args()
+    for name in ("models_dir", "data_dir", "out"):  # the runs have their own working folders
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     model = os.path.join(args.models_dir, "smollm2-135m") if args.models_dir else "HuggingFaceTB/SmolLM2-135M-Instruct"
     reward = os.path.join(args.models_dir, "sentiment-imdb") if args.models_dir else "lvwerra/distilbert-imdb"
     flags = ["--task", "imdb", "--model-name-or-path", model, "--reward-model", reward, "--guide-model", model,
@@ -130,7 +136,10 @@ def main():
                      f"{logs['timing/generate_s']:.1f} | {row['seconds']:.0f} | {logs['guide/mixed_fraction']:.2f} | "
                      f"{logs.get('guide/mean_k', float('nan')):.1f} | {logs.get('guide/score_mixed', float('nan')):.3f} | "
                      f"{logs['objective/scores']:.3f} |")
-    text = "\n".join(lines) + "\n"
+    notes = ""  # what a reader wrote below the marker in an earlier result is kept
+    if Path(args.out + ".md").is_file():
+        notes = Path(args.out + ".md").read_text().partition(NOTES + "\n")[2]
+    text = "\n".join(lines + ["", NOTES]) + "\n" + notes
     Path(args.out + ".md").write_text(text)
     print(text)
 
