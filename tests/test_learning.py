@@ -51,7 +51,8 @@ def test_guidance_finds_a_reward_that_ppo_cannot(assets, tmp_path, script, learn
     """The paper's mechanism in miniature (benchmarks/toy_guided.py, docs/results.md): the reward needs 3 " movie" in a
     row, which the policy alone (p ~ 0.03 per token) almost never writes. In 30 iterations PPO sees no
     reward and stays at 0, while PPO++ (restarts from the guide's states) and AggreVaTeD (the guide's value
-    after the policy's tokens) learn it: on this seed they first pass 0.5 at iterations 12 and 18."""
+    after the policy's tokens) learn it (where this test was written, they first passed 0.5 at iterations 12
+    and 18)."""
     extra = ["--eval-every", "30", "--num-eval-prompts", "32", "--top-k", "0"]
     if script != "ppo.py":
         extra += ["--guide-model", assets["toy_guide"]]
