@@ -148,6 +148,12 @@ class Args(GuideArgs):
     """AdamW learning rate of the critic (None: --learning-rate)"""
     anneal_lr: Optional[bool] = None
     """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
+    critic_anneal_lr: Optional[bool] = None
+    """decay the critic's learning rate linearly to 0 (None: as --anneal-lr, tril's; False: a critic that keeps
+    learning to the end, which a small budget needs: docs/differences-from-tril.md)"""
+    critic_warmup_iterations: int = 0
+    """the first this many iterations train the critic alone: the policy keeps its weights until the values it is
+    judged against mean something (0 = off, tril)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     weight_decay: Optional[float] = None
@@ -160,13 +166,18 @@ class Args(GuideArgs):
     """GAE lambda"""
     clip_coef: float = 0.2
     """policy ratio clip"""
-    clip_coef_value: float = 0.2
-    """value clip (around the rollout's values)"""
+    clip_coef_value: Optional[float] = 0.2
+    """value clip around the rollout's values, in the reward's units (tril: 0.2; None: off, as a reward on a wider
+    scale than 0-1 needs: CommonGen's CIDEr-D is 0-10)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
     advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
     """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
     none = raw GAE (tril)"""
+    roll_in_advantage: Literal["one-step", "gae"] = "one-step"
+    """AggreVaTeD: a roll-in token's advantage A^g(s_t, a_t). one-step: r_t + gamma V^g(s_t+1) - V^g(s_t) where the
+    policy writes the next token too, GAE's on the roll-in's last token; gae: GAE through the whole episode, the
+    policy's later tokens and the guide's roll-out (tril)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -307,6 +318,19 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
+def roll_in_advantages(advantages, rewards, values, policy_mask, gamma, how):
+    """AggreVaTeD's feedback: a policy token's advantage is the guide's, A^g(s_t, a_t) = Q^g(s_t, a_t) - V^g(s_t), as
+    if the guide went on after it. one-step: where the policy writes the next token too, one TD step on the guide's
+    critic, r_t + gamma V(s_t+1) - V(s_t) (GAE's trace would charge the token for the policy's own later tokens); the
+    roll-in's last token keeps GAE's lambda-return of the guide's actual roll-out. gae: GAE's advantages as they
+    are, traced through the policy's later tokens and the guide's roll-out (tril)."""
+    if how == "gae":
+        return advantages
+    policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
+    one_step = rewards + gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
+    return torch.where(policy_goes_on.bool(), one_step, advantages)
+
+
 def reference_batch(examples, pad_token_id, device):
     """tril's target regularisation: rows of prompt + reference continuation ("target_ids"), left-padded, and the
     target mask (batch, T), 1 on each row's reference tokens among the last T columns (T: the longest reference)."""
@@ -332,7 +356,8 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     ratio = log_ratio.exp()
     pg_loss = token_mean(torch.max(-advantages * ratio,
                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
-    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    values_clipped = (new_values if args.clip_coef_value is None else
+                      old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask,
                               num_value_tokens)
     with torch.no_grad():
@@ -451,6 +476,8 @@ if __name__ == "__main__":
     transformers.logging.disable_progress_bar()
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
+    if args.critic_anneal_lr is None:
+        args.critic_anneal_lr = args.anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -459,6 +486,7 @@ if __name__ == "__main__":
                                        "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "critic_warmup_iterations",
                                      "lora_r"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p"))
@@ -610,9 +638,10 @@ if __name__ == "__main__":
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
         resume_point = (checkpoint.rng_state(rng), list(prompt_order))  # (where the iteration starts from)
-        if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
-            for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
-                group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
+        for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
+                                          (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
+            group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
+        critic_only = iteration <= args.critic_warmup_iterations  # the critic's warm-up: the policy waits
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
             prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
         local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
@@ -667,13 +696,10 @@ if __name__ == "__main__":
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
         # a policy token's advantage is the guide's, A^g(s_t, a_t) = Q^g - V^g: as if the guide went on after it.
-        # Where the policy writes the next token too, one TD step on the guide's critic (GAE's trace would charge
-        # the token for the policy's own later tokens); the roll-in's last token keeps GAE's lambda-return of the
-        # guide's actual roll-out. Centring them (whiten) changes no expected gradient (a constant baseline) and
-        # removes the offset of a critic that only learns on the guide's states (measured: docs/results.md, the toy).
-        policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
-        one_step = rewards_per_token + args.gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
-        advantages = torch.where(policy_goes_on.bool(), one_step, advantages)
+        # Centring them (whiten) changes no expected gradient (a constant baseline) and removes the offset of a
+        # critic that only learns on the guide's states (measured: docs/results.md, the toy).
+        advantages = roll_in_advantages(advantages, rewards_per_token, values, policy_mask, args.gamma,
+                                        args.roll_in_advantage)
         advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
@@ -716,6 +742,9 @@ if __name__ == "__main__":
                                                             policy_mask[idx], loss_tokens)
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
+                if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
+                    for p in policy_parameters:
+                        p.grad = None
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
@@ -738,9 +767,13 @@ if __name__ == "__main__":
         mean_score = distributed.mean(scores).item()
         mixed = (k > 0).float()  # the episodes the guide took part in
         mixed_fraction = distributed.mean(mixed).item()
+        # the restart states: the guide's first token in each mixed episode, where the policy's roll-in ends
+        restarts = value_mask * (1 - nn.functional.pad(value_mask[:, :-1], (1, 0))) * mixed[:, None]
         with torch.no_grad():  # over every rank's tokens
             explained_variance = (1 - distributed.masked_var(returns - values, value_mask)
                                   / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
+            restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
+                                          / distributed.masked_var(returns, restarts).clamp(min=1e-8))
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
@@ -769,6 +802,7 @@ if __name__ == "__main__":
         if mixed_fraction > 0:
             logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
             logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
+            logs["guide/explained_variance_restart"] = restart_explained_variance.item()
         if mixed_fraction < 1:
             logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
         if master:

@@ -35,7 +35,7 @@ import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
 from common.guide import GuideArgs, check_guide_args, load_guide
@@ -150,6 +150,12 @@ class Args(GuideArgs):
     """AdamW learning rate of the critic (None: --learning-rate)"""
     anneal_lr: Optional[bool] = None
     """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
+    critic_anneal_lr: Optional[bool] = None
+    """decay the critic's learning rate linearly to 0 (None: as --anneal-lr, tril's; False: a critic that keeps
+    learning to the end, which a small budget needs: docs/differences-from-tril.md)"""
+    critic_warmup_iterations: int = 0
+    """the first this many iterations train the critic alone: the policy keeps its weights until the values it is
+    judged against mean something (0 = off, tril)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     weight_decay: Optional[float] = None
@@ -162,13 +168,21 @@ class Args(GuideArgs):
     """GAE lambda"""
     clip_coef: float = 0.2
     """policy ratio clip"""
-    clip_coef_value: float = 0.2
-    """value clip (around the rollout's values)"""
+    clip_coef_value: Optional[float] = 0.2
+    """value clip around the rollout's values, in the reward's units (tril: 0.2; None: off, as a reward on a wider
+    scale than 0-1 needs: CommonGen's CIDEr-D is 0-10)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
     advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
     """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
     none = raw GAE (tril)"""
+    roll_in_advantage: Literal["one-step", "gae"] = "one-step"
+    """AggreVaTeD: a roll-in token's advantage A^g(s_t, a_t). one-step: r_t + gamma V^g(s_t+1) - V^g(s_t) where the
+    policy writes the next token too, GAE's on the roll-in's last token; gae: GAE through the whole episode, the
+    policy's later tokens and the guide's roll-out (tril)"""
+    norm_per_group: bool = True
+    """normalise the mixed episodes' advantages and the policy's own episodes' each on its own, so that the guide's
+    reward cannot shift or rescale the advantages of the policy's own episodes (False: over the whole batch)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -274,14 +288,19 @@ def token_mean(x, mask, num_tokens):
     return (x * mask).sum() / num_tokens
 
 
-def normalize_advantages(advantages, mask, how, eps=1e-8):
-    """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
-    (each advantage keeps its sign); none: the raw GAE advantages (tril)."""
+def normalize_advantages(advantages, mask, how, mixed, eps=1e-8):
+    """whiten: (A - mean) / std over the masked tokens (every rank's); scale: A / std (each advantage keeps its
+    sign); none: the raw GAE advantages (tril). The mixed episodes (`mixed` 1) and the policy's own (0) are
+    normalised each over its own tokens: over the whole batch, the mixed episodes' returns (mostly the guide's
+    prefix) would set the offset and the scale of the policy's own episodes' advantages. All zeros: one group."""
     if how == "none":
         return advantages * mask
-    mean = distributed.masked_mean(advantages, mask)
-    std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, mask) + eps)
-    return (advantages - mean * (how == "whiten")) / std * mask
+    normalized = torch.zeros_like(advantages)
+    for group_mask in (mask * mixed[:, None], mask * (1 - mixed[:, None])):
+        mean = distributed.masked_mean(advantages, group_mask)
+        std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, group_mask) + eps)
+        normalized += (advantages - mean * (how == "whiten")) / std * group_mask
+    return normalized
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef):
@@ -310,6 +329,19 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
+def roll_in_advantages(advantages, rewards, values, policy_mask, gamma, how):
+    """AggreVaTeD's feedback: a policy token's advantage is the guide's, A^g(s_t, a_t) = Q^g(s_t, a_t) - V^g(s_t), as
+    if the guide went on after it. one-step: where the policy writes the next token too, one TD step on the guide's
+    critic, r_t + gamma V(s_t+1) - V(s_t) (GAE's trace would charge the token for the policy's own later tokens); the
+    roll-in's last token keeps GAE's lambda-return of the guide's actual roll-out. gae: GAE's advantages as they
+    are, traced through the policy's later tokens and the guide's roll-out (tril)."""
+    if how == "gae":
+        return advantages
+    policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
+    one_step = rewards + gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
+    return torch.where(policy_goes_on.bool(), one_step, advantages)
+
+
 def reference_batch(examples, pad_token_id, device):
     """tril's target regularisation: rows of prompt + reference continuation ("target_ids"), left-padded, and the
     target mask (batch, T), 1 on each row's reference tokens among the last T columns (T: the longest reference)."""
@@ -335,7 +367,8 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     ratio = log_ratio.exp()
     pg_loss = token_mean(torch.max(-advantages * ratio,
                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
-    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    values_clipped = (new_values if args.clip_coef_value is None else
+                      old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask,
                               num_value_tokens)
     with torch.no_grad():
@@ -347,6 +380,18 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
             "value_loss": v_loss,
         }
     return pg_loss + args.vf_coef * v_loss, stats
+
+
+class MinNewTokensPerRow(LogitsProcessor):
+    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens."""
+
+    def __init__(self, min_new_tokens, input_length, eos_token_id):
+        self.min_new_tokens, self.input_length, self.eos_token_id = min_new_tokens, input_length, eos_token_id
+
+    def __call__(self, input_ids, scores):
+        too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
+        scores[too_short, self.eos_token_id] = -float("inf")
+        return scores
 
 
 @torch.inference_mode()
@@ -365,8 +410,14 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
         chunk = slice(start, start + args.rollout_batch_size)
         config = copy.copy(generation_config)  # generate only what is kept: H - k tokens after a roll-in of k
         config.max_new_tokens = generation_config.max_new_tokens - min(len(r) for r in roll_ins[chunk])
-        config.min_new_tokens = min(config.min_new_tokens or 0, config.max_new_tokens)
-        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config)
+        # the minimum length counts the whole response, the roll-in included (tril): a roll-in near the end of a
+        # sentence is not padded with the policy's filler
+        config.min_new_tokens = None
+        min_new_tokens = torch.tensor([generation_config.min_new_tokens - len(r) for r in roll_ins[chunk]],
+                                      device=device)
+        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config,
+                              logits_processor=[MinNewTokensPerRow(min_new_tokens, prompt_ids.shape[1],
+                                                                   tokenizer.eos_token_id)])
         response = out.sequences[:, prompt_ids.shape[1] :]
         logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
         pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
@@ -493,6 +544,8 @@ if __name__ == "__main__":
     transformers.logging.disable_progress_bar()
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
+    if args.critic_anneal_lr is None:
+        args.critic_anneal_lr = args.anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -501,6 +554,7 @@ if __name__ == "__main__":
                                        "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "critic_warmup_iterations",
                                      "lora_r", "tau"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p"))
@@ -659,9 +713,9 @@ if __name__ == "__main__":
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
         resume_point = (checkpoint.rng_state(rng), list(prompt_order))  # (where the iteration starts from)
-        if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
-            for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
-                group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
+        for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
+                                          (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
+            group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
             prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
         local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
@@ -672,6 +726,8 @@ if __name__ == "__main__":
         aggrevated_phase = iteration <= args.tau
         value_model = guide_critic if aggrevated_phase else critic
         model = phase_models[0] if aggrevated_phase else phase_models[1]
+        # each critic's warm-up, from its phase's first iteration: the policy waits
+        critic_only = iteration - (1 if aggrevated_phase else args.tau + 1) < args.critic_warmup_iterations
 
         # 1. rollout: the phase's episodes, both laid out as prompt | k roll-in tokens + the rest
         failure = None
@@ -731,10 +787,12 @@ if __name__ == "__main__":
         advantages, returns = compute_gae(rewards_per_token, values, torch.maximum(policy_mask, value_mask),
                                           args.gamma, args.gae_lambda)
         if aggrevated_phase:  # a policy token's advantage is the guide's, A^g(s_t, a_t) (as in aggrevated.py)
-            policy_goes_on = policy_mask * nn.functional.pad(policy_mask[:, 1:], (0, 1))
-            one_step = rewards_per_token + args.gamma * nn.functional.pad(values[:, 1:], (0, 1)) - values
-            advantages = torch.where(policy_goes_on.bool(), one_step, advantages)
-        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
+            advantages = roll_in_advantages(advantages, rewards_per_token, values, policy_mask, args.gamma,
+                                            args.roll_in_advantage)
+        mixed = (k > 0).float()  # the episodes the guide took part in (AggreVaTeD's others: no policy token)
+        raw_advantages = advantages
+        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm,
+                                          mixed if args.norm_per_group else torch.zeros_like(mixed))
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
         rollout_seconds = time.perf_counter() - iteration_start
@@ -776,6 +834,9 @@ if __name__ == "__main__":
                                                             policy_mask[idx], loss_tokens)
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
+                if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
+                    for p in policy_parameters:
+                        p.grad = None
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
@@ -795,11 +856,16 @@ if __name__ == "__main__":
         train_seconds += time.perf_counter() - iteration_start
         mean_kl = distributed.mean(kl.sum(1)).item()
         mean_score = distributed.mean(scores).item()
-        mixed = (k > 0).float()  # the episodes the guide took part in
         mixed_fraction = distributed.mean(mixed).item()
+        # the restart states: the first token the critic learns on in each mixed episode (AggreVaTeD: the guide's
+        # first, after the policy's roll-in; PPO++: the policy's first, after the guide's roll-in)
+        restarts = value_mask * (1 - nn.functional.pad(value_mask[:, :-1], (1, 0))) * mixed[:, None]
+        unmixed_tokens = policy_mask * (1 - mixed[:, None])  # the policy's own episodes (PPO++ only)
         with torch.no_grad():  # over every rank's tokens
             explained_variance = (1 - distributed.masked_var(returns - values, value_mask)
                                   / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
+            restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
+                                          / distributed.masked_var(returns, restarts).clamp(min=1e-8))
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
@@ -829,8 +895,12 @@ if __name__ == "__main__":
         if mixed_fraction > 0:
             logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
             logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
+            logs["guide/explained_variance_restart"] = restart_explained_variance.item()
         if mixed_fraction < 1:
             logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
+            if not aggrevated_phase:
+                logs["guide/advantage_unmixed"] = distributed.masked_mean(advantages, unmixed_tokens).item()  # loss's
+                logs["guide/gae_unmixed"] = distributed.masked_mean(raw_advantages, unmixed_tokens).item()  # raw
         if master:
             for name, value in logs.items():
                 writer.add_scalar(name, value, global_episodes)

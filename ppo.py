@@ -139,6 +139,12 @@ class Args:
     """AdamW learning rate of the critic (None: --learning-rate)"""
     anneal_lr: Optional[bool] = None
     """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
+    critic_anneal_lr: Optional[bool] = None
+    """decay the critic's learning rate linearly to 0 (None: as --anneal-lr, tril's; False: a critic that keeps
+    learning to the end, which a small budget needs: docs/differences-from-tril.md)"""
+    critic_warmup_iterations: int = 0
+    """the first this many iterations train the critic alone: the policy keeps its weights until the values it is
+    judged against mean something (0 = off, tril)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     weight_decay: Optional[float] = None
@@ -151,8 +157,9 @@ class Args:
     """GAE lambda"""
     clip_coef: float = 0.2
     """policy ratio clip"""
-    clip_coef_value: float = 0.2
-    """value clip (around the rollout's values)"""
+    clip_coef_value: Optional[float] = 0.2
+    """value clip around the rollout's values, in the reward's units (tril: 0.2; None: off, as a reward on a wider
+    scale than 0-1 needs: CommonGen's CIDEr-D is 0-10)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
     advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
@@ -318,7 +325,8 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     ratio = log_ratio.exp()
     pg_loss = token_mean(torch.max(-advantages * ratio,
                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
-    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    values_clipped = (new_values if args.clip_coef_value is None else
+                      old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask, num_tokens)
     with torch.no_grad():
         stats = {
@@ -388,6 +396,8 @@ if __name__ == "__main__":
     transformers.logging.disable_progress_bar()
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
+    if args.critic_anneal_lr is None:
+        args.critic_anneal_lr = args.anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -396,6 +406,7 @@ if __name__ == "__main__":
                                        "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "critic_warmup_iterations",
                                      "lora_r"),
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
@@ -544,9 +555,10 @@ if __name__ == "__main__":
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
         resume_point = (checkpoint.rng_state(), list(prompt_order))  # (where the iteration starts from)
-        if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
-            for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
-                group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
+        for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
+                                          (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
+            group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
+        critic_only = iteration <= args.critic_warmup_iterations  # the critic's warm-up: the policy waits
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
             prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
         local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
@@ -637,6 +649,9 @@ if __name__ == "__main__":
                                                             loss_tokens)
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
+                if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
+                    for p in policy_parameters:
+                        p.grad = None
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))

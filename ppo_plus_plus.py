@@ -34,7 +34,7 @@ import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
 from common.guide import GuideArgs, check_guide_args, load_guide
@@ -90,7 +90,8 @@ class Args(GuideArgs):
     """imdb eval: the LM that scores output perplexity (default: the frozen reference policy)"""
     # the guide's flags (--guide-model, --guide-url, --guide-references, its sampling): common/guide.py
     beta: Optional[float] = None
-    """mixing: the probability, per prompt, that the guide rolls in (None: 0.6 for imdb, 0.8 otherwise)"""
+    """mixing: the probability, per prompt, that the guide rolls in (None: 1.0 with --guide-references, as DR-PO;
+    else 0.6 for imdb, 0.8 otherwise)"""
     dataset_name: Optional[str] = None
     """the hub dataset (None: the task's default)"""
     dataset_path: Optional[str] = None
@@ -147,6 +148,12 @@ class Args(GuideArgs):
     """AdamW learning rate of the critic (None: --learning-rate)"""
     anneal_lr: Optional[bool] = None
     """decay the learning rate linearly to 0 (None: True; tldr False, a constant rate as tril)"""
+    critic_anneal_lr: Optional[bool] = None
+    """decay the critic's learning rate linearly to 0 (None: as --anneal-lr, tril's; False: a critic that keeps
+    learning to the end, which a small budget needs: docs/differences-from-tril.md)"""
+    critic_warmup_iterations: int = 0
+    """the first this many iterations train the critic alone: the policy keeps its weights until the values it is
+    judged against mean something (0 = off, tril)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     weight_decay: Optional[float] = None
@@ -159,13 +166,17 @@ class Args(GuideArgs):
     """GAE lambda"""
     clip_coef: float = 0.2
     """policy ratio clip"""
-    clip_coef_value: float = 0.2
-    """value clip (around the rollout's values)"""
+    clip_coef_value: Optional[float] = 0.2
+    """value clip around the rollout's values, in the reward's units (tril: 0.2; None: off, as a reward on a wider
+    scale than 0-1 needs: CommonGen's CIDEr-D is 0-10)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
     advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
     """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
     none = raw GAE (tril)"""
+    norm_per_group: bool = True
+    """normalise the mixed episodes' advantages and the policy's own episodes' each on its own, so that the guide's
+    reward cannot shift or rescale the advantages of the policy's own episodes (False: over the whole batch)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -270,14 +281,19 @@ def token_mean(x, mask, num_tokens):
     return (x * mask).sum() / num_tokens
 
 
-def normalize_advantages(advantages, mask, how, eps=1e-8):
-    """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
-    (each advantage keeps its sign); none: the raw GAE advantages (tril)."""
+def normalize_advantages(advantages, mask, how, mixed, eps=1e-8):
+    """whiten: (A - mean) / std over the masked tokens (every rank's); scale: A / std (each advantage keeps its
+    sign); none: the raw GAE advantages (tril). The mixed episodes (`mixed` 1) and the policy's own (0) are
+    normalised each over its own tokens: over the whole batch, the mixed episodes' returns (mostly the guide's
+    prefix) would set the offset and the scale of the policy's own episodes' advantages. All zeros: one group."""
     if how == "none":
         return advantages * mask
-    mean = distributed.masked_mean(advantages, mask)
-    std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, mask) + eps)
-    return (advantages - mean * (how == "whiten")) / std * mask
+    normalized = torch.zeros_like(advantages)
+    for group_mask in (mask * mixed[:, None], mask * (1 - mixed[:, None])):
+        mean = distributed.masked_mean(advantages, group_mask)
+        std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, group_mask) + eps)
+        normalized += (advantages - mean * (how == "whiten")) / std * group_mask
+    return normalized
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef):
@@ -330,7 +346,8 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     ratio = log_ratio.exp()
     pg_loss = token_mean(torch.max(-advantages * ratio,
                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
-    values_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value)
+    values_clipped = (new_values if args.clip_coef_value is None else
+                      old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask, num_tokens)
     with torch.no_grad():
         stats = {
@@ -341,6 +358,18 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
             "value_loss": v_loss,
         }
     return pg_loss + args.vf_coef * v_loss, stats
+
+
+class MinNewTokensPerRow(LogitsProcessor):
+    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens."""
+
+    def __init__(self, min_new_tokens, input_length, eos_token_id):
+        self.min_new_tokens, self.input_length, self.eos_token_id = min_new_tokens, input_length, eos_token_id
+
+    def __call__(self, input_ids, scores):
+        too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
+        scores[too_short, self.eos_token_id] = -float("inf")
+        return scores
 
 
 @torch.inference_mode()
@@ -359,8 +388,14 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
         chunk = slice(start, start + args.rollout_batch_size)
         config = copy.copy(generation_config)  # generate only what is kept: H - k tokens after a roll-in of k
         config.max_new_tokens = generation_config.max_new_tokens - min(len(r) for r in roll_ins[chunk])
-        config.min_new_tokens = min(config.min_new_tokens or 0, config.max_new_tokens)
-        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config)
+        # the minimum length counts the whole response, the roll-in included (tril): a roll-in near the end of a
+        # sentence is not padded with the policy's filler
+        config.min_new_tokens = None
+        min_new_tokens = torch.tensor([generation_config.min_new_tokens - len(r) for r in roll_ins[chunk]],
+                                      device=device)
+        out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config,
+                              logits_processor=[MinNewTokensPerRow(min_new_tokens, prompt_ids.shape[1],
+                                                                   tokenizer.eos_token_id)])
         response = out.sequences[:, prompt_ids.shape[1] :]
         logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
         pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
@@ -435,10 +470,13 @@ def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexi
 
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
-    args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
+    if args.beta is None:  # DR-PO's authors restart every episode from a reference prefix (beta 1)
+        args.beta = 1.0 if args.guide_references else BETA_DEFAULTS[args.task]
     transformers.logging.disable_progress_bar()
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
+    if args.critic_anneal_lr is None:
+        args.critic_anneal_lr = args.anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -447,6 +485,7 @@ if __name__ == "__main__":
                                        "eval_num_beams", "lora_alpha"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
+                                     "critic_warmup_iterations",
                                      "lora_r"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p"))
@@ -598,9 +637,10 @@ if __name__ == "__main__":
     for iteration in range(first_iteration, args.num_iterations + 1):
         iteration_start = time.perf_counter()
         resume_point = (checkpoint.rng_state(rng), list(prompt_order))  # (where the iteration starts from)
-        if args.anneal_lr:  # every group (policy, critic) decays linearly to 0
-            for group, base_lr in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate)):
-                group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr
+        for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
+                                          (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
+            group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
+        critic_only = iteration <= args.critic_warmup_iterations  # the critic's warm-up: the policy waits
         if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
             prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
         local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
@@ -623,6 +663,7 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {failures[0]}\n" + checkpoint.stopped_message(
                 "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
         k = torch.tensor([len(r) for r in roll_ins], device=device)
+        mixed = (k > 0).float()  # the episodes the guide took part in
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
         responses, response_masks, logprobs, policy_masks = (
@@ -654,7 +695,9 @@ if __name__ == "__main__":
         logprobs = torch.cat(full_pass_logprobs) * policy_mask if args.bf16 or args.fp16 else logprobs
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, policy_mask, args.gamma, args.gae_lambda)
-        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm)
+        raw_advantages = advantages
+        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm,
+                                          mixed if args.norm_per_group else torch.zeros_like(mixed))
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
         rollout_seconds = time.perf_counter() - iteration_start
@@ -694,6 +737,9 @@ if __name__ == "__main__":
                                                             policy_mask[idx], loss_tokens)
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
+                if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
+                    for p in policy_parameters:
+                        p.grad = None
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
@@ -713,11 +759,15 @@ if __name__ == "__main__":
         train_seconds += time.perf_counter() - iteration_start
         mean_kl = distributed.mean(kl.sum(1)).item()
         mean_score = distributed.mean(scores).item()
-        mixed = (k > 0).float()  # the episodes the guide took part in
         mixed_fraction = distributed.mean(mixed).item()
+        # the restart states: the first policy token of each mixed episode, where the guide's roll-in ends
+        restarts = policy_mask * (1 - nn.functional.pad(policy_mask[:, :-1], (1, 0))) * mixed[:, None]
+        unmixed_tokens = policy_mask * (1 - mixed[:, None])  # the policy's own episodes
         with torch.no_grad():  # over every rank's tokens
             explained_variance = (1 - distributed.masked_var(returns - values, policy_mask)
                                   / distributed.masked_var(returns, policy_mask).clamp(min=1e-8))
+            restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
+                                          / distributed.masked_var(returns, restarts).clamp(min=1e-8))
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
@@ -746,8 +796,11 @@ if __name__ == "__main__":
         if mixed_fraction > 0:
             logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
             logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
+            logs["guide/explained_variance_restart"] = restart_explained_variance.item()
         if mixed_fraction < 1:
             logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
+            logs["guide/advantage_unmixed"] = distributed.masked_mean(advantages, unmixed_tokens).item()  # the loss's
+            logs["guide/gae_unmixed"] = distributed.masked_mean(raw_advantages, unmixed_tokens).item()  # before norm
         if master:
             for name, value in logs.items():
                 writer.add_scalar(name, value, global_episodes)

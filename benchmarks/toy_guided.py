@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def toy_command(method, seed, assets, args):
             ["--beta", str(args.beta)] if args.beta is not None else [])
     if script == "d2lols.py":
         command += ["--tau", str(args.tau if args.tau is not None else round(0.4 * args.iterations))]
-    return command
+    return command + shlex.split(args.flags)
 
 
 def eval_scores(script, seed, assets, args):
@@ -99,6 +100,7 @@ def main():
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=None, help="mixing (default: each script's IMDB default)")
     parser.add_argument("--tau", type=int, default=None, help="D2LOLS switch (default: 40%% of the iterations)")
+    parser.add_argument("--flags", default="", help="more flags for every run (e.g. \"--no-norm-per-group\")")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"))

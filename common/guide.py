@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
 from common import tasks
 from common.checkpoint import StopRun
@@ -59,8 +59,8 @@ class GuideArgs:
     guide_max_new_tokens: Optional[int] = None
     """the guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril)"""
     guide_min_new_tokens: Optional[int] = None
-    """no EOS from the guide before this many of its tokens (a server gets it as min_tokens where set: vLLM,
-    SGLang) (None: imdb 48, commongen and tldr 5, as tril)"""
+    """no EOS from the guide before the whole response has this many tokens, a prefix it continues included (tril's
+    min_length; a server gets it as min_tokens where set: vLLM, SGLang) (None: imdb 48, commongen and tldr 5)"""
     guide_concurrency: int = 8
     """--guide-url: requests in flight at once (one prompt each: every server takes that)"""
     guide_timeout: float = 120.0
@@ -116,6 +116,24 @@ def text_inputs(tokenizer, examples, prefixes, template):
     return contexts, inputs
 
 
+def min_new_tokens(args, prefixes, max_new_tokens):
+    """Per row, the guide's minimum length after the policy's prefix: --guide-min-new-tokens counts the whole
+    continuation, the prefix included (tril's min_length; the prefix in policy tokens), at most max_new_tokens."""
+    return [min(max(args.guide_min_new_tokens - len(prefix), 0), max_new_tokens) for prefix in prefixes]
+
+
+class MinNewTokensPerRow(LogitsProcessor):
+    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens."""
+
+    def __init__(self, min_new_tokens, input_length, eos_token_id):
+        self.min_new_tokens, self.input_length, self.eos_token_id = min_new_tokens, input_length, eos_token_id
+
+    def __call__(self, input_ids, scores):
+        too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
+        scores[too_short, self.eos_token_id] = -float("inf")
+        return scores
+
+
 def local_guide(args, tokenizer, device, dtype):
     """A causal LM of its own (never the policy or a view of it), frozen, in eval mode."""
     guide_tokenizer = AutoTokenizer.from_pretrained(args.guide_model, padding_side="left")
@@ -133,8 +151,8 @@ def local_guide(args, tokenizer, device, dtype):
         rows a call. A guide that shares the policy's tokenizer gets the tokens directly (the same as the text
         round trip, without it)."""
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
-                                  min_new_tokens=min(args.guide_min_new_tokens, max_new_tokens),
                                   top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=eos, pad_token_id=pad)
+        row_min_new_tokens = min_new_tokens(args, prefixes, max_new_tokens)
         if same_tokenizer:
             inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
         else:
@@ -146,7 +164,9 @@ def local_guide(args, tokenizer, device, dtype):
             width = max(map(len, chunk))
             input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in chunk], device=device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            minimum = torch.tensor(row_min_new_tokens[start : start + args.rollout_batch_size], device=device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=[MinNewTokensPerRow(minimum, width, eos)])
             for row, tokens in enumerate(out[:, width:].tolist()):
                 ended = eos in tokens
                 tokens = tokens[: tokens.index(eos)] if ended else tokens
@@ -195,10 +215,10 @@ def server_guide(args, tokenizer, rng):
 
     printing = threading.Lock()
 
-    def complete(prompt, max_tokens, seed):
+    def complete(prompt, max_tokens, seed, min_tokens):
         attempt = 0
         while True:
-            sent = dict(extra)
+            sent = {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra else {})}
             try:
                 response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=args.guide_temperature, top_p=args.guide_top_p,
@@ -238,7 +258,8 @@ def server_guide(args, tokenizer, rng):
     def write(examples, prefixes, max_new_tokens):
         contexts, prompts = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
         seeds = [rng.randrange(2**31) for _ in prompts]  # in order, before any request: the stream stays exact
-        answers = list(pool.map(complete, prompts, [max_new_tokens] * len(prompts), seeds))
+        answers = list(pool.map(complete, prompts, [max_new_tokens] * len(prompts), seeds,
+                                min_new_tokens(args, prefixes, max_new_tokens)))
         return [(encode_in_context(tokenizer, context, text) + [tokenizer.eos_token_id] * ended, ended)
                 for context, (text, ended) in zip(contexts, answers)]
 

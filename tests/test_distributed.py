@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import d2lols
+import ppo_plus_plus
 from common import distributed
 from conftest import ROOT, RL_MODULES, read_tensorboard, set_flags, task_args
 
@@ -44,8 +46,10 @@ import torch, torch.distributed as dist
 import aggrevated, d2lols, ppo, ppo_plus_plus
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-advantages, mask = (torch.tensor(x) for x in json.load(open("batch.json"))[rank])
-out = {{m.__name__: {{how: m.normalize_advantages(advantages, mask, how).tolist() for how in ("whiten", "scale")}}
+advantages, mask, mixed = (torch.tensor(x) for x in json.load(open("batch.json"))[rank])
+# PPO++ and D2LOLS: the mixed episodes and the policy's own apart
+out = {{m.__name__: {{how: (m.normalize_advantages(advantages, mask, how, mixed) if m in (ppo_plus_plus, d2lols) else
+                          m.normalize_advantages(advantages, mask, how)).tolist() for how in ("whiten", "scale")}}
        for m in (ppo, ppo_plus_plus, aggrevated, d2lols)}}
 json.dump(out, open(f"whitened{{rank}}.json", "w"))
 dist.destroy_process_group()
@@ -90,23 +94,28 @@ def test_two_processes_stopped_either_way_save_before_leaving_and_resume_to_what
 
 
 def test_whitening_over_two_ranks_is_whitening_over_their_union(tmp_path):
-    """Each rank holds half of the batch, with different numbers of masked tokens: the advantages each
-    script's normalize_advantages returns on the two ranks are the one-process numbers on the union."""
+    """Each rank holds half of the batch, with different numbers of masked tokens (and, in PPO++ and D2LOLS, of
+    mixed episodes: rank 0 holds one, rank 1 two): the advantages each script's normalize_advantages returns on
+    the two ranks are the one-process numbers on the union."""
     torch.manual_seed(0)
     advantages = torch.randn(4, 5) * 3 + 1
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float)
-    (tmp_path / "batch.json").write_text(json.dumps([[advantages[:2].tolist(), mask[:2].tolist()],
-                                                     [advantages[2:].tolist(), mask[2:].tolist()]]))
+    mixed = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    (tmp_path / "batch.json").write_text(json.dumps([[advantages[:2].tolist(), mask[:2].tolist(), mixed[:2].tolist()],
+                                                     [advantages[2:].tolist(), mask[2:].tolist(), mixed[2:].tolist()]]))
     (tmp_path / "worker.py").write_text(WHITENING_WORKER.format(root=ROOT))
     result = torchrun(None, [], tmp_path, worker="worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"whitened{r}.json")) for r in (0, 1)]
     for module in RL_MODULES:
         for how in ("whiten", "scale"):
-            expected = module.normalize_advantages(advantages, mask, how)
+            grouped = module in (ppo_plus_plus, d2lols)
+            normalize = (lambda a, m, s: module.normalize_advantages(a, m, how, mixed[s])) if grouped else (
+                lambda a, m, s: module.normalize_advantages(a, m, how))
+            expected = normalize(advantages, mask, slice(None))
             got = torch.tensor(ranks[0][module.__name__][how] + ranks[1][module.__name__][how])
             torch.testing.assert_close(got, expected)
-            assert not torch.allclose(got[:2], module.normalize_advantages(advantages[:2], mask[:2], how))
+            assert not torch.allclose(got[:2], normalize(advantages[:2], mask[:2], slice(0, 2)))
 
 
 def test_one_process_helpers_are_the_identity():

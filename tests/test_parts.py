@@ -87,17 +87,26 @@ def test_mask_after_eos_keeps_the_eos_and_drops_what_follows(module):
     assert torch.equal(module.mask_after_eos(responses, eos_token_id=2), expected)
 
 
+def normalize(module, advantages, mask, how, mixed=None):
+    """The module's normalize_advantages; PPO++'s and D2LOLS's also take the mixed episodes (default: none, one
+    group: the whole batch, as ppo.py)."""
+    if "mixed" in inspect.signature(module.normalize_advantages).parameters:
+        mixed = torch.zeros(len(advantages)) if mixed is None else mixed
+        return module.normalize_advantages(advantages, mask, how, mixed)
+    return module.normalize_advantages(advantages, mask, how)
+
+
 @rl_modules
 def test_advantages_are_normalised_over_the_masked_entries_only(module):
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     # masked entries 1, 2, 3, 4: mean 2.5, variance 1.25
     whitened = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / 1.25**0.5
-    torch.testing.assert_close(module.normalize_advantages(x, mask, "whiten"), whitened, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(normalize(module, x, mask, "whiten"), whitened, atol=1e-6, rtol=1e-6)
     # scale keeps each sign (AggreVaTeD's: better or worse than the guide); none is tril's raw GAE
     scaled = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]) / 1.25**0.5
-    torch.testing.assert_close(module.normalize_advantages(x, mask, "scale"), scaled, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(module.normalize_advantages(x, mask, "none"), x * mask)
+    torch.testing.assert_close(normalize(module, x, mask, "scale"), scaled, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(normalize(module, x, mask, "none"), x * mask)
 
 
 @pytest.mark.parametrize("module", WITH_SFT, ids=module_name)
