@@ -178,7 +178,7 @@ def known_flags():
     for path in PYTHON_FILES + ["common/guide.py"]:
         source = open(os.path.join(ROOT, path)).read()
         flags |= set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
-        for field in re.findall(r"^    (\w+): [\w\[\], .\"']+(?: = .*)?$", source, re.M):
+        for field in re.findall(r"^    (\w+): [\w\[\], .\"'-]+(?: = .*)?$", source, re.M):
             flags |= {"--" + field.replace("_", "-"), "--no-" + field.replace("_", "-")}
     return flags | {"--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--shutdown-timeout",
                     "--logdir", "--port", "--continuous-batching", "--signal", "--help"}  # torchrun's, tensorboard's, servers', SLURM's
