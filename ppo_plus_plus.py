@@ -368,8 +368,8 @@ class MinNewTokensPerRow(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
-        scores[too_short, self.eos_token_id] = -float("inf")
-        return scores
+        is_eos = torch.arange(scores.shape[1], device=scores.device) == self.eos_token_id
+        return scores.masked_fill(too_short[:, None] & is_eos, -float("inf"))  # (a copy: output_logits stay raw)
 
 
 @torch.inference_mode()
@@ -391,7 +391,7 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
         # the minimum length counts the whole response, the roll-in included (tril): a roll-in near the end of a
         # sentence is not padded with the policy's filler
         config.min_new_tokens = None
-        min_new_tokens = torch.tensor([generation_config.min_new_tokens - len(r) for r in roll_ins[chunk]],
+        min_new_tokens = torch.tensor([(generation_config.min_new_tokens or 0) - len(r) for r in roll_ins[chunk]],
                                       device=device)
         out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config,
                               logits_processor=[MinNewTokensPerRow(min_new_tokens, prompt_ids.shape[1],

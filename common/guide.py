@@ -130,8 +130,8 @@ class MinNewTokensPerRow(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
-        scores[too_short, self.eos_token_id] = -float("inf")
-        return scores
+        is_eos = torch.arange(scores.shape[1], device=scores.device) == self.eos_token_id
+        return scores.masked_fill(too_short[:, None] & is_eos, -float("inf"))  # (a copy: output_logits stay raw)
 
 
 def local_guide(args, tokenizer, device, dtype):

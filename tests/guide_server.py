@@ -38,6 +38,7 @@ class GuideServer:
                         server.fail_after is not None and len(server.requests) > server.fail_after)
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                    self.counted = True
                 try:
                     time.sleep(server.delay)
                     if self.path != "/v1/completions":
@@ -53,10 +54,17 @@ class GuideServer:
                                      "created": 0, "choices": [{"index": 0, "text": text, "logprobs": None,
                                                                 "finish_reason": finish_reason}]})
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    self.done()
+
+            def done(self):
+                """The request no longer counts as in flight: before its answer goes out (once the client has it, it
+                may send the next request before this thread runs on)."""
+                with server.lock:
+                    server.in_flight -= self.counted
+                    self.counted = False
 
             def reply(self, status, payload):
+                self.done()
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

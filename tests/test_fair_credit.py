@@ -19,7 +19,7 @@ from common import guide as guides
 from conftest import (GUIDED_MODULES, RL_MODULES, RL_SCRIPTS, module_name, read_tensorboard, run_script_in_process,
                       set_flags, task_args)
 from guide_server import GuideServer
-from test_guided import load_guide, make_args, policy_config, write
+from test_guided import load_guide, make_args, policy_config, recomputed_logprobs, write
 from test_parts import loss
 
 MIXING_MODULES = [ppo_plus_plus, d2lols]  # a batch of mixed and unmixed episodes (D2LOLS after tau)
@@ -118,7 +118,8 @@ def test_a_run_logs_the_unmixed_advantage_it_trains_on(assets, tmp_path):
 def test_the_policys_minimum_length_counts_the_roll_in(assets, module):
     """A policy that says EOS with p = 0.2 continues roll-ins of 0, 2, 4 and 6 tokens, minimum 5, H 8: no episode
     ends before 5 tokens in all (roll-in + policy), and after a roll-in of 6 the policy may end at once (counted
-    from its own first token, it would write 5 tokens of filler first)."""
+    from its own first token, it would write 5 tokens of filler first). The log-probs are still pi's own, over the
+    whole vocabulary (the minimum only forbids EOS in sampling)."""
     tokenizer = AutoTokenizer.from_pretrained(assets["often_eos"])
     policy = AutoModelForCausalLM.from_pretrained(assets["often_eos"]).eval()
     config = policy_config(tokenizer)
@@ -126,7 +127,7 @@ def test_the_policys_minimum_length_counts_the_roll_in(assets, module):
     args = make_args(module, 1.0, rollout_batch_size=64)
     roll_ins = [[7] * k for k in (0, 2, 4, 6)] * 16
     torch.manual_seed(0)
-    _, _, episodes, episode_mask, _, policy_mask = module.rollout(
+    prompt_ids, prompt_mask, episodes, episode_mask, logprobs, policy_mask = module.rollout(
         policy, tokenizer, [tokenizer("a b").input_ids] * len(roll_ins), config, args, "cpu", roll_ins)
     ended = (episodes == tokenizer.eos_token_id) & episode_mask.bool()
     before_eos = episode_mask.sum(1) - ended.sum(1)  # the response's tokens before its EOS
@@ -134,6 +135,8 @@ def test_the_policys_minimum_length_counts_the_roll_in(assets, module):
     policy_tokens_before_eos = policy_mask.sum(1) - ended.sum(1)
     late = torch.tensor([len(r) == 6 for r in roll_ins])
     assert ended[late].any(1).any() and policy_tokens_before_eos[late & ended.any(1)].max() < 5
+    recomputed = recomputed_logprobs(policy, prompt_ids, prompt_mask, episodes, episode_mask)
+    torch.testing.assert_close(logprobs * policy_mask, recomputed * policy_mask, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("module", ROLL_OUT_MODULES, ids=module_name)
