@@ -134,10 +134,18 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
             rewards, values = kl_call.result[1], gae_call.values
             goes_on = (policy * nn.functional.pad(policy[:, 1:], (0, 1))).bool()
             raw = torch.where(goes_on, rewards + 0.9 * nn.functional.pad(values[:, 1:], (0, 1)) - values, raw)
+        # PPO++ (and D2LOLS after tau): the mixed episodes and the policy's own each on its own (AggreVaTeD's
+        # unmixed episodes have no policy token: one group)
         how = norm or "whiten"
-        mean = (raw * policy).sum() / policy.sum()
-        std = (((raw - mean) ** 2 * policy).sum() / policy.sum() + 1e-8).sqrt()
-        expected = raw * policy if how == "none" else (raw - mean * (how == "whiten")) / std * policy
+        mixed = torch.zeros(len(policy))
+        if script in ("ppo_plus_plus.py", "d2lols.py"):
+            mixed = torch.tensor([float(bool(r)) for r in built["roll_ins"]]) if "roll_ins" in built else (
+                (policy.sum(1) > 0).float())
+        expected = torch.zeros_like(raw)
+        for group in (policy * mixed[:, None], policy * (1 - mixed[:, None])):
+            mean = (raw * group).sum() / group.sum().clamp(min=1)
+            std = (((raw - mean) ** 2 * group).sum() / group.sum().clamp(min=1) + 1e-8).sqrt()
+            expected += raw * group if how == "none" else (raw - mean * (how == "whiten")) / std * group
         torch.testing.assert_close(loss_call.advantages, expected[order])
         assert torch.equal(value_mask, built["value"].float()[order])
 
