@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--kl-coef", type=float, default=0.005)
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=None, help="mixing (default: each script's IMDB default)")
-    parser.add_argument("--tau", type=int, default=None, help="D2LOLS switch (default: 40%% of the iterations)")
+    parser.add_argument("--tau", type=int, default=None, help="D2LOLS switch (default: 40%% of the iterations, tril's IMDB share: 20 of 50)")
     parser.add_argument("--flags", default="", help="more flags for every run (e.g. \"--no-norm-per-group\")")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1)
@@ -129,22 +129,31 @@ def main():
         with ThreadPoolExecutor(args.workers) as pool:
             curves = dict(zip(jobs, pool.map(run, jobs)))
 
-    header = "| algorithm | " + " | ".join(f"seed {s}" for s in args.seeds) + " | reached | median iterations | final score (mean ± sd) |"
     lines = [f"# Toy guided RL: reward `{args.reward}`", "",
              f"`python benchmarks/toy_guided.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" at commit `{commit}`", "",
              f"{args.iterations} iterations of 32 episodes x 8 tokens, lr {args.learning_rate}, kl-coef {args.kl_coef}, "
-             f"gamma {args.gamma}; each cell: the first iteration at which the policy alone (no guide) scores "
-             f">= {args.target} on 32 held-out prompts (- if never), and its last score.", "",
-             header, "|" + "-|" * (len(args.seeds) + 4)]
+             f"gamma {args.gamma}, seeds {args.seeds[0]}-{args.seeds[-1]}. Reached: the seeds on which the policy "
+             f"alone (no guide) scores >= {args.target} on 32 held-out prompts at some evaluation; the median "
+             "iteration at which it first does, over the seeds that reached it (- when fewer than half did); the last "
+             "score over every seed.", "",
+             "| algorithm | reached | median first iteration (seeds that reached) | final score (mean ± sd) |",
+             "|-|-|-|-|"]
+    reached = {script: [iterations_to_target(curves[(script, s)], args.target, args.eval_every) for s in args.seeds]
+               for script in args.scripts}
     for script in args.scripts:
-        reached = [iterations_to_target(curves[(script, s)], args.target, args.eval_every) for s in args.seeds]
         finals = [curves[(script, s)][-1] for s in args.seeds]
-        cells = [f"{'-' if r is None else r} ({f:.2f})" for r, f in zip(reached, finals)]
-        hits = [r for r in reached if r is not None]
-        median = statistics.median(hits) if len(hits) > len(reached) / 2 else "-"
+        hits = [r for r in reached[script] if r is not None]
+        median = statistics.median(hits) if len(hits) > len(args.seeds) / 2 else "-"
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        lines.append(f"| {LABELS[script]} | " + " | ".join(cells) + f" | {len(hits)}/{len(reached)} | {median} | "
+        lines.append(f"| {LABELS[script]} | {len(hits)}/{len(args.seeds)} | {median} | "
                      f"{statistics.mean(finals):.3f} ± {spread:.3f} |")
+    lines += ["", "Per seed: the first iteration that reaches the target (- if never), and the last score.", "",
+              "| seed | " + " | ".join(LABELS[script] for script in args.scripts) + " |",
+              "|-|" + "-|" * len(args.scripts)]
+    for j, seed in enumerate(args.seeds):
+        cells = [f"{'-' if reached[script][j] is None else reached[script][j]} ({curves[(script, seed)][-1]:.2f})"
+                 for script in args.scripts]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time {time.perf_counter() - start:.0f} s ({args.workers} runs at a time)."]
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -165,7 +174,8 @@ def plot(curves, args):
     except ImportError:
         print("matplotlib is not installed: no picture (pip install -r requirements.txt)")
         return
-    fig, axes = plt.subplots(1, len(args.scripts), figsize=(3 * len(args.scripts), 3), sharey=True)
+    fig, axes = plt.subplots(1, len(args.scripts), figsize=(3 * len(args.scripts), 3), sharey=True, squeeze=False)
+    axes = axes[0]  # (one panel per script, also for one script)
     for ax, script in zip(axes, args.scripts):
         for seed in args.seeds:
             scores = curves[(script, seed)]
@@ -179,6 +189,7 @@ def plot(curves, args):
     fig.suptitle("toy: reward only with 3 ' movie' in a row" if args.reward == "run" else "toy: dense reward")
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
+
 
 if __name__ == "__main__":
     main()
