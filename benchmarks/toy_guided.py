@@ -99,7 +99,8 @@ def main():
     parser.add_argument("--kl-coef", type=float, default=0.005)
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--beta", type=float, default=None, help="mixing (default: each script's IMDB default)")
-    parser.add_argument("--tau", type=int, default=None, help="D2LOLS switch (default: 40%% of the iterations, tril's IMDB share: 20 of 50)")
+    parser.add_argument("--tau", type=int, default=None,
+                        help="D2LOLS switch (default: 40%% of the iterations, tril's IMDB share: 20 of 50)")
     parser.add_argument("--flags", default="", help="more flags for every run (e.g. \"--no-norm-per-group\")")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1)
