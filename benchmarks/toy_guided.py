@@ -69,12 +69,20 @@ def iterations_to_target(scores, target, eval_every):
     return next((i * eval_every for i, s in enumerate(scores) if s >= target), None)
 
 
+def with_rewarded_run(review):
+    """The review with its second half (the IMDB task's reference continuation: common/tasks.py splits at half
+    its words) replaced by as many " movie": the prompt, the first half, stays the same words."""
+    words = review.split()
+    half = len(words) // 2
+    return " ".join(words[:half] + ["movie"] * (len(words) - half))
+
+
 def make_assets(root, prior_steps=10):
     """The toy's models: the policy, a tiny GPT-2 nudged toward " movie" (10 steps: p ~ 0.03 per token, as
     a supervised start gives good tokens some probability), and the guide (150 steps: nearly always). The
-    data: each review's second half, its reference continuation, is the rewarded run (" movie" as many times as
-    the first half has words), as a dataset of good answers would hold; the prompts (the first halves) are
-    those of the synthetic reviews, and only DR-PO reads the references (--target-coef 0)."""
+    data: each review's second half, its reference continuation, is replaced by the rewarded run (" movie" as
+    many times as the half has words), as a dataset of good answers would hold; the prompts (the first halves)
+    are the synthetic reviews' own, and only DR-PO reads the references (--target-coef 0)."""
     tokenizer = make_tokenizer()
     policy = save_toy_guide(root / "policy", tokenizer, steps=prior_steps) if prior_steps else \
         save_tiny_causal_lm(root / "policy", tokenizer)
@@ -82,8 +90,7 @@ def make_assets(root, prior_steps=10):
     for split in ("train", "test"):
         path = Path(data) / f"{split}.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        path.write_text("".join(json.dumps({**row, "text": row["text"] + " movie" * len(row["text"].split())}) + "\n"
-                                for row in rows))
+        path.write_text("".join(json.dumps({**row, "text": with_rewarded_run(row["text"])}) + "\n" for row in rows))
     return {"policy": policy, "guide": save_toy_guide(root / "guide", tokenizer), "data": data}
 
 

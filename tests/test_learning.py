@@ -4,11 +4,12 @@ the same with no reward unless 3 of them stand in a row (exploration: PPO cannot
 five-seed comparison is benchmarks/toy_guided.py).
 """
 
+import os
 import re
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def run_toy(assets, cwd, script="ppo.py", iterations=30, kl_coef=0.005, extra=(), reward="fraction",
@@ -59,3 +60,20 @@ def test_guidance_finds_a_reward_that_ppo_cannot(assets, tmp_path, script, learn
     _, _, evals = run_toy(assets, tmp_path, script, iterations=30, extra=extra, reward="run", policy="toy_policy")
     assert len(evals) == 2 and evals[0] == 0, evals  # the policy alone, before training and after
     assert (evals[1] > 0.5) if learns else (evals[1] < 0.05), evals
+
+
+def test_the_toy_drivers_references_hold_the_rewarded_run_and_leave_the_prompts_alone(assets):
+    """benchmarks/toy_guided.py gives DR-PO references that hold the rewarded run; the prompts must stay the
+    reviews' first halves (appending the run to the whole review doubled every prompt: the toy of 4974c7a..)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from toy_guided import with_rewarded_run
+
+    from common import tasks
+
+    for review in ("a b c d e", "a b c d", "good", "the movie was fine today"):
+        (plain,), (toy,) = (tasks.make_examples("imdb", [{"text": text, "label": 1}], assets["tokenizer"], 64)
+                            for text in (review, with_rewarded_run(review)))
+        assert toy["prompt"] == plain["prompt"] and toy["prompt_ids"] == plain["prompt_ids"]
+        assert toy["references"] == [" ".join(["movie"] * len(plain["references"][0].split()))]
