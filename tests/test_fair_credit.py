@@ -32,7 +32,7 @@ def commongen_like_batch(seed=0, episodes=64, H=20, beta=0.8, mixed_score=1.9, u
     Returns (advantages, policy mask, mixed)."""
     g = torch.Generator().manual_seed(seed)
     mixed = (torch.rand(episodes, generator=g) < beta).float()
-    k = torch.where(mixed.bool(), torch.randint(1, H, (episodes,), generator=g), torch.zeros(episodes, dtype=torch.long))
+    k = torch.randint(1, H, (episodes,), generator=g) * mixed.long()  # (unmixed: k = 0, the policy's own)
     policy_mask = ((torch.arange(H)[None] >= k[:, None])).float()
     scores = torch.where(mixed.bool(), mixed_score * torch.rand(episodes, generator=g) * 2,
                          unmixed_score * torch.rand(episodes, generator=g) * 2)
