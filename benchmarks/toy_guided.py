@@ -1,15 +1,15 @@
 """The paper's mechanism in miniature: when exploration is the bottleneck, a guide's states let the policy
-find a reward it would almost never reach alone (CPU, a few minutes).
+find a reward it would almost never reach alone (CPU, minutes).
 
 The toy (tests/toy_run.py, TOY_REWARD=run): the reward is the fraction of the 8 continuation tokens that
-are " movie", and 0 unless the continuation holds 3 of them in a row. The policy is a tiny random GPT-2,
-which writes " movie" about 1 time in 400, so a run of 3 almost never happens: PPO sees (almost) no
-reward. The guide is the same network trained to write " movie" (tests/conftest.py: save_toy_guide).
+are " movie", and 0 unless the continuation holds 3 of them in a row. The policy is a tiny GPT-2 nudged
+toward " movie" (p ~ 0.03 a token, make_assets), so a run of 3 is rare: PPO sees (almost) no reward. The guide is the same network trained to write " movie" (tests/conftest.py: save_toy_guide).
 Progress is the held-out score of the policy alone (no guide), every iteration; the table gives, per
-algorithm and seed, the first iteration that reaches --target and the last score.
+algorithm, how many seeds reach --target, when, and the last scores; then per seed.
 
     pip install -r requirements.txt
-    python benchmarks/toy_guided.py                         # 5 methods x 5 seeds, ~7 min on 2 cores
+    python benchmarks/toy_guided.py                         # 5 methods x 20 seeds, ~26 min on 2 cores
+    python benchmarks/toy_guided.py --seeds 1 2 3 4 5        # 5 seeds, ~7 min
     python benchmarks/toy_guided.py --reward fraction        # the dense toy (no exploration problem)
 
 Writes benchmarks/results/toy_guided.md, .png and .json (the curves) (or --out).
@@ -97,7 +97,7 @@ def make_assets(root, prior_steps=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scripts", nargs="+", default=list(LABELS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 21)))
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.5, help="the eval score that counts as learned")
