@@ -91,6 +91,13 @@ class Args:
     critic_learning_rate: float = 1e-4
     """RL learning rate of the critic (pilots: at 1e-5 its explained variance stayed ~0.01, at 1e-4 it reached
     0.04-0.09; a critic that knows a roll-in state's value is what the guided methods' advantages need)"""
+    clip_coef_value: Optional[float] = 0.2
+    """the value clip around the rollout's values (tril's 0.2; None: off: CIDEr-D runs 0-10, and a value that starts
+    at 0 moves at most 0.2 an epoch)"""
+    critic_anneal_lr: bool = True
+    """decay the critic's learning rate to 0, as the policy's (tril); False: the critic keeps its rate"""
+    critic_warmup_iterations: int = 0
+    """RL iterations that train the critic alone before the policy moves (each D2LOLS phase's critic)"""
     gae_lambda: float = 1.0
     """GAE lambda: 1 = the Monte Carlo return (CIDEr-D comes at the end, and the critic starts knowing nothing)"""
     vf_coef: float = 1.0
@@ -101,6 +108,9 @@ class Args:
     """KL penalty to pi_ref (tril's CommonGen: 0)"""
     beta: float = 0.8
     """PPO++/AggreVaTeD/D2LOLS mixing: the probability that the guide rolls in (tril's CommonGen: 0.8)"""
+    dr_po_beta: Optional[float] = None
+    """DR-PO's mixing (None: ppo_plus_plus.py's with --guide-references, 1.0 as DR-PO's authors; the tables made
+    before it existed ran DR-PO at --beta 0.8)"""
     tau: int = 3
     """D2LOLS switch iteration (the paper: 40% of the iterations)"""
     eval_every: int = 4
@@ -209,8 +219,14 @@ def diagnostics(scalars):
               "kl_last": values("objective/kl")[-1],
               "train_score_first": values("objective/scores")[0], "train_score_last": values("objective/scores")[-1]}
     if values("guide/score_mixed"):
-        result |= {"guide_mixed": statistics.mean(values("guide/score_mixed")),
-                   "guide_unmixed": statistics.mean(values("guide/score_unmixed"))}
+        result |= {"guide_mixed": statistics.mean(values("guide/score_mixed"))}
+    if values("guide/score_unmixed"):  # the policy's own episodes (AggreVaTeD's: the guide's own)
+        result |= {"guide_unmixed": statistics.mean(values("guide/score_unmixed")),
+                   "unmixed_first": values("guide/score_unmixed")[0], "unmixed_last": values("guide/score_unmixed")[-1]}
+    if values("guide/explained_variance_restart"):  # the critic at the restart states
+        result["ev_restart_last"] = statistics.mean(values("guide/explained_variance_restart")[-3:])
+    if values("guide/advantage_unmixed"):  # what the loss gave the policy's own tokens
+        result["advantage_unmixed_mean"] = statistics.mean(values("guide/advantage_unmixed"))
     return result
 
 
@@ -245,16 +261,23 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                 lines.append(f"- {LABELS[method]} {verdict} PPO on CIDEr-D (mean difference "
                              f"{mean_spread([r['cider_d'] for r in results[(start, method)]])[0] - statistics.mean(ppo):+.3f})"
                              ".")
-        lines += ["", "| method | seed | start | final | explained variance (last 3) | approx-KL (mean) | "
-                  "clip fraction (mean) | KL to pi_ref (last) | training reward first → last | training reward of "
-                  "mixed / unmixed episodes (mean) |", "|-|-|-|-|-|-|-|-|-|-|"]
+        lines += ["", "| method | seed | start | final | explained variance (last 3) | at restarts (last 3) | "
+                  "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward first → last | "
+                  "training reward of mixed / unmixed episodes (mean) | unmixed first → last | unmixed advantage "
+                  "(mean) |", "|-|-|-|-|-|-|-|-|-|-|-|-|-|"]
+
+        def cell(r, key, digits=3):
+            return f"{r[key]:.{digits}f}" if key in r else "–"
+
         for method in methods_of(args, start):
             for seed, r, curve in zip(args.seeds, results[(start, method)], curves[(start, method)]):
-                guide = (f"{r['guide_mixed']:.3f} / {r['guide_unmixed']:.3f}" if "guide_mixed" in r else "–")
+                guide = f"{cell(r, 'guide_mixed')} / {cell(r, 'guide_unmixed')}" if "guide_mixed" in r else "–"
+                unmixed = f"{cell(r, 'unmixed_first')} → {cell(r, 'unmixed_last')}" if "unmixed_first" in r else "–"
                 lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
-                             f"{r['ev_last']:.2f} | {r['approxkl_mean']:.4f} | {r['clipfrac_mean']:.3f} | "
-                             f"{r['kl_last']:.3f} | {r['train_score_first']:.3f} → {r['train_score_last']:.3f} | "
-                             f"{guide} |")
+                             f"{r['ev_last']:.2f} | {cell(r, 'ev_restart_last', 2)} | {r['approxkl_mean']:.4f} | "
+                             f"{r['clipfrac_mean']:.3f} | {r['kl_last']:.3f} | {r['train_score_first']:.3f} → "
+                             f"{r['train_score_last']:.3f} | {guide} | {unmixed} | "
+                             f"{cell(r, 'advantage_unmixed_mean')} |")
         lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (DR-PO: the references) wrote the first k tokens; "
                   "AggreVaTeD, the policy wrote the first k and the guide the rest (unmixed: the guide alone); "
                   "D2LOLS, AggreVaTeD's until tau, then PPO++'s. Training reward: CIDEr-D against the set's train "
@@ -417,7 +440,9 @@ def main(args):
           "--num-minibatches", str(args.num_minibatches), "--update-epochs", str(args.update_epochs),
           "--learning-rate", str(args.learning_rate), "--critic-learning-rate", str(args.critic_learning_rate),
           "--gae-lambda", str(args.gae_lambda), "--vf-coef", str(args.vf_coef), "--target-coef", str(args.target_coef),
-          "--kl-coef", str(args.kl_coef), "--eval-every", str(args.eval_every)]
+          "--kl-coef", str(args.kl_coef), "--eval-every", str(args.eval_every),
+          "--clip-coef-value", str(args.clip_coef_value), "--critic-anneal-lr", str(args.critic_anneal_lr),
+          "--critic-warmup-iterations", str(args.critic_warmup_iterations)]
     total = (0 if args.sl_model else 1) + 2 + sum(len(methods_of(args, s)) for s in args.starts) * len(args.seeds)
     done = [0]
 
@@ -453,7 +478,9 @@ def main(args):
         for method in methods_of(args, start):
             guide = ([] if method == "ppo" else ["--guide-references"] if method == "dr_po"
                      else ["--guide-model", sl_model])
-            if method != "ppo":
+            if method == "dr_po":
+                guide += ["--beta", str(args.dr_po_beta)] if args.dr_po_beta is not None else []
+            elif method != "ppo":
                 guide += ["--beta", str(args.beta)]
             if method == "d2lols":
                 guide += ["--tau", str(args.tau)]
@@ -492,8 +519,11 @@ def main(args):
              f"set's train references (idf from train). RL: {args.num_iterations} iterations of {args.batch_size} "
              f"episodes, {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
              f"policy lr {args.learning_rate}, critic lr {args.critic_learning_rate}, vf-coef {args.vf_coef}, GAE "
-             f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}; guided: beta "
-             f"{args.beta}, guide nucleus-sampled (top-p 0.92), D2LOLS tau {args.tau}. SL: {args.sl_steps} steps of "
+             f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}, value clip "
+             f"{args.clip_coef_value}, critic lr annealed: {args.critic_anneal_lr}, critic warm-up "
+             f"{args.critic_warmup_iterations} iterations; guided: beta {args.beta} (DR-PO: "
+             f"{1.0 if args.dr_po_beta is None else args.dr_po_beta}), guide nucleus-sampled (top-p 0.92), D2LOLS tau "
+             f"{args.tau}. SL: {args.sl_steps} steps of "
              f"{args.sl_batch_size}, lr {args.sl_learning_rate}. Dev: {num_pilot} pilot sets (the first) and "
              f"{num_heldout} held-out (the last); evaluation: {beams}, as every row. This invocation: {minutes:.0f} "
              f"min (runs finished by an earlier one are reused, with their own wall times).")

@@ -138,6 +138,13 @@ def test_the_driver_end_to_end(assets, tmp_path):
         [last] = sorted(folder.glob("runs/*/generations/*.jsonl"))[-1:]
         assert last.read_text() == (out.parent / "cg_generations" / f"{name}.jsonl").read_text()
         assert events.Scalars("eval/cider_d")[-1].value == pytest.approx(run["cider_d"], abs=1e-4)
+        if "ppo_plus_plus" in name:  # the guided runs' diagnostics are their own logs
+            restart = [e.value for e in events.Scalars("guide/explained_variance_restart")]
+            assert run["ev_restart_last"] == pytest.approx(statistics.mean(restart[-3:]), abs=1e-6)
+            if "guide/score_unmixed" in events.Tags()["scalars"]:
+                unmixed = [e.value for e in events.Scalars("guide/score_unmixed")]
+                assert (run["unmixed_first"], run["unmixed_last"]) == pytest.approx((unmixed[0], unmixed[-1]))
+        assert "--clip-coef-value 0.2" in " ".join(json.load(open(folder / "done.json"))["command"])
     # each table row is the mean of its seeds' runs
     for start, method in (("weak", "ppo"), ("weak", "ppo_plus_plus")):
         values = [runs[f"{start}_{method}_seed{seed}"]["coverage"] for seed in (1, 2)]
