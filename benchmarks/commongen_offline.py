@@ -111,8 +111,9 @@ class Args:
     dr_po_beta: Optional[float] = None
     """DR-PO's mixing (None: ppo_plus_plus.py's with --guide-references, 1.0 as DR-PO's authors; the tables made
     before it existed ran DR-PO at --beta 0.8)"""
-    tau: int = 3
-    """D2LOLS switch iteration (the paper: 40% of the iterations)"""
+    tau: Optional[int] = None
+    """D2LOLS switch iteration (None: 20% of the iterations, rounded, tril's CommonGen share: 100 of 500; the committed
+    tables: 3 of 8)"""
     eval_every: int = 4
     """held-out evaluation every this many RL iterations (and at the start and the end)"""
 
@@ -409,6 +410,8 @@ def checked_metrics(args, name, scalars):
 
 
 def main(args):
+    if args.tau is None:
+        args.tau = round(0.2 * args.num_iterations)
     for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
         if getattr(args, name):
             setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
