@@ -34,10 +34,10 @@ import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
-from common.guide import GuideArgs, check_guide_args, load_guide
+from common.guide import GuideArgs, MinNewTokensPerRow, check_guide_args, load_guide
 
 
 @dataclass
@@ -358,18 +358,6 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
             "value_loss": v_loss,
         }
     return pg_loss + args.vf_coef * v_loss, stats
-
-
-class MinNewTokensPerRow(LogitsProcessor):
-    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens."""
-
-    def __init__(self, min_new_tokens, input_length, eos_token_id):
-        self.min_new_tokens, self.input_length, self.eos_token_id = min_new_tokens, input_length, eos_token_id
-
-    def __call__(self, input_ids, scores):
-        too_short = input_ids.shape[1] - self.input_length < self.min_new_tokens
-        is_eos = torch.arange(scores.shape[1], device=scores.device) == self.eos_token_id
-        return scores.masked_fill(too_short[:, None] & is_eos, -float("inf"))  # (a copy: output_logits stay raw)
 
 
 @torch.inference_mode()

@@ -123,7 +123,8 @@ def min_new_tokens(args, prefixes, max_new_tokens):
 
 
 class MinNewTokensPerRow(LogitsProcessor):
-    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens."""
+    """generate's min_new_tokens, one per row: no EOS in row i before it has `min_new_tokens[i]` new tokens (the
+    guide's roll-outs here, and the policy's roll-outs after a roll-in in ppo_plus_plus.py and d2lols.py)."""
 
     def __init__(self, min_new_tokens, input_length, eos_token_id):
         self.min_new_tokens, self.input_length, self.eos_token_id = min_new_tokens, input_length, eos_token_id
