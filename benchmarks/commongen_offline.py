@@ -9,10 +9,12 @@ validation.jsonl (default: the hub's common_gen). SmolLM2-135M-Instruct is the p
 backbone; the SL model is sft.py on CommonGen train; the reward is CIDEr-D against the concept set's
 references (idf from train), as tril.
 
-Two starts. "weak" (the main table): the zero-shot policy, with the SL model as the guide; rows zero-shot, SL,
-PPO, PPO++, AggreVaTeD, D2LOLS and DR-PO (PPO++ with the references as the guide). "sl" (tril's setting):
-policy and guide both the SL model; rows PPO, PPO++, DR-PO. Every method of a start gets the same episodes
-and optimizer steps, for each seed.
+Three starts. "weak": the zero-shot policy, with the SL model as the guide; rows zero-shot, SL, PPO, PPO++,
+AggreVaTeD, D2LOLS and DR-PO (PPO++ with the references as the guide). "sl" (tril's setting): policy and guide
+both the SL model; rows PPO, PPO++, DR-PO. "early" (where restarts can act): an early sft.py checkpoint
+(--early-steps steps) that writes the sentence directly but clearly below the SL model, which is the guide.
+Every method of a start gets the same episodes and optimizer steps, for each seed; --method-seeds gives a
+method fewer seeds.
 
 Dev is cut in two: the first 993 - --heldout-sets concept sets are the pilot part (--pilot evaluates there:
 sizes were chosen so), the last --heldout-sets the held-out part that the table is scored on. Evaluation is
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import tyro
 
@@ -59,12 +61,23 @@ class Args:
     """the table and the picture: {out}.md and {out}.png; the generations in {out}_generations/"""
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     """one run of every method per seed"""
+    method_seeds: List[str] = field(default_factory=list)
+    """METHOD=SEED,SEED: this method runs on these seeds instead of --seeds (e.g. aggrevated=1,2)"""
     starts: List[str] = field(default_factory=lambda: ["weak", "sl"])
-    """weak: the zero-shot policy, the SL model as guide (the main table); sl: both the SL model (tril's setting)"""
+    """weak: the zero-shot policy, the SL model as guide; sl: both the SL model (tril's setting); early: an early
+    SL checkpoint (--early-steps), the SL model as guide"""
     weak_methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "aggrevated", "d2lols", "dr_po"])
     """the rows of the weak start"""
     sl_methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "dr_po"])
     """the rows of the SL start"""
+    early_methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "dr_po", "aggrevated", "d2lols"])
+    """the rows of the early start"""
+    early_steps: int = 5
+    """sft.py steps of the early start (--sl-batch-size, --sl-learning-rate; the schedule decays over these steps):
+    picked on the pilot part (4, 5, 6, 8 steps: CIDEr-D 0.67, 0.77, 0.81, 0.96, direct 92%, 100%, 100%, 100%; the SL
+    model 1.08): 5 writes the sentence directly, 0.3 below the SL model"""
+    runs_label: str = ""
+    """a prefix of this invocation's RL run folders (pilots of other settings keep their own runs)"""
     heldout_sets: int = 300
     """the last this many dev concept sets are held out for the table; no pilot evaluates on them"""
     pilot: bool = False
@@ -111,6 +124,10 @@ class Args:
     dr_po_beta: Optional[float] = None
     """DR-PO's mixing (None: ppo_plus_plus.py's with --guide-references, 1.0 as DR-PO's authors; the tables made
     before it existed ran DR-PO at --beta 0.8)"""
+    norm_per_group: bool = True
+    """PPO++, DR-PO and D2LOLS: whiten the mixed and the unmixed episodes' advantages apart (the scripts' default)"""
+    roll_in_advantage: Literal["one-step", "gae"] = "one-step"
+    """AggreVaTeD and D2LOLS: the roll-in tokens' advantage (the scripts' default; gae: tril's)"""
     tau: Optional[int] = None
     """D2LOLS switch iteration (None: 20% of the iterations, rounded, tril's CommonGen share: 100 of 500; the committed
     tables: 3 of 8)"""
@@ -130,19 +147,19 @@ class Args:
     """pilot concept sets per SL evaluation"""
     sl_model: Optional[str] = None
     """use this SL model instead of training one (the zero-shot and SL rows are then evaluated on their own)"""
-    parallel: bool = True
-    """run the seeds of a method side by side, the cores shared out; the wall times are those of runs that shared
-    the machine"""
+    side_by_side: int = 2
+    """RL runs at a time, the cores shared out; the wall times are those of runs that shared the machine"""
 
 
-LABELS = {"zero_shot": "Zero-shot", "sl": "SL (sft.py)", "ppo": "PPO", "ppo_plus_plus": "PPO++",
+LABELS = {"zero_shot": "Zero-shot", "sl": "SL (sft.py)", "early": "Early SL checkpoint (the start)", "ppo": "PPO", "ppo_plus_plus": "PPO++",
           "aggrevated": "AggreVaTeD", "d2lols": "D2LOLS", "dr_po": "DR-PO (PPO++, references as guide)"}
 SCRIPTS = {"ppo": "ppo.py", "ppo_plus_plus": "ppo_plus_plus.py", "aggrevated": "aggrevated.py", "d2lols": "d2lols.py",
            "dr_po": "ppo_plus_plus.py"}
 GUIDED = ("ppo_plus_plus", "aggrevated", "d2lols", "dr_po")
 NOTES = "<!-- notes: what the table shows, written by hand; a re-run keeps what is below this line -->"
 START_TITLES = {"weak": "Weak start: zero-shot policy, SL guide (the main table)",
-                "sl": "tril's setting: policy and guide both the SL model"}
+                "sl": "tril's setting: policy and guide both the SL model",
+                "early": "Early start: an early SL checkpoint, the SL model as guide"}
 METRICS = [("cider_d", "CIDEr-D ↑ (reward)"), ("rouge_L", "ROUGE-L"), ("bleu_4", "BLEU-4"),
            ("coverage", "coverage"), ("distinct_2", "distinct-2"), ("length", "words"),
            ("direct", "direct")]
@@ -237,24 +254,31 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
     beams = "greedy" if args.eval_num_beams == 1 else f"beam search, {args.eval_num_beams} beams"
     lines = ["# CommonGen in miniature, offline (CPU, 2 cores)", "", f"Command: `{command}`", "", sizes_line, ""]
     for start in args.starts:
-        methods = (["zero_shot", "sl"] if start == "weak" else ["sl"]) + methods_of(args, start)
+        methods = {"weak": ["zero_shot", "sl"], "sl": ["sl"], "early": ["early", "sl"]}[start] + methods_of(args, start)
         lines += [f"## {START_TITLES[start]}", "",
                   "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
                   "|-|" + "-|" * (len(METRICS) + 2)]
         for method in methods:
-            key = method if method in ("zero_shot", "sl") else (start, method)
+            key = method if method in ("zero_shot", "sl", "early") else (start, method)
             runs = results[key]
             cells = []
             for metric, _ in METRICS:
                 mean, spread = mean_spread([r[metric] for r in runs])
                 cells.append(f"{mean:.3f}" + (f" ± {spread:.3f}" if len(runs) > 1 else ""))
-            episodes = (0 if method == "zero_shot" else args.sl_steps * args.sl_batch_size if method == "sl"
-                        else args.batch_size * args.num_iterations)
+            episodes = {"zero_shot": 0, "sl": args.sl_steps * args.sl_batch_size,
+                        "early": args.early_steps * args.sl_batch_size}.get(method, args.batch_size * args.num_iterations)
             seconds = f"{statistics.mean(wall[key]):.0f}" if wall.get(key) else "–"
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {episodes} | {seconds} |")
-        lines += ["", f"Zero-shot and SL: one deterministic evaluation ({beams}); RL rows: mean ± standard "
-                  f"deviation over seeds {', '.join(map(str, args.seeds))}. Scored on the {heading} of dev "
-                  f"({args.num_eval_prompts} concept sets).", ""]
+        seeds = "; ".join(f"{LABELS[m]} {', '.join(map(str, seeds_of(args, m)))}" for m in methods_of(args, start))
+        lines += ["", f"The starting models: one deterministic evaluation ({beams}); RL rows: mean ± standard "
+                  f"deviation over seeds ({seeds}). Scored on the {heading} of dev ({args.num_eval_prompts} concept "
+                  f"sets).", ""]
+        if start == "early":
+            pilot = results["early"][0].get("pilot") or {}
+        if start == "early" and pilot:
+            lines += [f"The early start was picked on the pilot part ({args.sl_eval_prompts} sets): after "
+                      f"{args.early_steps} sft.py steps it scores CIDEr-D {pilot['cider_d']:.3f} and writes the "
+                      f"sentence directly in {pilot['direct']:.0%} of them.", ""]
         ppo = [r["cider_d"] for r in results.get((start, "ppo"), [])]
         for method in methods_of(args, start):
             if method != "ppo" and ppo:
@@ -271,7 +295,7 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
             return f"{r[key]:.{digits}f}" if key in r else "–"
 
         for method in methods_of(args, start):
-            for seed, r, curve in zip(args.seeds, results[(start, method)], curves[(start, method)]):
+            for seed, r, curve in zip(seeds_of(args, method), results[(start, method)], curves[(start, method)]):
                 guide = f"{cell(r, 'guide_mixed')} / {cell(r, 'guide_unmixed')}" if "guide_mixed" in r else "–"
                 unmixed = f"{cell(r, 'unmixed_first')} → {cell(r, 'unmixed_last')}" if "unmixed_first" in r else "–"
                 lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
@@ -318,8 +342,9 @@ def plot(args, curves, start_scores):
             axes.plot(steps, means, marker="o", label=LABELS[method])
             for run_curve in runs:  # each seed, faint
                 axes.plot(*zip(*run_curve), color=axes.lines[-1].get_color(), alpha=0.25, linewidth=1)
-        for name, style in (("zero_shot", ":"), ("sl", "--")):
-            axes.axhline(start_scores[name], color="gray", linestyle=style, label=LABELS[name])
+        for name, style in (("zero_shot", ":"), ("sl", "--"), ("early", "-.")):
+            if name in start_scores and (name != "zero_shot" or start == "weak") and (name != "early" or start == "early"):
+                axes.axhline(start_scores[name], color="gray", linestyle=style, label=LABELS[name])
         axes.set_xlabel("episodes")
         axes.set_ylabel(f"CIDEr-D, {'pilot' if args.pilot else 'held-out'} dev ({args.num_eval_prompts} sets)")
         axes.set_title(START_TITLES[start].split(":")[0] + f" (seeds {', '.join(map(str, args.seeds))})")
@@ -333,7 +358,22 @@ def plot(args, curves, start_scores):
 # -- running ---------------------------------------------------------------------------------------------------
 
 def methods_of(args, start):
-    return args.weak_methods if start == "weak" else args.sl_methods
+    return {"weak": args.weak_methods, "sl": args.sl_methods, "early": args.early_methods}[start]
+
+
+def seeds_of(args, method):
+    """The seeds a method runs on: its --method-seeds entry, else --seeds."""
+    for entry in args.method_seeds:
+        name, _, seeds = entry.partition("=")
+        if name == method:
+            return [int(seed) for seed in seeds.split(",")]
+    return args.seeds
+
+
+def commit_of_code():
+    """`git describe --always --dirty` of the checkout the runs are made from."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
 
 
 def prepare_data(args):
@@ -357,8 +397,8 @@ def prepare_data(args):
 
 
 def run_once(jobs, args):
-    """Run the jobs that have not finished before (no done.json with the same command), side by side; return
-    every job's wall time (a finished job's from its done.json)."""
+    """Run the jobs that have not finished before (no done.json with the same command), --side-by-side at a time;
+    return every job's done.json (its command, wall time and the commit it was made at)."""
     todo = []
     for name, script, script_args in jobs:
         done = os.path.join(args.work_dir, name, "done.json")
@@ -368,15 +408,17 @@ def run_once(jobs, args):
             if record["command"] == [script, *script_args]:
                 continue
         todo.append((name, script, script_args))
-    if todo:
-        for (name, script, script_args), seconds in zip(todo, run(todo, args.work_dir)):
+    commit = commit_of_code()
+    for group in range(0, len(todo), args.side_by_side):
+        batch = todo[group : group + args.side_by_side]
+        for (name, script, script_args), seconds in zip(batch, run(batch, args.work_dir)):
             with open(os.path.join(args.work_dir, name, "done.json"), "w") as f:
-                json.dump({"command": [script, *script_args], "seconds": seconds}, f)
-    walls = []
+                json.dump({"command": [script, *script_args], "seconds": seconds, "commit": commit}, f)
+    records = []
     for name, _, _ in jobs:
         with open(os.path.join(args.work_dir, name, "done.json")) as f:
-            walls.append(json.load(f)["seconds"])
-    return walls
+            records.append(json.load(f))
+    return records
 
 
 def generations(args, name):
@@ -418,8 +460,15 @@ def main(args):
     unknown = [s for s in args.starts if s not in START_TITLES] + [
         m for s in args.starts for m in methods_of(args, s) if m not in SCRIPTS]
     if unknown or not args.seeds or not args.starts:
-        raise SystemExit(f"error: unknown start(s) or method(s) {unknown}, or none given; starts: weak sl; methods: "
-                         f"{' '.join(SCRIPTS)}")
+        raise SystemExit(f"error: unknown start(s) or method(s) {unknown}, or none given; starts: "
+                         f"{' '.join(START_TITLES)}; methods: {' '.join(SCRIPTS)}")
+    for entry in args.method_seeds:
+        name, _, seeds = entry.partition("=")
+        if name not in SCRIPTS or not all(seed.strip().isdigit() for seed in seeds.split(",")):
+            raise SystemExit(f"error: --method-seeds {entry!r}: expected METHOD=SEED,SEED with METHOD one of "
+                             f"{' '.join(SCRIPTS)}")
+    if args.side_by_side < 1 or args.early_steps < 1:
+        raise SystemExit("error: --side-by-side and --early-steps must be at least 1")
     if "ppo" not in [m for s in args.starts for m in methods_of(args, s)]:
         print("note: no PPO row: no verdicts", flush=True)
     import lemminflect  # noqa: F401  (fail now, not after two hours: pip install -r requirements.txt)
@@ -435,7 +484,8 @@ def main(args):
     data, num_pilot, num_heldout = prepare_data(args)
     started = time.perf_counter()
     split = "validation" if args.pilot else "test"
-    run_prefix = "pilot_" if args.pilot else ""  # pilot runs keep their own folders beside the table's
+    eval_prefix = "pilot_" if args.pilot else ""  # pilot runs keep their own folders beside the table's
+    run_prefix = eval_prefix + args.runs_label
     common = ["--task", "commongen", "--dataset-path", data, "--max-new-tokens", str(args.max_new_tokens),
               "--eval-num-beams", str(args.eval_num_beams)]
     task = common + ["--eval-split", split, "--num-eval-prompts", str(args.num_eval_prompts)]
@@ -446,37 +496,44 @@ def main(args):
           "--kl-coef", str(args.kl_coef), "--eval-every", str(args.eval_every),
           "--clip-coef-value", str(args.clip_coef_value), "--critic-anneal-lr", str(args.critic_anneal_lr),
           "--critic-warmup-iterations", str(args.critic_warmup_iterations)]
-    total = (0 if args.sl_model else 1) + 2 + sum(len(methods_of(args, s)) for s in args.starts) * len(args.seeds)
-    done = [0]
 
-    def progress(names, walls):
-        for name, wall in zip(names, walls):
-            done[0] += 1
-            elapsed = time.perf_counter() - started
-            print(f"[{done[0]}/{total}] {name}: {wall:.0f} s; {elapsed / 60:.1f} min so far", flush=True)
+    def report(records, names):
+        for name, record in zip(names, records):
+            print(f"{name}: {record['seconds']:.0f} s; {(time.perf_counter() - started) / 60:.1f} min so far", flush=True)
+        return records
 
-    # SL: sft.py on CommonGen train (its curve on the pilot part: it sets --sl-steps), unless --sl-model is given
-    results, wall, curves, sl_curve = {}, {}, {}, []
+    # SL: sft.py on CommonGen train (its curve on the pilot part: it sets --sl-steps), unless --sl-model is given;
+    # the early start: the same for --early-steps steps
+    results, wall, curves, sl_curve, made_at = {}, {}, {}, [], {}
     sl_model = args.sl_model or os.path.join(args.work_dir, "sl", "model")
+    early_model = os.path.join(args.work_dir, f"early{args.early_steps}", "model")
+    pilot_eval = ["--eval-split", "validation", "--num-eval-prompts", str(args.sl_eval_prompts)]
+    sft = common + pilot_eval + ["--model-name-or-path", policy, "--batch-size", str(args.sl_batch_size),
+                                 "--learning-rate", str(args.sl_learning_rate), "--save-model"]
+    jobs = [] if args.sl_model else [("sl", "sft.py", sft + ["--max-steps", str(args.sl_steps), "--eval-every",
+                                                             str(args.sl_eval_every), "--save-path", sl_model])]
+    if "early" in args.starts:
+        jobs.append((f"early{args.early_steps}", "sft.py", sft + ["--max-steps", str(args.early_steps), "--eval-every",
+                                                                  str(args.early_steps), "--save-path", early_model]))
+    for (name, _, _), record in zip(jobs, report(run_once(jobs, args), [n for n, _, _ in jobs])):
+        made_at[name] = record["commit"]
     if not args.sl_model:
-        pilot_eval = ["--eval-split", "validation", "--num-eval-prompts", str(args.sl_eval_prompts)]
-        job = ("sl", "sft.py", common + pilot_eval + [
-            "--model-name-or-path", policy, "--max-steps", str(args.sl_steps), "--batch-size", str(args.sl_batch_size),
-            "--learning-rate", str(args.sl_learning_rate), "--eval-every", str(args.sl_eval_every), "--save-model",
-            "--save-path", sl_model])
-        wall["sl"] = run_once([job], args)
-        progress(["sl"], wall["sl"])
         sl_curve = read_scalars(args.work_dir, "sl")["eval/cider_d"]
-    # the zero-shot and SL rows: each model evaluated once, as the RL runs evaluate
-    jobs = [(f"{run_prefix}{name}_eval", "sft.py", task + ["--model-name-or-path", model, "--eval-only"])
-            for name, model in (("zero_shot", policy), ("sl", sl_model))]
-    progress([n for n, _, _ in jobs], run_once(jobs, args))
-    for name in ("zero_shot", "sl"):
-        results[name] = [checked_metrics(args, f"{run_prefix}{name}_eval",
-                                         read_scalars(args.work_dir, f"{run_prefix}{name}_eval"))]
-    records = {name: {"start": None, "method": name, "seed": None} | results[name][0] for name in ("zero_shot", "sl")}
-    starting_model = {"weak": policy, "sl": sl_model}
-    side_by_side = len(args.seeds) if args.parallel else 1
+    # the starting models' rows: each model evaluated once, as the RL runs evaluate
+    models = [("zero_shot", policy), ("sl", sl_model)] + ([("early", early_model)] if "early" in args.starts else [])
+    eval_name = {name: f"{eval_prefix}{name}{args.early_steps if name == 'early' else ''}_eval" for name, _ in models}
+    jobs = [(eval_name[name], "sft.py", task + ["--model-name-or-path", model, "--eval-only"]) for name, model in models]
+    for (name, _, _), record in zip(jobs, report(run_once(jobs, args), [n for n, _, _ in jobs])):
+        made_at[name] = record["commit"]
+    for name, _ in models:
+        results[name] = [checked_metrics(args, eval_name[name], read_scalars(args.work_dir, eval_name[name]))]
+    if "early" in args.starts:  # what the early start was picked on: the pilot part, after its steps
+        results["early"][0]["pilot"] = generation_metrics(generations(args, f"early{args.early_steps}")[-1])
+    records = {name: {"start": None, "method": name, "seed": None} | results[name][0] for name, _ in models}
+    starting_model = {"weak": policy, "sl": sl_model, "early": early_model}
+
+    # the RL runs: every (start, method, seed), --side-by-side at a time
+    jobs, keys = [], []
     for start in args.starts:
         for method in methods_of(args, start):
             guide = ([] if method == "ppo" else ["--guide-references"] if method == "dr_po"
@@ -487,29 +544,29 @@ def main(args):
                 guide += ["--beta", str(args.beta)]
             if method == "d2lols":
                 guide += ["--tau", str(args.tau)]
-            for group in range(0, len(args.seeds), side_by_side):
-                seeds = args.seeds[group : group + side_by_side]
-                jobs = [(f"{run_prefix}{start}_{method}_seed{seed}", SCRIPTS[method],
-                         task + rl + guide + ["--model-name-or-path", starting_model[start], "--seed", str(seed)])
-                        for seed in seeds]
-                walls = run_once(jobs, args)
-                progress([n for n, _, _ in jobs], walls)
-                for (name, _, _), seconds, seed in zip(jobs, walls, seeds):
-                    scalars = read_scalars(args.work_dir, name)
-                    results.setdefault((start, method), []).append(checked_metrics(args, name, scalars)
-                                                                   | diagnostics(scalars))
-                    records[name] = {"start": start, "method": method, "seed": seed, "seconds": seconds,
-                                     "curve": scalars["eval/cider_d"]} | results[(start, method)][-1]
-                    curves.setdefault((start, method), []).append(scalars["eval/cider_d"])
-                    wall.setdefault((start, method), []).append(seconds)
+            if method in ("ppo_plus_plus", "dr_po", "d2lols"):
+                guide += ["--norm-per-group" if args.norm_per_group else "--no-norm-per-group"]
+            if method in ("aggrevated", "d2lols"):
+                guide += ["--roll-in-advantage", args.roll_in_advantage]
+            for seed in seeds_of(args, method):
+                jobs.append((f"{run_prefix}{start}_{method}_seed{seed}", SCRIPTS[method],
+                             task + rl + guide + ["--model-name-or-path", starting_model[start], "--seed", str(seed)]))
+                keys.append((start, method, seed))
+    for (name, _, _), (start, method, seed), record in zip(jobs, keys, report(run_once(jobs, args), [n for n, _, _ in jobs])):
+        scalars = read_scalars(args.work_dir, name)
+        results.setdefault((start, method), []).append(checked_metrics(args, name, scalars) | diagnostics(scalars))
+        records[name] = {"start": start, "method": method, "seed": seed, "seconds": record["seconds"],
+                         "commit": record["commit"], "curve": scalars["eval/cider_d"]} | results[(start, method)][-1]
+        curves.setdefault((start, method), []).append(scalars["eval/cider_d"])
+        wall.setdefault((start, method), []).append(record["seconds"])
+        made_at[name] = record["commit"]
 
     # a few generations side by side: the first sets evaluated, the start models and each method's first seed
-    texts = {"zero_shot": last_generations(args, f"{run_prefix}zero_shot_eval"),
-             "sl": last_generations(args, f"{run_prefix}sl_eval")}
+    texts = {name: last_generations(args, eval_name[name]) for name, _ in models}
     for start in args.starts:
         for method in methods_of(args, start):
-            texts[LABELS[method] + (" (SL start)" if start == "sl" else "")] = last_generations(
-                args, f"{run_prefix}{start}_{method}_seed{args.seeds[0]}")
+            texts[LABELS[method] + {"weak": "", "sl": " (SL start)", "early": " (early start)"}[start]] = \
+                last_generations(args, f"{run_prefix}{start}_{method}_seed{seeds_of(args, method)[0]}")
     samples = [{"concepts": prompt_concepts(row["prompt"]), "reference": row["references"][0],
                 "texts": [(LABELS.get(name, name), rows[i]["continuation"]) for name, rows in texts.items()]}
                for i, row in enumerate(texts["sl"][:4])]
@@ -526,18 +583,22 @@ def main(args):
              f"{args.clip_coef_value}, critic lr annealed: {args.critic_anneal_lr}, critic warm-up "
              f"{args.critic_warmup_iterations} iterations; guided: beta {args.beta} (DR-PO: "
              f"{1.0 if args.dr_po_beta is None else args.dr_po_beta}), guide nucleus-sampled (top-p 0.92), D2LOLS tau "
-             f"{args.tau}. SL: {args.sl_steps} steps of "
-             f"{args.sl_batch_size}, lr {args.sl_learning_rate}. Dev: {num_pilot} pilot sets (the first) and "
+             f"{args.tau}, advantages whitened {'per group' if args.norm_per_group else 'over the batch'}, roll-in "
+             f"advantage {args.roll_in_advantage}. SL: {args.sl_steps} steps of "
+             f"{args.sl_batch_size}, lr {args.sl_learning_rate}"
+             + (f"; the early start: {args.early_steps} of those steps (its schedule over them)" if "early" in args.starts
+                else "") + f". Dev: {num_pilot} pilot sets (the first) and "
              f"{num_heldout} held-out (the last); evaluation: {beams}, as every row. This invocation: {minutes:.0f} "
              f"min (runs finished by an earlier one are reused, with their own wall times).")
     command = " ".join(["python benchmarks/commongen_offline.py", *sys.argv[1:]])
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    command += f"` at commit `{commit}"
+    commits = sorted(set(made_at.values()))
+    if len(commits) > 1 or commits[0].endswith("-dirty"):
+        print(f"note: the runs were made at {', '.join(commits)}: not one clean commit", flush=True)
+    command += f"`; every run made at commit `{', '.join(commits)}"
     write_table(args, results, curves, sl_curve, wall, samples, command, sizes)
     with open(args.out + ".json", "w") as f:  # every number of the table, per run
         json.dump({"command": command, "sizes": sizes, "sl_curve": sl_curve, "runs": records}, f, indent=1)
-    plot(args, curves, {"zero_shot": results["zero_shot"][0]["cider_d"], "sl": results["sl"][0]["cider_d"]})
+    plot(args, curves, {name: results[name][0]["cider_d"] for name, _ in models})
     print(open(args.out + ".md").read())
     print(f"wrote {args.out}.md and {args.out}.png in {minutes:.1f} minutes")
     return results

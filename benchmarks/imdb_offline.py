@@ -104,8 +104,9 @@ METRICS = [("score", "sentiment score ↑"), ("perplexity", "perplexity ↓"), (
 
 def run(jobs, work_dir):
     """Run (name, script, args) jobs side by side, each in its own folder (log + runs/) with an equal share of
-    the cores; return their wall times. A failure stops the driver with the end of its log."""
-    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
+    the cores (OMP_NUM_THREADS, when set, is kept: two drivers side by side); return their wall times. A failure
+    stops the driver with the end of its log."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(jobs)))
     processes = []
     for name, script, script_args in jobs:
         folder = os.path.join(work_dir, name)

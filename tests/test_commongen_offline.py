@@ -167,3 +167,51 @@ def test_the_driver_end_to_end(assets, tmp_path):
     assert again.endswith(driver.NOTES + "\nWhat it shows: nothing, on tiny models.\n")
     strip = lambda text: re.sub(r"This invocation: \d+ min", "", text.partition(driver.NOTES)[0])  # noqa: E731
     assert strip(again) == strip(table)
+
+
+def test_the_early_start_and_per_method_seeds(assets, tmp_path):
+    """The early start: an sft.py checkpoint of --early-steps steps is the RL runs' starting model and its own row;
+    --method-seeds gives a method its own seeds; every run records the commit it was made at."""
+    save_tiny_causal_lm(tmp_path / "models" / "smollm2-135m", assets["tokenizer"], initializer_range=0.5)
+    (tmp_path / "data").mkdir()
+    os.symlink(assets["data"]["commongen"], tmp_path / "data" / "commongen")
+    work, out = tmp_path / "work", tmp_path / "results" / "early"
+    argv = ["--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"), "--work-dir", str(work),
+            "--out", str(out), "--heldout-sets", "3", "--num-eval-prompts", "3", "--starts", "early",
+            "--early-methods", "ppo", "dr_po", "--seeds", "1", "--method-seeds", "dr_po=2,3", "--batch-size", "4",
+            "--num-iterations", "1", "--num-minibatches", "2", "--update-epochs", "1", "--eval-every", "1",
+            "--sl-steps", "2", "--early-steps", "1", "--sl-batch-size", "4", "--sl-eval-every", "1",
+            "--sl-eval-prompts", "3", "--max-new-tokens", "6", "--side-by-side", "3", "--no-norm-per-group"]
+    old_argv, sys.argv = sys.argv, ["commongen_offline.py", *argv]
+    try:
+        driver.main(driver.tyro.cli(driver.Args, args=argv))
+    finally:
+        sys.argv = old_argv
+    record = json.loads(out.with_suffix(".json").read_text())
+    runs = record["runs"]
+    assert set(runs) == {"zero_shot", "sl", "early", "early_ppo_seed1", "early_dr_po_seed2", "early_dr_po_seed3"}
+    # the early model: sft.py's 1 step, saved, is what every RL run of the start began from
+    early_command = json.load(open(work / "early1" / "done.json"))["command"]
+    assert early_command[early_command.index("--max-steps") + 1] == "1"
+    for name in ("early_ppo_seed1", "early_dr_po_seed2", "early_dr_po_seed3"):
+        command = json.load(open(work / name / "done.json"))["command"]
+        assert command[command.index("--model-name-or-path") + 1] == str(work / "early1" / "model")
+        assert command[command.index("--seed") + 1] == name[-1]
+        assert ("--no-norm-per-group" in command) == ("dr_po" in name)  # the driver's choice reaches the script
+        assert runs[name]["commit"] == record["command"].rpartition("`")[2] or runs[name]["commit"] in record["command"]
+    # its row is its own evaluation; the pilot numbers it was picked on are its sft run's last evaluation
+    early_rows = [json.loads(line) for line in open(out.parent / "early_generations" / "early1_eval.jsonl")]
+    assert runs["early"]["cider_d"] == pytest.approx(driver.generation_metrics(early_rows)["cider_d"])
+    [pilot_file] = sorted((work / "early1").glob("runs/*/generations/*.jsonl"))[-1:]
+    pilot_rows = [json.loads(line) for line in open(pilot_file)]
+    assert runs["early"]["pilot"] == pytest.approx(driver.generation_metrics(pilot_rows))
+    table = out.with_suffix(".md").read_text()
+    assert f"## {driver.START_TITLES['early']}" in table and "| Early SL checkpoint (the start) | " in table
+    assert "DR-PO (PPO++, references as guide) 2, 3" in table
+    per_seed = [line for line in table.splitlines() if line.startswith("| DR-PO (PPO++, references as guide) | ")]
+    assert [line.split(" | ")[1] for line in per_seed[1:]] == ["2", "3"]  # the first is the mean row
+
+
+def test_method_seeds_must_name_a_method(tmp_path):
+    with pytest.raises(SystemExit, match="--method-seeds"):
+        driver.main(driver.Args(method_seeds=["ppo_plus=1,2"], work_dir=str(tmp_path)))
