@@ -426,10 +426,10 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
     open_rows = [i for i in range(len(batch)) if not prefixes[i] or prefixes[i][-1] != tokenizer.eos_token_id]
     suffixes = [[] for _ in batch]
     if open_rows:
-        max_new_tokens = min(H - min(len(prefixes[i]) for i in open_rows), args.guide_max_new_tokens)
-        samples = guide.write([batch[i] for i in open_rows], [prefixes[i] for i in open_rows], max_new_tokens)
+        samples = guide.write([batch[i] for i in open_rows], [prefixes[i] for i in open_rows],
+                              [H - len(prefixes[i]) for i in open_rows])  # to the horizon
         for i, (tokens, _) in zip(open_rows, samples):
-            suffixes[i] = tokens[: H - len(prefixes[i])]
+            suffixes[i] = tokens
     responses = torch.full((len(batch), H), tokenizer.pad_token_id, dtype=torch.long)
     policy_mask, value_mask, logprobs = (torch.zeros(len(batch), H) for _ in range(3))
     for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):

@@ -409,21 +409,18 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     where it wrote one; at most H - 1), as tril: never the whole sample. Returns the states the policy
     starts from as roll-in tokens per row (k of them; none: a plain PPO episode, also where n = 0).
 
-    k is drawn before the guide writes, so the guide writes only one token past the largest k (through
-    text, k counts policy tokens: its whole budget). Where the sample is shorter (n < k), k is drawn again
+    k is drawn before the guide writes, so the guide writes only k + 1 tokens of each row (policy tokens;
+    common/guide.py keeps that through text too). Where the sample is shorter (n < k), k is drawn again
     within it: P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}."""
     H = args.max_new_tokens
     mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
     k_draw = {i: rng.randint(1, H - 1) for i in mixed}
     roll_ins = [[] for _ in batch]
-    if mixed:
-        # the guide writes one past the largest k (through text, k counts policy tokens: its whole budget)
-        budget = args.guide_max_new_tokens
-        max_new_tokens = min(max(k_draw.values()) + 1, budget) if guide.counts_policy_tokens else budget
-        samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], max_new_tokens)
+    if mixed:  # the guide writes k + 1 tokens: a sample longer than k (or the whole of a shorter one)
+        samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
         for i, (tokens, ended) in zip(mixed, samples):
-            n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1 (a sample past the largest k: > k)
-            k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n else 0  # shorter: drawn again within
+            n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1
+            k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n > 0 else 0  # shorter: drawn again within
             roll_ins[i] = tokens[:k]
     return roll_ins
 

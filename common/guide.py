@@ -1,8 +1,8 @@
 """The guide pi_g: a black box that writes, as the reward is one that scores.
 
-Given the examples and the prefixes the policy's episodes have so far (policy tokens), the guide
-returns each continuation in policy tokens and whether it ended it (EOS). Three sources, one
-interface (`load_guide(...).write(examples, prefixes, max_new_tokens)`):
+Given the examples, the prefixes the policy's episodes have so far and a budget per row (all in policy
+tokens), the guide returns each continuation in policy tokens, at most its budget, and whether it ended
+it (EOS). Three sources, one interface (`load_guide(...).write(examples, prefixes, budgets)`):
 
     a local model    --guide-model (hub id or folder): its own weights, frozen, sampled with
                      generate(); on token ids where it shares the policy's tokenizer (and has no
@@ -33,6 +33,7 @@ from common.checkpoint import StopRun
 from common.text import decode_in_context, encode_in_context
 
 RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time
+TEXT_MARGIN = 1.5  # through text: guide tokens asked per policy token still needed (a row that comes back short asks again)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class GuideArgs:
     guide_top_p: float = 0.92
     """the guide's nucleus sampling"""
     guide_max_new_tokens: Optional[int] = None
-    """the guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril)"""
+    """a model guide writes at most this many of its tokens per sample (None: H; tldr 20, as tril); the references'
+    budget is H"""
     guide_min_new_tokens: Optional[int] = None
     """no EOS from the guide before the whole response has this many tokens, a prefix it continues included (tril's
     min_length; a server gets it as min_tokens where set: vLLM, SGLang) (None: imdb 48, commongen and tldr 5)"""
@@ -96,10 +98,11 @@ def check_guide_args(args, continues_prefixes):
 
 
 def load_guide(args, tokenizer, device, dtype, rng):
-    """The guide of the flags: an object with write(examples, prefixes, max_new_tokens) -> per row
-    (continuation as policy tokens, with EOS at the end where the guide ended it, whether it ended), and
-    counts_policy_tokens (its max_new_tokens counts policy tokens: same tokenizer, or the dataset). `rng` is the
-    script's mixing stream (checkpointed): it picks references and the servers' per-request seeds."""
+    """The guide of the flags: an object with write(examples, prefixes, budgets) -> per row (continuation as policy
+    tokens, at most budgets[i] of them, with EOS at the end where the guide ended it within them, whether it ended),
+    and counts_policy_tokens (it writes policy tokens: same tokenizer, or the dataset; otherwise through text). A
+    model writes at most --guide-max-new-tokens of its tokens a row; the references are cut only by the budgets.
+    `rng` is the script's mixing stream (checkpointed): it picks references and the servers' per-request seeds."""
     if args.guide_references:
         return reference_guide(tokenizer, rng)
     if args.guide_url:
@@ -118,8 +121,40 @@ def text_inputs(tokenizer, examples, prefixes, template):
 
 def min_new_tokens(args, prefixes, max_new_tokens):
     """Per row, the guide's minimum length after the policy's prefix: --guide-min-new-tokens counts the whole
-    continuation, the prefix included (tril's min_length; the prefix in policy tokens), at most max_new_tokens."""
-    return [min(max(args.guide_min_new_tokens - len(prefix), 0), max_new_tokens) for prefix in prefixes]
+    continuation, the prefix included (tril's min_length; the prefix in policy tokens), at most max_new_tokens[i]
+    (a server refuses min_tokens > max_tokens)."""
+    return [min(max(args.guide_min_new_tokens - len(prefix), 0), most) for prefix, most in zip(prefixes, max_new_tokens)]
+
+
+def cut_to_budget(tokens, ended, budget, eos_token_id):
+    """A continuation (EOS not included) as at most `budget` policy tokens: EOS appended where the guide ended
+    within the budget."""
+    ended = ended and len(tokens) < budget
+    return tokens[:budget] + [eos_token_id] * ended, ended
+
+
+def write_through_text(args, tokenizer, examples, prefixes, budgets, sample):
+    """Through text (the guide's tokens are not the policy's): each row asks for TEXT_MARGIN guide tokens per policy
+    token it needs, and asks again, continuing its text, while it is short of its budget, did not end, and has asked
+    for fewer than --guide-max-new-tokens guide tokens. The minimum length counts the prefix and what the guide
+    wrote before. `sample(rows, inputs, max_tokens, min_tokens)` -> per row (text, ended)."""
+    contexts, inputs = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
+    cap = args.guide_max_new_tokens
+    texts, ended, asked = [""] * len(inputs), [False] * len(inputs), [0] * len(inputs)
+    tokens = [[] for _ in inputs]
+    todo = [i for i in range(len(inputs)) if budgets[i] > 0]
+    while todo:
+        max_tokens = [min(cap - asked[i], int(TEXT_MARGIN * (budgets[i] - len(tokens[i]))) + 1) for i in todo]
+        min_tokens = [min(max(args.guide_min_new_tokens - len(prefixes[i]) - asked[i], 0), most)
+                      for i, most in zip(todo, max_tokens)]
+        answers = sample(todo, [inputs[i] + texts[i] for i in todo], max_tokens, min_tokens)
+        for i, most, (text, stopped) in zip(todo, max_tokens, answers):
+            texts[i], ended[i], asked[i] = texts[i] + text, stopped, asked[i] + most
+            tokens[i] = encode_in_context(tokenizer, contexts[i], texts[i])
+        # short, not ended, budget left, and it wrote something (an empty answer would come back empty again)
+        todo = [i for i, (text, _) in zip(todo, answers)
+                if not ended[i] and text and len(tokens[i]) < budgets[i] and asked[i] < cap]
+    return [cut_to_budget(t, e, b, tokenizer.eos_token_id) for t, e, b in zip(tokens, ended, budgets)]
 
 
 class MinNewTokensPerRow(LogitsProcessor):
@@ -147,35 +182,46 @@ def local_guide(args, tokenizer, device, dtype):
     same_tokenizer = args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()
 
     @torch.inference_mode()
-    def write(examples, prefixes, max_new_tokens):
-        """The guide continues each prompt + prefix for up to `max_new_tokens` of its tokens, --rollout-batch-size
-        rows a call. A guide that shares the policy's tokenizer gets the tokens directly (the same as the text
-        round trip, without it)."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=args.guide_temperature,
-                                  top_k=args.guide_top_k, top_p=args.guide_top_p, eos_token_id=eos, pad_token_id=pad)
-        row_min_new_tokens = min_new_tokens(args, prefixes, max_new_tokens)
-        if same_tokenizer:
-            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
-        else:
-            contexts, texts = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
-            inputs = [guide_tokenizer(t).input_ids for t in texts]
-        results = []
-        for start in range(0, len(inputs), args.rollout_batch_size):
-            chunk = inputs[start : start + args.rollout_batch_size]
-            width = max(map(len, chunk))
-            input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in chunk], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in chunk], device=device)
-            minimum = torch.tensor(row_min_new_tokens[start : start + args.rollout_batch_size], device=device)
+    def generate(inputs, max_tokens, min_tokens):
+        """Sample a continuation of each input (guide token ids) of up to max_tokens[i] tokens, no EOS before
+        min_tokens[i]; rows of like budgets share a call (sorted by budget, --rollout-batch-size at a time), so a
+        call generates only as far as its longest row needs. Per row: its tokens (EOS cut off), whether it ended."""
+        results = [None] * len(inputs)
+        order = sorted(range(len(inputs)), key=lambda i: max_tokens[i])
+        for start in range(0, len(order), args.rollout_batch_size):
+            rows = order[start : start + args.rollout_batch_size]
+            width = max(len(inputs[i]) for i in rows)
+            input_ids = torch.tensor([[pad] * (width - len(inputs[i])) + inputs[i] for i in rows], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in rows],
+                                          device=device)
+            config = GenerationConfig(max_new_tokens=max(max_tokens[i] for i in rows), do_sample=True,
+                                      temperature=args.guide_temperature, top_k=args.guide_top_k,
+                                      top_p=args.guide_top_p, eos_token_id=eos, pad_token_id=pad)
+            minimum = torch.tensor([min_tokens[i] for i in rows], device=device)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  logits_processor=[MinNewTokensPerRow(minimum, width, eos)])
-            for row, tokens in enumerate(out[:, width:].tolist()):
+            for i, tokens in zip(rows, out[:, width:].tolist()):
+                tokens = tokens[: max_tokens[i]]
                 ended = eos in tokens
-                tokens = tokens[: tokens.index(eos)] if ended else tokens
-                if not same_tokenizer:  # its text, as the policy's tokens after the policy's text so far
-                    text = decode_in_context(guide_tokenizer, chunk[row], tokens)
-                    tokens = encode_in_context(tokenizer, contexts[start + row], text)
-                results.append((tokens + [tokenizer.eos_token_id] if ended else tokens, ended))
+                results[i] = (tokens[: tokens.index(eos)] if ended else tokens, ended)
         return results
+
+    def write(examples, prefixes, budgets):
+        """A guide that shares the policy's tokenizer gets the tokens directly (the same as the text round trip,
+        without it) and writes each row's budget; otherwise through text."""
+        if same_tokenizer:
+            budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
+            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
+            samples = generate(inputs, budgets, min_new_tokens(args, prefixes, budgets))
+            return [cut_to_budget(tokens, ended, budget, tokenizer.eos_token_id)
+                    for (tokens, ended), budget in zip(samples, budgets)]
+
+        def sample(rows, texts, max_tokens, min_tokens):  # its text, decoded after its input
+            inputs = [guide_tokenizer(t).input_ids for t in texts]
+            return [(decode_in_context(guide_tokenizer, ids, tokens), ended)
+                    for ids, (tokens, ended) in zip(inputs, generate(inputs, max_tokens, min_tokens))]
+
+        return write_through_text(args, tokenizer, examples, prefixes, budgets, sample)
 
     return SimpleNamespace(write=write, counts_policy_tokens=same_tokenizer, model=model, tokenizer=guide_tokenizer,
                            source=f"the local model {args.guide_model}")
@@ -183,15 +229,16 @@ def local_guide(args, tokenizer, device, dtype):
 
 def reference_guide(tokenizer, rng):
     """The dataset as the guide: each prompt's reference continuation (where it has several, one drawn from `rng`),
-    encoded in context after the prompt, EOS at its end, cut to max_new_tokens policy tokens."""
+    encoded in context after the prompt, EOS at its end, cut to the row's budget (never --guide-max-new-tokens:
+    that is a model's)."""
 
-    def write(examples, prefixes, max_new_tokens):
+    def write(examples, prefixes, budgets):
         if any(prefixes):
             raise ValueError("the references cannot continue a prefix: roll-in only")
         results = []
-        for e in examples:
+        for e, budget in zip(examples, budgets):
             reference = rng.choice(e["references"])
-            tokens = tasks.continuation_ids(tokenizer, e["prompt"], reference, max_new_tokens)
+            tokens = tasks.continuation_ids(tokenizer, e["prompt"], reference, budget)
             ended = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
             results.append((tokens, ended))
         return results
@@ -256,12 +303,12 @@ def server_guide(args, tokenizer, rng):
 
     pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
 
-    def write(examples, prefixes, max_new_tokens):
-        contexts, prompts = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
-        seeds = [rng.randrange(2**31) for _ in prompts]  # in order, before any request: the stream stays exact
-        answers = list(pool.map(complete, prompts, [max_new_tokens] * len(prompts), seeds,
-                                min_new_tokens(args, prefixes, max_new_tokens)))
-        return [(encode_in_context(tokenizer, context, text) + [tokenizer.eos_token_id] * ended, ended)
-                for context, (text, ended) in zip(contexts, answers)]
+    def write(examples, prefixes, budgets):
+        seeds = [rng.randrange(2**31) for _ in examples]  # in order, before any request: the stream stays exact
+
+        def sample(rows, texts, max_tokens, min_tokens):  # a row asked again keeps its seed (its prompt is longer)
+            return list(pool.map(complete, texts, max_tokens, [seeds[i] for i in rows], min_tokens))
+
+        return write_through_text(args, tokenizer, examples, prefixes, budgets, sample)
 
     return SimpleNamespace(write=write, counts_policy_tokens=False, source=f"the server {args.guide_url}")

@@ -111,18 +111,24 @@ def test_a_served_guide_gives_the_episodes_a_local_guide_gives(assets, served, m
         assert results[0] == results[1] and sum(map(len, results[0])) > 0
 
 
-def test_the_guides_stop_reason_ends_its_continuation(assets):
-    """finish_reason "stop": the guide ended (EOS appended in policy tokens); "length": it did not."""
+def test_the_guides_stop_reason_ends_its_continuation_and_a_short_answer_is_asked_again(assets):
+    """finish_reason "stop": the guide ended (EOS appended in policy tokens); "length": it did not, and a row
+    short of its budget (in policy tokens) asks again with its text so far, until the budget is met."""
     tokenizer = assets["tokenizer"]
     args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
-    for reason, ended in (("stop", True), ("length", False)):
+    for reason, ended, text, asked in (("stop", True, " movie movie", 1), ("length", False, " movie movie movie", 2)):
         with GuideServer(marker=" movie movie") as server:
             server.complete = lambda prompt, max_tokens, reason=reason: (" movie movie", reason)
             args.guide_url = server.url
             guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
-            [(tokens, got)] = guide.write(examples(tokenizer)[:1], [[]], 4)
+            [(tokens, got)] = guide.write(examples(tokenizer)[:1], [[]], [3])
         assert got == ended and (tokens[-1] == tokenizer.eos_token_id) == ended
-        assert tokenizer.decode(tokens, skip_special_tokens=True) == " movie movie"
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == text  # the budget: 3 policy tokens
+        assert len(server.requests) == asked
+        if asked == 2:  # the second request continues the first answer's text, for what is still missing
+            assert server.requests[1]["prompt"] == server.requests[0]["prompt"] + " movie movie"
+            assert server.requests[0]["max_tokens"] == int(guides.TEXT_MARGIN * 3) + 1
+            assert server.requests[1]["max_tokens"] == int(guides.TEXT_MARGIN * 1) + 1
 
 
 def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, capsys):
@@ -131,12 +137,12 @@ def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, cap
     with GuideServer(marker=" movie", delay=0.05) as server:
         args.guide_url = server.url
         guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-            examples(tokenizer) * 2, [[]] * 12, 4)
+            examples(tokenizer) * 2, [[]] * 12, [1] * 12)  # (" movie": one request a row)
     assert len(server.requests) == 12 and 2 <= server.most_in_flight <= 4  # bounded concurrency
     with GuideServer(marker=" movie", fail_first=2) as server:
         args.guide_url, args.guide_concurrency = server.url, 1
         results = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-            examples(tokenizer)[:2], [[]] * 2, 4)
+            examples(tokenizer)[:2], [[]] * 2, [1] * 2)
     assert len(results) == 2 and len(server.requests) == 4  # 2 failed, retried, then 2 answered
     out = capsys.readouterr().out
     assert f"guide: {server.url}: InternalServerError" in out and "retry 1/3" in out and "retry 2/3" in out
@@ -149,12 +155,12 @@ def test_a_malformed_answer_or_a_refused_request_stops_with_one_line(assets):
         args.guide_url = server.url
         with pytest.raises(guides.StopRun, match="answered out of the completions API's shape"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-                examples(tokenizer)[:1], [[]], 4)
+                examples(tokenizer)[:1], [[]], [4])
     with GuideServer(marker=" movie") as server:
         args.guide_url = server.url + "/wrong"
         with pytest.raises(guides.StopRun, match="refused the request .*NotFoundError"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-                examples(tokenizer)[:1], [[]], 4)
+                examples(tokenizer)[:1], [[]], [4])
 
 
 def test_a_server_that_goes_down_stops_the_run_at_its_last_iteration_and_the_resume_matches(assets, served, tmp_path):
@@ -300,12 +306,12 @@ def test_vllm_shaped_answers_and_errors(assets):
     ({"object": "error", "message", "type", "param", "code"}): read as the API says."""
     tokenizer = assets["tokenizer"]
     args = make_args(ppo_plus_plus, 1.0, guide_model="Qwen/Qwen2.5-7B-Instruct", guide_top_k=5, guide_min_new_tokens=2)
-    for finish_reason, ended in (("stop", True), ("length", False)):
+    for finish_reason, ended, text in (("stop", True, " movie movie"), ("length", False, " movie movie movie")):
         with GuideServer(body=lambda request, reason=finish_reason: vllm_completion(request, " movie movie", reason)) as server:
             args.guide_url = server.url
             [(tokens, got)] = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-                examples(tokenizer)[:1], [[]], 4)
-        assert got == ended and tokenizer.decode(tokens, skip_special_tokens=True) == " movie movie"
+                examples(tokenizer)[:1], [[]], [3])
+        assert got == ended and tokenizer.decode(tokens, skip_special_tokens=True) == text  # "length": asked again
         assert (server.requests[0]["top_k"], server.requests[0]["min_tokens"]) == (5, 2)  # vLLM takes both
     error = {"object": "error", "message": "This model's maximum context length is 2048 tokens.",
              "type": "BadRequestError", "param": None, "code": 400}
@@ -313,4 +319,4 @@ def test_vllm_shaped_answers_and_errors(assets):
         args.guide_url = server.url
         with pytest.raises(guides.StopRun, match="refused the request .*maximum context length is 2048"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
-                examples(tokenizer)[:1], [[]], 4)
+                examples(tokenizer)[:1], [[]], [4])

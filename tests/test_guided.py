@@ -31,7 +31,7 @@ def write(guide, batch, prefixes, max_new_tokens, args):
     """guide.write with the guide's flags of `args` (a script's Args)."""
     for name in ("guide_temperature", "guide_top_k", "guide_top_p", "guide_min_new_tokens", "rollout_batch_size"):
         setattr(guide.args, name, getattr(args, name))
-    return guide.write(batch, prefixes, max_new_tokens)
+    return guide.write(batch, prefixes, [max_new_tokens] * len(batch))
 
 
 def make_args(module, beta, **overrides):
@@ -203,16 +203,30 @@ def record_generate(guide, monkeypatch):
     return calls
 
 
-def guide_texts(guide, calls):
-    """Per row, over every recorded call: (the guide's input text, the text it wrote, up to its EOS)."""
-    rows = []
-    for input_ids, new_ids, _ in calls:
+def guide_writes(guide, calls):
+    """Over every recorded call: {the guide's input text: the text it wrote after it, up to its EOS, decoded in
+    context}. Rows go to generate sorted by budget, and a row short of its budget asks again with its text so far."""
+    writes = {}
+    for input_ids, new_ids, config in calls:
         for inputs, tokens in zip(input_ids.tolist(), new_ids.tolist()):
-            if guide.tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(guide.tokenizer.eos_token_id)]
-            rows.append((guide.tokenizer.decode(inputs, skip_special_tokens=True),
-                         guide.tokenizer.decode(tokens, skip_special_tokens=True)))
-    return rows
+            inputs = inputs[next(i for i, t in enumerate(inputs) if t != config.pad_token_id) :]
+            if config.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(config.eos_token_id)]
+            context = guide.tokenizer.decode(inputs, skip_special_tokens=True)
+            writes[context] = guide.tokenizer.decode(inputs + tokens, skip_special_tokens=True)[len(context) :]
+    return writes
+
+
+def whole_text(writes, guide_input):
+    """All the guide wrote for the row whose input is `guide_input`, over its requests."""
+    assert guide_input in writes, f"the guide never saw {guide_input!r}"
+    text = ""
+    while guide_input + text in writes and (not text or writes[guide_input + text]):
+        piece = writes[guide_input + text]
+        text += piece
+        if not piece:
+            break
+    return text
 
 
 TEMPLATE = "Continue this review: {prompt}"
@@ -231,11 +245,11 @@ def test_the_guide_reads_its_template_and_the_policy_gets_the_guides_text(setup,
     prefixes = [tokenizer(" the film").input_ids if i % 2 else [] for i in range(len(batch))]
     torch.manual_seed(0)
     results = write(guide, batch, prefixes, H, args)
-    seen = guide_texts(guide, calls)
-    for e, prefix, (guide_input, guide_text), (tokens, ended) in zip(batch, prefixes, seen, results, strict=True):
-        assert guide_input == TEMPLATE.format(prompt=e["prompt"]) + tokenizer.decode(prefix)
+    writes = guide_writes(guide, calls)
+    for e, prefix, (tokens, ended) in zip(batch, prefixes, results, strict=True):
+        guide_text = whole_text(writes, TEMPLATE.format(prompt=e["prompt"]) + tokenizer.decode(prefix))
         expected = tokenizer(guide_text, add_special_tokens=False).input_ids
-        assert tokens == expected + [tokenizer.eos_token_id] * ended
+        assert tokens == (expected + [tokenizer.eos_token_id] * ended)[:H]  # at most the budget, in policy tokens
     raw = [t for _, new_ids, _ in calls for row in new_ids.tolist() for t in row]
     assert max(raw) >= len(tokenizer), "the guide should write ids the policy's vocabulary does not have"
 
@@ -261,27 +275,17 @@ def test_the_space_at_the_boundary_survives_a_sentencepiece_tokenizer(assets, me
     calls = record_generate(guide, monkeypatch)
     torch.manual_seed(0)
     results = write(guide, batch, prefixes, 6, make_args(module, 1.0, guide_top_k=0))
-    guide_words = []
-    for e, prefix, row, (tokens, ended) in zip(batch, prefixes, guide_inputs_and_outputs(calls), results, strict=True):
-        guide_input, new_ids = row
-        assert guide.tokenizer.decode(guide_input, skip_special_tokens=True) == e["prompt"] + " really"
-        context = guide.tokenizer.decode(guide_input, skip_special_tokens=True)
-        guide_text = guide.tokenizer.decode(guide_input + new_ids, skip_special_tokens=True)[len(context) :]
+    guide_words, writes = [], guide_writes(guide, calls)
+    for e, prefix, (tokens, ended) in zip(batch, prefixes, results, strict=True):
+        guide_text = whole_text(writes, e["prompt"] + " really")  # the prefix reached the guide as text
         state = e["prompt_ids"] + prefix
         policy_text = tokenizer.decode(state + tokens[: len(tokens) - ended], skip_special_tokens=True)
-        assert policy_text == e["prompt"] + " really" + guide_text  # the policy reads what the guide wrote
+        # the policy reads what the guide wrote (its first 6 policy tokens: the budget)
+        assert len(tokens) == 6 or ended
+        assert (e["prompt"] + " really" + guide_text).startswith(policy_text)
+        assert len(policy_text) > len(e["prompt"] + " really")
         guide_words.append(guide_text)
     assert any(text.startswith(" ") for text in guide_words), "want a guide text that opens a new word"
-
-
-def guide_inputs_and_outputs(calls):
-    """Per row: (the guide's input ids without padding, its new ids up to its EOS)."""
-    rows = []
-    for input_ids, new_ids, config in calls:
-        for inputs, tokens in zip(input_ids.tolist(), new_ids.tolist()):
-            inputs = inputs[next(i for i, t in enumerate(inputs) if t != config.pad_token_id) :]
-            rows.append((inputs, tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens))
-    return rows
 
 
 @pytest.mark.parametrize("module", [ppo_plus_plus, d2lols], ids=module_name)
@@ -293,7 +297,9 @@ def test_the_roll_in_is_the_guides_own_text(setup, assets, monkeypatch, module):
     torch.manual_seed(0)
     roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))
     assert sum(map(len, roll_ins)) > 0 and all(len(r) <= H - 1 for r in roll_ins)
-    for (_, guide_text), roll_in in zip(guide_texts(guide, calls), roll_ins, strict=True):
+    writes = guide_writes(guide, calls)
+    for e, roll_in in zip(batch, roll_ins, strict=True):
+        guide_text = whole_text(writes, e["prompt"])
         assert roll_in == tokenizer(guide_text, add_special_tokens=False).input_ids[: len(roll_in)]
         assert guide_text.startswith(tokenizer.decode(roll_in))
 
@@ -309,12 +315,12 @@ def test_the_guide_rolls_out_from_the_policys_prefix_as_text(setup, assets, monk
         policy, guide, tokenizer, batch, policy_config(tokenizer), args, "cpu", random.Random(0))
     open_rows = [i for i in range(len(batch)) if value_mask[i].any() or policy_mask[i].sum() < H]
     open_rows = [i for i in open_rows if responses[i, int(policy_mask[i].sum()) - 1] != tokenizer.eos_token_id]
-    seen = guide_texts(guide, calls)
-    assert len(seen) == len(open_rows) > 0
-    for i, (guide_input, guide_text) in zip(open_rows, seen):
+    writes = guide_writes(guide, calls)
+    assert len(open_rows) > 0
+    for i in open_rows:
         k, n = int(policy_mask[i].sum()), int((policy_mask[i] + value_mask[i]).sum())
         prefix = responses[i, :k].tolist()
-        assert guide_input == batch[i]["prompt"] + tokenizer.decode(prefix)
+        guide_text = whole_text(writes, batch[i]["prompt"] + tokenizer.decode(prefix))
         written = tokenizer(guide_text, add_special_tokens=False).input_ids
         assert responses[i, k:n].tolist() == (written + [tokenizer.eos_token_id])[: n - k]
 
@@ -462,7 +468,7 @@ def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path,
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
-def test_the_guides_length_flags(setup, assets, module):
+def test_the_guides_length_flags(setup, assets, monkeypatch, module):
     """--guide-min-new-tokens: no EOS from the guide before it (a guide that says EOS with p = 0.2);
     --guide-max-new-tokens: its roll-in (PPO++) or roll-out (AggreVaTeD) is at most that long."""
     often_eos = load_guide(assets["often_eos"], AutoTokenizer.from_pretrained(assets["often_eos"]))
@@ -477,6 +483,7 @@ def test_the_guides_length_flags(setup, assets, module):
 
     tokenizer, policy, batch, guide = setup  # the toy guide, which does not end
     args = make_args(module, 1.0, guide_max_new_tokens=3)
+    monkeypatch.setattr(guide.args, "guide_max_new_tokens", 3)  # (the guide's own flags: those it was loaded with)
     torch.manual_seed(0)
     if module in ROLL_IN_MODULES:
         roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(0))

@@ -1,0 +1,119 @@
+"""The guide at GPU scale (common/guide.py and each guided script's own calls): per-row budgets in policy tokens,
+the references' budget (the horizon, never a model guide's), short answers asked again through text, and samples
+that are empty."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import aggrevated
+import d2lols
+import ppo_plus_plus
+from common import guide as guides
+from conftest import module_name
+from guide_server import GuideServer
+from test_guided import make_args
+
+ROLL_IN_MODULES = [ppo_plus_plus, d2lols]  # the guide writes the first k tokens (D2LOLS: after tau)
+ROLL_OUT_MODULES = [aggrevated, d2lols]  # the guide continues the policy's first k tokens (D2LOLS: before tau)
+
+
+def rows(tokenizer, n, reference=" " + " ".join(["word"] * 40) + "."):
+    """n examples whose prompts differ (a reference taken from the wrong row would show), each with one long
+    reference."""
+    texts = [f"the movie number {i} was" for i in range(n)]
+    return [{"prompt": t, "prompt_ids": tokenizer(t).input_ids, "references": [f" row {i}" + reference]}
+            for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_reference_roll_ins_reach_the_horizon_whatever_a_model_guides_budget(assets, module):
+    """DR-PO on TL;DR: H = 50 and --guide-max-new-tokens 20 (a model guide's budget, as tril) once cut every
+    reference to 20 tokens, so k stayed in 1..19. The references' budget is the horizon: k reaches H - 1."""
+    tokenizer = assets["tokenizer"]
+    H = 12
+    args = make_args(module, 1.0, max_new_tokens=H, guide_max_new_tokens=4, guide_references=True)
+    guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+    batch = rows(tokenizer, 200)
+    roll_ins = module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(1))
+    lengths = [len(r) for r in roll_ins]
+    assert min(lengths) >= 1 and max(lengths) == H - 1 and len(set(lengths)) == H - 1  # k ~ U{1..H-1}
+    for e, roll_in in zip(batch, roll_ins):  # each row's own reference, from its start
+        full = tokenizer(e["prompt"] + e["references"][0]).input_ids[len(e["prompt_ids"]) :]
+        assert roll_in == full[: len(roll_in)]
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_a_roll_in_asks_for_k_plus_one_tokens_per_row(assets, module):
+    """Where the guide counts policy tokens, row i's budget is its k + 1 (k drawn first), not the batch's largest."""
+    tokenizer = assets["tokenizer"]
+    asked = []
+
+    def write(examples, prefixes, budgets):
+        asked.extend(budgets)
+        return [([5] * budget, False) for budget in budgets]
+
+    args = make_args(module, 1.0, max_new_tokens=12)
+    roll_ins = module.guide_roll_in(SimpleNamespace(write=write, counts_policy_tokens=True), tokenizer,
+                                    rows(tokenizer, 50), args, "cpu", random.Random(0))
+    assert asked == [len(r) + 1 for r in roll_ins] and len(set(asked)) > 3
+
+
+@pytest.mark.parametrize("module", ROLL_OUT_MODULES, ids=module_name)
+def test_a_roll_out_asks_for_the_rest_of_the_horizon_per_row(assets, module):
+    """The guide continues a prefix of k policy tokens for H - k of them, row by row."""
+    tokenizer = assets["tokenizer"]
+    from transformers import AutoModelForCausalLM
+    from test_guided import policy_config
+
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    asked, H = [], 8
+
+    def write(examples, prefixes, budgets):
+        asked.extend(zip(map(len, prefixes), budgets))
+        return [([5] * budget, False) for budget in budgets]
+
+    args = make_args(module, 1.0, max_new_tokens=H)
+    torch.manual_seed(0)
+    module.guide_roll_out(policy, SimpleNamespace(write=write, counts_policy_tokens=True), tokenizer,
+                          rows(tokenizer, 16), policy_config(tokenizer, H), args, "cpu", random.Random(0))
+    assert asked and all(budget == H - k for k, budget in asked) and len({k for k, _ in asked}) > 1
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+@pytest.mark.parametrize("sample", [([], False), ([], True)], ids=["empty-not-ended", "empty-ended"])
+def test_an_empty_sample_is_a_plain_episode(assets, module, sample):
+    """A guide's sample with no tokens (a server's "" with finish_reason "length", or text that encodes to nothing)
+    is no roll-in point: a plain PPO episode, not a crash (rng.randint(1, -1))."""
+    tokenizer = assets["tokenizer"]
+    guide = SimpleNamespace(write=lambda examples, prefixes, budgets: [sample] * len(examples),
+                            counts_policy_tokens=True)
+    roll_ins = module.guide_roll_in(guide, tokenizer, rows(tokenizer, 6), make_args(module, 1.0), "cpu",
+                                    random.Random(0))
+    assert roll_ins == [[]] * 6
+
+
+def test_an_empty_answer_through_text_is_not_asked_again(assets):
+    """A served guide that answers "" with finish_reason "length": nothing to continue, so no second request (it
+    would answer "" again, for ever)."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
+    with GuideServer(marker="") as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        assert guide.write(rows(tokenizer, 2), [[], []], [4, 4]) == [([], False), ([], False)]
+    assert len(server.requests) == 2
+
+
+def test_min_tokens_never_exceeds_max_tokens(assets):
+    """vLLM answers 400 "min_tokens must be less than or equal to max_tokens": every request keeps min <= max, a
+    short budget included."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_min_new_tokens=20)
+    with GuideServer(marker=" movie movie", body=None) as server:
+        args.guide_url = server.url
+        guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+            rows(tokenizer, 3), [[], [], []], [1, 2, 6])
+    assert server.requests and all(r["min_tokens"] <= r["max_tokens"] for r in server.requests)
