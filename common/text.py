@@ -25,11 +25,21 @@ def decode_continuations(tokenizer, prompt_ids, responses):
 
 def encode_in_context(tokenizer, context, text):
     """Token ids for `text` written after the string `context`, encoded in context (a SentencePiece tokenizer
-    opens a string encoded alone with a word boundary: "the" + "!" would read "the !"). Where the text's first
-    piece would fuse with the context's last token, no continuation of the context's ids is the tokenizer's
-    own: then the text is encoded alone."""
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids
-    ids = tokenizer(context + text, add_special_tokens=False).input_ids
+    opens a string encoded alone with a word boundary: "the" + "!" would read "the !"). A special token's text
+    inside `text` ("</s>" written by a guide) stays text, never the special token. Where the text's first piece
+    fuses with the context's last token ("a good mov" + "ie and"), no continuation of the context's ids is the
+    tokenizer's own: then the text is encoded after a separator that fuses with nothing, and kept where it reads
+    right after the context (no spurious space); the text alone is the last resort."""
+    def encode(string):
+        return tokenizer(string, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    context_ids = encode(context)
+    ids = encode(context + text)
     if ids[: len(context_ids)] == context_ids:
         return ids[len(context_ids) :]
-    return tokenizer(text, add_special_tokens=False).input_ids
+    for separator in ("\n", ".", "#"):
+        separator_ids, ids = encode(separator), encode(separator + text)
+        if ids[: len(separator_ids)] == separator_ids and decode_in_context(
+                tokenizer, context_ids, ids[len(separator_ids) :]) == text:
+            return ids[len(separator_ids) :]
+    return encode(text)

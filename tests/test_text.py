@@ -47,6 +47,29 @@ def test_text_is_decoded_and_encoded_in_context(assets, metaspace):
                             + tokenizer("!", add_special_tokens=False).input_ids) == "the !"  # alone: it would
 
 
+def test_a_switch_inside_a_word_gets_no_spurious_space(assets, metaspace):
+    """The policy stopped inside a word ("a good mov") and the guide's text finishes it ("ie and"): with a
+    SentencePiece tokenizer "mov" + "ie" fuse into "▁movie", so the context's ids are no prefix of the whole's,
+    and the text encoded alone opens a word: "a good mov ie and". The policy must read "a good movie and"."""
+    for tokenizer in (metaspace[0], assets["tokenizer"]):
+        context = "the movie was a good mov"
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        whole = tokenizer(context + "ie and", add_special_tokens=False).input_ids
+        if tokenizer is metaspace[0]:
+            assert whole[: len(context_ids)] != context_ids  # the case this test is for
+        ids = text.encode_in_context(tokenizer, context, "ie and")
+        assert tokenizer.decode(context_ids + ids) == context + "ie and"
+
+
+def test_the_eos_string_in_a_guides_text_is_text_not_eos(assets):
+    """A guide that writes the policy's EOS string ("</s>") as text: it stays text, never the EOS token (which
+    would end the policy's episode in the middle of the guide's sample)."""
+    tokenizer = assets["tokenizer"]
+    ids = text.encode_in_context(tokenizer, "the movie was", " good</s> fun")
+    assert tokenizer.eos_token_id not in ids
+    assert text.decode_in_context(tokenizer, tokenizer("the movie was").input_ids, ids) == " good</s> fun"
+
+
 @pytest.mark.parametrize("script", RL_SCRIPTS)
 def test_the_reward_scores_the_whole_episodes_text(assets, metaspace, tmp_path, monkeypatch, script):
     """Each loop, with a SentencePiece policy (and guide): the prompt + continuation text the reward reads is
