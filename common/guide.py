@@ -294,6 +294,9 @@ def server_guide(args, tokenizer, rng):
             except openai.APIError as e:  # 401, 404...: a retry would fail the same way
                 raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")
+            except Exception as e:  # anything else the client raises (a proxy's page that is not JSON): one line
+                raise StopRun(f"the guide server {args.guide_url} answered what the client cannot read "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
         choices = getattr(response, "choices", None)
         if not (isinstance(choices, list) and len(choices) == 1 and isinstance(getattr(choices[0], "text", None), str)
                 and isinstance(getattr(choices[0], "finish_reason", None), str)):

@@ -5,7 +5,8 @@ POST /v1/completions with {"model", "prompt" (one string), "max_tokens", ...} an
 with the same model and top-k 1 writes the same text) or a fixed marker text. It records every request (its
 JSON and its Authorization header), the most requests it had in flight at once, and can fail: the first
 `fail_first` requests get a 503, and every one after the first `fail_after` (a server that went down);
-`malformed` answers JSON of another shape; `body(request)` returns (status, JSON) to answer with.
+`malformed` answers JSON of another shape; `body(request)` returns (status, JSON) to answer with (JSON given as
+bytes is sent as is, with the JSON content type: a proxy's error page).
 """
 
 import json
@@ -65,7 +66,7 @@ class GuideServer:
 
             def reply(self, status, payload):
                 self.done()
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()  # bytes: sent as is
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -117,3 +117,15 @@ def test_min_tokens_never_exceeds_max_tokens(assets):
         guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
             rows(tokenizer, 3), [[], [], []], [1, 2, 6])
     assert server.requests and all(r["min_tokens"] <= r["max_tokens"] for r in server.requests)
+
+
+def test_a_json_answer_that_is_not_json_stops_with_one_line(assets):
+    """A 200 with a JSON content type and a body that is not JSON (a proxy's error page): StopRun naming the URL,
+    not a JSONDecodeError traceback."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
+    with GuideServer(body=lambda request: (200, b"<html><body>502 Bad Gateway</body></html>")) as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        with pytest.raises(guides.StopRun, match=f"the guide server {server.url} .*"):
+            guide.write(rows(tokenizer, 2), [[], []], [4, 4])
