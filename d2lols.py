@@ -732,7 +732,8 @@ if __name__ == "__main__":
         except checkpoint.StopRun as e:  # a black box that stays down (the guide's server): the iteration cannot end
             failure = str(e)
         failures = [f for f in distributed.gather(failure) if f]  # on any rank: every rank stops as on Ctrl-C,
-        if failures:
+        if failures:  # (the weights are the last completed iteration's: kept, under --save-every 0 too)
+            checkpoint_dir = checkpoint_dir or (f"checkpoints/{run_name}" if args.guide_failure_checkpoint else None)
             if checkpoint_dir:  # at the last completed iteration, with the random state of then
                 save_checkpoint(iteration - 1, *resume_point)
             raise SystemExit(f"error: {failures[0]}\n" + checkpoint.stopped_message(

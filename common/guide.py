@@ -67,6 +67,9 @@ class GuideArgs:
     """--guide-url: requests in flight at once (one prompt each: every server takes that)"""
     guide_timeout: float = 120.0
     """--guide-url: seconds to wait for one answer"""
+    guide_failure_checkpoint: bool = True
+    """a guide that stays down ends the run with a checkpoint of its last completed iteration, under --save-every 0
+    too (then in checkpoints/{run_name}); False: nothing is written there (very large models)"""
     guide_max_retries: int = 5
     """--guide-url: retries of a request that failed (429, 5xx, no connection, timeout), waiting 1, 2, 4... s;
     then the run stops at its last completed iteration, as on Ctrl-C"""

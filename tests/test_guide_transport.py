@@ -2,6 +2,8 @@
 the references' budget (the horizon, never a model guide's), short answers asked again through text, and samples
 that are empty."""
 
+import json
+import os
 import random
 from types import SimpleNamespace
 
@@ -129,3 +131,35 @@ def test_a_json_answer_that_is_not_json_stops_with_one_line(assets):
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
         with pytest.raises(guides.StopRun, match=f"the guide server {server.url} .*"):
             guide.write(rows(tokenizer, 2), [[], []], [4, 4])
+
+
+@pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_path, script):
+    """--save-every 0 (the default) and a guide that stays down: the weights of the last completed iteration are
+    still there, so they are written (checkpoints/{run_name}) and the stop line says how to resume;
+    --no-guide-failure-checkpoint writes nothing."""
+    import glob
+    import socket
+
+    from conftest import run_script_in_process
+    from test_guide_sources import http_args
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    for keep in (True, False):
+        cwd = tmp_path / str(keep)
+        cwd.mkdir()
+        args = http_args(assets, script, url, "--save-every", 0, "--beta", 1)
+        with pytest.raises(SystemExit) as stop:
+            run_script_in_process(script, args + ([] if keep else ["--no-guide-failure-checkpoint"]), cwd)
+        message = str(stop.value.code)
+        assert message.startswith(f"error: the guide server {url} failed")
+        folders = glob.glob(str(cwd / "checkpoints" / "*"))
+        if keep:
+            assert "after iteration 0/2; checkpoint: checkpoints/" in message and "resume with: " in message
+            assert len(folders) == 1
+            with open(os.path.join(folders[0], "state.json")) as f:
+                assert json.load(f)["iteration"] == 0
+        else:
+            assert "without a checkpoint" in message and not folders
