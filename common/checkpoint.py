@@ -245,13 +245,15 @@ class StopRun(Exception):
 # a second signal this soon after the first is the same stop, passed on by a launcher (torchrun forwards the
 # Ctrl-C a terminal may also have sent to every process): only a later one stops at once
 SAME_STOP_SECONDS = 3.0
+RECEIVED = []  # the signals the running loop received (a guide waiting to retry reads it: a stop ends the wait)
 
 
 def stop_on_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) no longer kill the run: they are noted in the
     returned list, which the loop checks after each step. A second signal stops at once (KeyboardInterrupt),
     unless it comes within SAME_STOP_SECONDS of the first."""
-    received, first = [], []
+    received, first = RECEIVED, []
+    received.clear()
 
     def handler(signum, frame):
         if first and time.monotonic() - first[0] > SAME_STOP_SECONDS:

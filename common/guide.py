@@ -18,7 +18,9 @@ script, never here.
 """
 
 import concurrent.futures
+import email.utils
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -29,10 +31,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
 from common import tasks
-from common.checkpoint import StopRun
+from common.checkpoint import RECEIVED, StopRun
 from common.text import decode_in_context, encode_in_context
 
-RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time
+RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time up to MAX_RETRY_WAIT, with jitter
+MAX_RETRY_WAIT = 30.0
+JITTER = random.Random()  # (its own stream: the run's checkpointed mixing stream is never touched by a retry)
 TEXT_MARGIN = 1.5  # through text: guide tokens asked per policy token still needed (a row that comes back short asks again)
 
 
@@ -70,9 +74,12 @@ class GuideArgs:
     guide_failure_checkpoint: bool = True
     """a guide that stays down ends the run with a checkpoint of its last completed iteration, under --save-every 0
     too (then in checkpoints/{run_name}); False: nothing is written there (very large models)"""
-    guide_max_retries: int = 5
-    """--guide-url: retries of a request that failed (429, 5xx, no connection, timeout), waiting 1, 2, 4... s;
-    then the run stops at its last completed iteration, as on Ctrl-C"""
+    guide_retry_seconds: float = 300.0
+    """--guide-url: how long a request that failed (429, 5xx, no connection, timeout) is retried, waiting 1, 2, 4...
+    s (at most 30, with jitter; a server's Retry-After where it sends one): long enough for a server to restart;
+    then the run stops at its last completed iteration, as on Ctrl-C (which also ends the wait)"""
+    guide_max_retries: Optional[int] = None
+    """--guide-url: at most this many retries of a request, within --guide-retry-seconds (None: no count)"""
 
 
 def check_guide_args(args, continues_prefixes):
@@ -83,7 +90,7 @@ def check_guide_args(args, continues_prefixes):
     if args.guide_max_new_tokens is None:
         args.guide_max_new_tokens = args.max_new_tokens
     tasks.check_ranges(args, positive=("guide_temperature", "guide_max_new_tokens", "guide_concurrency",
-                                       "guide_timeout"),
+                                       "guide_timeout", "guide_retry_seconds"),
                        non_negative=("guide_top_k", "guide_min_new_tokens", "guide_max_retries"),
                        unit=("guide_top_p",))
     if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
@@ -158,6 +165,36 @@ def write_through_text(args, tokenizer, examples, prefixes, budgets, sample):
         todo = [i for i, (text, _) in zip(todo, answers)
                 if not ended[i] and text and len(tokens[i]) < budgets[i] and asked[i] < cap]
     return [cut_to_budget(t, e, b, tokenizer.eos_token_id) for t, e, b in zip(tokens, ended, budgets)]
+
+
+def retry_after(error):
+    """The seconds a server's Retry-After header asks for (a number or an HTTP date), or None."""
+    value = getattr(getattr(error, "response", None), "headers", {}).get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        date = email.utils.parsedate_to_datetime(value) if email.utils.parsedate_tz(value) else None
+        return None if date is None else max(date.timestamp() - time.time(), 0.0)
+
+
+def retry_wait(attempt, asked=None):
+    """Seconds before retry number `attempt` + 1: what the server asked for, else RETRY_WAIT doubled per attempt (at
+    most MAX_RETRY_WAIT), times a jitter in [0.5, 1.5) so that many clients do not come back at once."""
+    if asked is not None:
+        return asked
+    return min(RETRY_WAIT * 2**attempt, MAX_RETRY_WAIT) * (0.5 + JITTER.random())
+
+
+def wait_unless_stopped(seconds):
+    """Sleep, but a Ctrl-C or SIGTERM that reached the loop ends the wait: True where it did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if RECEIVED:
+            return True
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+    return bool(RECEIVED)
 
 
 class MinNewTokensPerRow(LogitsProcessor):
@@ -254,8 +291,9 @@ def server_guide(args, tokenizer, rng):
     one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
     a seed per request (drawn from `rng`: a resume is exact where the server honours it); top_k and min_tokens
     only where set (vLLM and SGLang take them), and no more once the server refuses them (transformers serve,
-    OpenAI: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection, timeout) is retried --guide-max-retries times with
-    waits of 1, 2, 4... s, each retry printed; then, or on an answer that is not the API's shape, StopRun."""
+    OpenAI: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection,
+    timeout) is retried for --guide-retry-seconds (retry_wait: Retry-After, else 1, 2, 4... s with jitter), each
+    retry printed; then, on a stop signal, or on an answer that is not the API's shape, StopRun."""
     import openai
 
     client = openai.OpenAI(base_url=args.guide_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
@@ -267,7 +305,7 @@ def server_guide(args, tokenizer, rng):
     printing = threading.Lock()
 
     def complete(prompt, max_tokens, seed, min_tokens):
-        attempt = 0
+        attempt, first_failure = 0, None
         while True:
             sent = {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra else {})}
             try:
@@ -287,13 +325,15 @@ def server_guide(args, tokenizer, rng):
                                   flush=True)
             except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if attempt == args.guide_max_retries:
-                    raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times ({error})")
-                wait = RETRY_WAIT * 2**attempt
+                first_failure = first_failure or time.monotonic()
+                waited, wait = time.monotonic() - first_failure, retry_wait(attempt, retry_after(e))
+                if attempt == args.guide_max_retries or waited + wait > args.guide_retry_seconds:
+                    raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times in {waited:.0f} s "
+                                  f"({error})")
                 attempt += 1
-                print(f"guide: {args.guide_url}: {error}; retry {attempt}/{args.guide_max_retries} in {wait:g} s",
-                      flush=True)
-                time.sleep(wait)
+                print(f"guide: {args.guide_url}: {error}; retry {attempt} in {wait:.1f} s", flush=True)
+                if wait_unless_stopped(wait):
+                    raise StopRun(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
             except openai.APIError as e:  # 401, 404...: a retry would fail the same way
                 raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")

@@ -19,10 +19,11 @@ import torch
 
 class GuideServer:
     def __init__(self, model=None, tokenizer=None, marker=None, fail_first=0, fail_after=None, malformed=False,
-                 delay=0.0, body=None):
+                 delay=0.0, body=None, retry_after=None):
         self.model, self.tokenizer, self.marker, self.body = model, tokenizer, marker, body
         self.fail_first, self.fail_after, self.malformed, self.delay = fail_first, fail_after, malformed, delay
         self.requests, self.headers, self.in_flight, self.most_in_flight = [], [], 0, 0
+        self.times, self.retry_after = [], retry_after  # when each request came; a Retry-After header on a 503
         self.lock = threading.Lock()
         server = self
 
@@ -34,6 +35,7 @@ class GuideServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
+                    server.times.append(time.monotonic())
                     server.headers.append(self.headers.get("Authorization"))
                     failing = len(server.requests) <= server.fail_first or (
                         server.fail_after is not None and len(server.requests) > server.fail_after)
@@ -45,7 +47,7 @@ class GuideServer:
                     if self.path != "/v1/completions":
                         return self.reply(404, {"error": {"message": f"no route {self.path}"}})
                     if failing:
-                        return self.reply(503, {"error": {"message": "busy, try again"}})
+                        return self.reply(503, {"error": {"message": "busy, try again"}}, server.retry_after)
                     if server.malformed:
                         return self.reply(200, {"result": "not the completions API"})
                     if server.body is not None:  # a whole answer of another server's making: (status, JSON)
@@ -64,12 +66,14 @@ class GuideServer:
                     server.in_flight -= self.counted
                     self.counted = False
 
-            def reply(self, status, payload):
+            def reply(self, status, payload, retry_after=None):
                 self.done()
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()  # bytes: sent as is
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if retry_after is not None:
+                    self.send_header("Retry-After", str(retry_after))
                 self.end_headers()
                 self.wfile.write(data)
 

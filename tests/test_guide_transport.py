@@ -163,3 +163,78 @@ def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_pat
                 assert json.load(f)["iteration"] == 0
         else:
             assert "without a checkpoint" in message and not folders
+
+
+# -- retries that outlive a server's restart ---------------------------------------------------------------------
+
+def served_args(url, **flags):
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_concurrency=1, **flags)
+    args.guide_url = url
+    return args
+
+
+def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkeypatch):
+    """A server that fails 8 times in a row (a restart) within --guide-retry-seconds: the request goes through (a
+    fixed count of 5 retries once ended the run here)."""
+    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    tokenizer = assets["tokenizer"]
+    with GuideServer(marker=" movie", fail_first=8) as server:
+        guide = guides.load_guide(served_args(server.url, guide_retry_seconds=60.0), tokenizer, "cpu", torch.float32,
+                                  random.Random(0))
+        assert len(guide.write(rows(tokenizer, 1), [[]], [1])) == 1
+    assert len(server.requests) == 9
+
+
+def test_retry_after_is_honoured(assets, monkeypatch):
+    """A 503 with Retry-After: 0.6 is retried after 0.6 s, not after the client's own (here 0.01 s) wait."""
+    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    tokenizer = assets["tokenizer"]
+    with GuideServer(marker=" movie", fail_first=1, retry_after=0.6) as server:
+        guide = guides.load_guide(served_args(server.url), tokenizer, "cpu", torch.float32, random.Random(0))
+        guide.write(rows(tokenizer, 1), [[]], [1])
+    assert len(server.times) == 2 and server.times[1] - server.times[0] >= 0.6
+
+
+def test_the_wait_has_jitter_and_a_ceiling():
+    waits = [guides.retry_wait(attempt) for attempt in (0, 0, 0, 0, 10)]
+    assert all(0.5 * guides.RETRY_WAIT <= w < 1.5 * guides.RETRY_WAIT for w in waits[:4]) and len(set(waits[:4])) == 4
+    assert waits[4] < 1.5 * guides.MAX_RETRY_WAIT and guides.retry_wait(3, asked=7.0) == 7.0
+
+
+def test_retry_after_as_a_date():
+    date = __import__("email.utils").utils.formatdate(__import__("time").time() + 100, usegmt=True)
+    error = SimpleNamespace(response=SimpleNamespace(headers={"retry-after": date}))
+    assert 90 < guides.retry_after(error) <= 100
+    assert guides.retry_after(SimpleNamespace(response=SimpleNamespace(headers={"retry-after": "2.5"}))) == 2.5
+    assert guides.retry_after(SimpleNamespace()) is None
+
+
+def test_a_stop_signal_ends_the_wait_for_a_retry(assets, monkeypatch):
+    """Ctrl-C while a request waits to be retried (here 20 s): the wait ends at once and the run stops (StopRun:
+    the loop writes the last completed iteration's checkpoint), instead of sleeping the wait out."""
+    import signal
+    import socket
+    import threading
+    import time
+
+    from common import checkpoint
+
+    monkeypatch.setattr(guides, "RETRY_WAIT", 20.0)
+    monkeypatch.setattr(guides, "JITTER", SimpleNamespace(random=lambda: 0.5))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    tokenizer = assets["tokenizer"]
+    guide = guides.load_guide(served_args(url), tokenizer, "cpu", torch.float32, random.Random(0))
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        checkpoint.stop_on_signals()
+        threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)).start()
+        started = time.monotonic()
+        with pytest.raises(guides.StopRun, match="stopped while waiting to retry"):
+            guide.write(rows(tokenizer, 1), [[]], [1])
+        assert time.monotonic() - started < 5
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        checkpoint.RECEIVED.clear()
