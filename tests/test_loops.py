@@ -416,10 +416,15 @@ def test_generation_settings_reach_generate(assets, tmp_path, script):
         args = set_flags(args, "--guide-model", assets["often_eos"], "--guide-max-new-tokens", 4, "--beta", 1)
     guide_calls = []
 
-    def record_guide(guide):  # the loaded guide's write, recorded
+    def record_guide(guide):  # the loaded guide's write: the lengths it wrote, recorded
         write = guide.write
-        guide.write = lambda examples, prefixes, max_new_tokens: guide_calls.append(max_new_tokens) or write(
-            examples, prefixes, max_new_tokens)
+
+        def recorded(examples, prefixes, budgets):
+            results = write(examples, prefixes, budgets)
+            guide_calls.extend(len(tokens) for tokens, _ in results)
+            return results
+
+        guide.write = recorded
         return guide
 
     spies = {name: Spy() for name in names}
@@ -435,7 +440,7 @@ def test_generation_settings_reach_generate(assets, tmp_path, script):
     if script == "ppo.py":
         assert (spies["rollout"].calls[0].result[3].sum(1) >= 3).all()  # no episode ended before 3 tokens
     else:
-        assert 0 < max(guide_calls) <= 4
+        assert 0 < max(guide_calls) <= 4  # (the guide's own cap: a roll-out's budget is H - k)
 
 
 @rl_scripts
