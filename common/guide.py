@@ -19,10 +19,12 @@ script, never here.
 
 import concurrent.futures
 import email.utils
+import ipaddress
 import os
 import random
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -286,6 +288,17 @@ def reference_guide(tokenizer, rng):
     return SimpleNamespace(write=write, counts_policy_tokens=True, source="the dataset's references")
 
 
+def key_stays_private(url):
+    """Whether a key sent to `url` stays private: https, or plain http to this machine (a loopback address)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
 def server_guide(args, tokenizer, rng):
     """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), through text:
     one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
@@ -296,6 +309,9 @@ def server_guide(args, tokenizer, rng):
     retry printed; then, on a stop signal, or on an answer that is not the API's shape, StopRun."""
     import openai
 
+    if os.environ.get("OPENAI_API_KEY") and not key_stays_private(args.guide_url):
+        print(f"guide: the key in OPENAI_API_KEY is sent in plain text to {urllib.parse.urlsplit(args.guide_url).hostname}"
+              " (http, not this machine): anyone on the way can read it; https keeps it private", flush=True)
     client = openai.OpenAI(base_url=args.guide_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
                            timeout=args.guide_timeout, max_retries=0)  # (our retries: printed, then StopRun)
     retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)

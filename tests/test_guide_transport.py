@@ -238,3 +238,19 @@ def test_a_stop_signal_ends_the_wait_for_a_retry(assets, monkeypatch):
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         checkpoint.RECEIVED.clear()
+
+
+# -- the key ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url,warned", [("http://gpu-node.example:8000/v1", True), ("http://10.1.2.3:8000/v1", True),
+                                        ("https://api.example.com/v1", False), ("http://127.0.0.1:8000/v1", False),
+                                        ("http://localhost:8000/v1", False), ("http://[::1]:8000/v1", False)])
+def test_a_key_sent_in_plain_text_to_another_host_is_said_once(assets, monkeypatch, capsys, url, warned):
+    """The key goes to whatever --guide-url names: over plain http to another machine, one line says so at start
+    (naming the host, never the key); https and loopback are quiet."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    guides.load_guide(served_args(url), assets["tokenizer"], "cpu", torch.float32, random.Random(0))
+    out = capsys.readouterr().out
+    assert ("sent in plain text" in out) == warned and "sk-secret-value" not in out
+    if warned:
+        assert out.count("\n") == 1 and __import__("urllib.parse").parse.urlsplit(url).hostname in out
