@@ -288,6 +288,10 @@ def reference_guide(tokenizer, rng):
     return SimpleNamespace(write=write, counts_policy_tokens=True, source="the dataset's references")
 
 
+class Refused(Exception):
+    """The server refused a request (400, 422): its message."""
+
+
 def key_stays_private(url):
     """Whether a key sent to `url` stays private: https, or plain http to this machine (a loopback address)."""
     parts = urllib.parse.urlsplit(url)
@@ -303,8 +307,8 @@ def server_guide(args, tokenizer, rng):
     """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), through text:
     one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
     a seed per request (drawn from `rng`: a resume is exact where the server honours it); top_k and min_tokens
-    only where set (vLLM and SGLang take them), and no more once the server refuses them (transformers serve,
-    OpenAI: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection,
+    only where set (vLLM and SGLang take them) and the server takes them, learnt by one small request before the
+    first (transformers serve, OpenAI refuse them: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection,
     timeout) is retried for --guide-retry-seconds (retry_wait: Retry-After, else 1, 2, 4... s with jitter), each
     retry printed; then, on a stop signal, or on an answer that is not the API's shape, StopRun."""
     import openai
@@ -318,27 +322,47 @@ def server_guide(args, tokenizer, rng):
     extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
              **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
 
-    printing = threading.Lock()
+    probing = threading.Lock()  # the first request of a run learns which of `extra` the server takes
+    probed = []
+
+    def refused(fields):
+        """Whether the server refuses a one-token request with these sampling fields (400 or 422)."""
+        try:
+            request("Hello", 1, 0, fields)
+            return False
+        except Refused:
+            return True
+
+    def probe():
+        """One small request with every optional field (each alone where it is refused): a field the server
+        refuses is dropped, with one line; later refusals are errors (never matched against an error's words)."""
+        with probing:
+            if not probed and extra and refused({**extra, **({"min_tokens": 1} if "min_tokens" in extra else {})}):
+                for name in list(extra):
+                    if refused({name: 1 if name == "min_tokens" else extra[name]}):
+                        del extra[name]
+                        print(f"guide: {args.guide_url} does not take {name}: the guide samples without it",
+                              flush=True)
+            probed.append(True)
 
     def complete(prompt, max_tokens, seed, min_tokens):
+        probe()
+        try:
+            return request(prompt, max_tokens, seed, {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra
+                                                                   else {})})
+        except Refused as e:
+            raise StopRun(f"the guide server {args.guide_url} refused the request {e}")
+
+    def request(prompt, max_tokens, seed, fields):
         attempt, first_failure = 0, None
         while True:
-            sent = {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra else {})}
             try:
                 response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=args.guide_temperature, top_p=args.guide_top_p,
-                                                     seed=seed, extra_body=sent or None)
+                                                     seed=seed, extra_body=fields or None)
                 break
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                refused = [name for name in sent if name in f"{e} {e.body}"]
-                if not refused:  # a field this server does not take (transformers serve: top_k, min_tokens)
-                    raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
-                with printing:
-                    for name in refused:
-                        if extra.pop(name, None) is not None:
-                            print(f"guide: {args.guide_url} does not take {name}: the guide samples without it",
-                                  flush=True)
+                raise Refused(f"({type(e).__name__}: {str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
             except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 first_failure = first_failure or time.monotonic()

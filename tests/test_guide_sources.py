@@ -63,13 +63,15 @@ def test_a_guided_run_over_http_end_to_end_and_the_key_goes_nowhere_else(assets,
                          "--guide-min-new-tokens", 2, "--guide-temperature", 0.7)
         run_script_in_process(script, args, tmp_path)
     assert server.requests and set(server.headers) == {f"Bearer {KEY}"}
-    for request in server.requests:
+    probe, *requests = server.requests  # the first: one token with every optional field, to learn what it takes
+    assert (probe["prompt"], probe["max_tokens"], probe["top_k"], probe["min_tokens"]) == ("Hello", 1, 5, 1)
+    for request in requests:
         assert request["model"] == "toy" and 0 < request["max_tokens"] <= 6 and isinstance(request["seed"], int)
         assert (request["temperature"], request["top_p"], request["top_k"]) == (0.7, 0.92, 5)
         # min_tokens: 2 less the policy's prefix (a roll-out after k >= 1 policy tokens: 1 or 0; tested in
         # test_fair_credit.py), 2 for a roll-in
         assert request["min_tokens"] == 2 if script == "ppo_plus_plus.py" else request["min_tokens"] in (0, 1, 2)
-    most = max(request["min_tokens"] for request in server.requests)  # (D2LOLS: its PPO++ phase rolls in)
+    most = max(request["min_tokens"] for request in requests)  # (D2LOLS: its PPO++ phase rolls in)
     assert most <= 1 if script == "aggrevated.py" else most == 2
     assert max(e.value for e in read_tensorboard(tmp_path).Scalars("guide/mixed_fraction")) > 0
     printed = capsys.readouterr()
@@ -172,9 +174,9 @@ def test_a_server_that_goes_down_stops_the_run_at_its_last_iteration_and_the_res
         args = http_args(assets, script, server.url, "--total-episodes", 12, "--save-every", 5, "--beta", 1)
         (tmp_path / "whole").mkdir()
         run_script_in_process(script, args, tmp_path / "whole")
-        per_iteration = len(server.requests) // 3
+        per_iteration = (len(server.requests) - 1) // 3  # (the first request learns the fields the server takes)
     (tmp_path / "stopped").mkdir()
-    with GuideServer(*served, fail_after=per_iteration) as server:
+    with GuideServer(*served, fail_after=1 + per_iteration) as server:
         with pytest.raises(SystemExit) as stop:
             run_script_in_process(script, set_flags(args, "--guide-url", server.url), tmp_path / "stopped")
     lines = str(stop.value.code).splitlines()
@@ -312,7 +314,8 @@ def test_vllm_shaped_answers_and_errors(assets):
             [(tokens, got)] = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
                 examples(tokenizer)[:1], [[]], [3])
         assert got == ended and tokenizer.decode(tokens, skip_special_tokens=True) == text  # "length": asked again
-        assert (server.requests[0]["top_k"], server.requests[0]["min_tokens"]) == (5, 2)  # vLLM takes both
+        assert (server.requests[1]["top_k"], server.requests[1]["min_tokens"]) == (5, 2)  # vLLM takes both (the
+        # first request, one token with both, learnt that)
     error = {"object": "error", "message": "This model's maximum context length is 2048 tokens.",
              "type": "BadRequestError", "param": None, "code": 400}
     with GuideServer(body=lambda request: (400, error)) as server:

@@ -168,7 +168,7 @@ def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_pat
 # -- retries that outlive a server's restart ---------------------------------------------------------------------
 
 def served_args(url, **flags):
-    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_concurrency=1, **flags)
+    args = make_args(ppo_plus_plus, 1.0, **({"guide_model": "toy", "guide_top_k": 0, "guide_concurrency": 1} | flags))
     args.guide_url = url
     return args
 
@@ -254,3 +254,36 @@ def test_a_key_sent_in_plain_text_to_another_host_is_said_once(assets, monkeypat
     assert ("sent in plain text" in out) == warned and "sk-secret-value" not in out
     if warned:
         assert out.count("\n") == 1 and __import__("urllib.parse").parse.urlsplit(url).hostname in out
+
+
+# -- which sampling fields a server takes: one small request at start -------------------------------------------
+
+def test_the_fields_a_server_takes_are_learnt_by_one_request_not_by_an_errors_words(assets, capsys):
+    """A server that refuses top_k with a message that does not name it (pydantic's "Extra inputs are not
+    permitted"): the first request (one token, every optional field) is refused, each field alone tells which, top_k
+    is dropped with one line and min_tokens kept. A later refusal (the context is too long) is an error, not a
+    field to drop."""
+    tokenizer = assets["tokenizer"]
+    error = {"object": "error", "message": "Extra inputs are not permitted", "type": "BadRequestError", "code": 400}
+
+    def body(request):
+        if "top_k" in request:
+            return 400, error
+        if len(request["prompt"]) > 60:
+            return 400, {**error, "message": "This model's maximum context length is 16 tokens."}
+        return 200, {"id": "c", "object": "text_completion", "created": 0, "model": request["model"],
+                     "choices": [{"index": 0, "text": " movie", "finish_reason": "stop", "logprobs": None}]}
+
+    args = served_args(None, guide_top_k=5, guide_min_new_tokens=2)
+    with GuideServer(body=body) as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        assert len(guide.write(rows(tokenizer, 2), [[], []], [3, 3])) == 2
+        with pytest.raises(guides.StopRun, match="refused the request .*maximum context length"):
+            guide.write([{"prompt": "x" * 80, "prompt_ids": tokenizer("x" * 80).input_ids}], [[]], [3])
+    printed = capsys.readouterr().out
+    assert printed.count("does not take") == 1 and f"guide: {server.url} does not take top_k" in printed
+    probes = [r for r in server.requests if r["max_tokens"] == 1 and r["prompt"] == "Hello"]
+    assert len(probes) == 3  # all fields, then each alone
+    later = [r for r in server.requests if r not in probes]
+    assert all("top_k" not in r and r["min_tokens"] >= 0 for r in later) and len(later) == 3
