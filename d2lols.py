@@ -393,15 +393,16 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
     taken from generate's own logits (no second forward pass), and the policy mask (1 on the
     policy's tokens; the roll-in is state, with no loss)."""
     prompt_ids, prompt_mask = left_pad([p + r for p, r in zip(prompts, roll_ins)], tokenizer.pad_token_id, device)
-    responses, logprobs = [], []
+    responses, logprobs = [None] * len(prompts), [None] * len(prompts)
+    by_k = sorted(range(len(prompts)), key=lambda i: -len(roll_ins[i]))  # a call's rows have like k
     for start in range(0, len(prompts), args.rollout_batch_size):
-        chunk = slice(start, start + args.rollout_batch_size)
+        chunk = by_k[start : start + args.rollout_batch_size]
         config = copy.copy(generation_config)  # generate only what is kept: H - k tokens after a roll-in of k
-        config.max_new_tokens = generation_config.max_new_tokens - min(len(r) for r in roll_ins[chunk])
+        config.max_new_tokens = generation_config.max_new_tokens - min(len(roll_ins[i]) for i in chunk)
         # the minimum length counts the whole response, the roll-in included (tril): a roll-in near the end of a
         # sentence is not padded with the policy's filler
         config.min_new_tokens = None
-        min_new_tokens = torch.tensor([(generation_config.min_new_tokens or 0) - len(r) for r in roll_ins[chunk]],
+        min_new_tokens = torch.tensor([(generation_config.min_new_tokens or 0) - len(roll_ins[i]) for i in chunk],
                                       device=device)
         out = policy.generate(input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], generation_config=config,
                               logits_processor=[MinNewTokensPerRow(min_new_tokens, prompt_ids.shape[1],
@@ -409,9 +410,10 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
         response = out.sequences[:, prompt_ids.shape[1] :]
         logprob = token_logprobs(torch.stack(out.logits, dim=1), response, args.temperature)
         pad = args.max_new_tokens - response.shape[1]  # generate stops early once every row has ended
-        responses.append(nn.functional.pad(response, (0, pad), value=tokenizer.pad_token_id))
-        logprobs.append(nn.functional.pad(logprob, (0, pad)))
-    responses, logprobs = torch.cat(responses), torch.cat(logprobs)
+        for row, i in enumerate(chunk):
+            responses[i] = nn.functional.pad(response[row], (0, pad), value=tokenizer.pad_token_id)
+            logprobs[i] = nn.functional.pad(logprob[row], (0, pad))
+    responses, logprobs = torch.stack(responses), torch.stack(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
     # lay the episodes out as prompt | roll-in + policy tokens: every row is prompt + H tokens, as in PPO
     episodes, episode_logprobs = torch.full_like(responses, tokenizer.pad_token_id), torch.zeros_like(logprobs)

@@ -287,3 +287,25 @@ def test_the_fields_a_server_takes_are_learnt_by_one_request_not_by_an_errors_wo
     assert len(probes) == 3  # all fields, then each alone
     later = [r for r in server.requests if r not in probes]
     assert all("top_k" not in r and r["min_tokens"] >= 0 for r in later) and len(later) == 3
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_rollout_chunks_group_rows_of_like_k(assets, monkeypatch, module):
+    """Roll-ins of 5, 0, 5, 0, 5, 0 tokens, 3 rows a generate call: grouped by k, one call writes H - 5 tokens and
+    one H (in batch order every call would hold a k = 0 row and write H); each row keeps its own episode."""
+    from transformers import AutoModelForCausalLM
+    from test_guided import policy_config
+
+    tokenizer, H = assets["tokenizer"], 8
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
+    roll_ins = [[9] * 5, [], [9] * 5, [], [9] * 5, []]
+    asked, generate = [], policy.generate
+    monkeypatch.setattr(policy, "generate", lambda **kw: asked.append(kw["generation_config"].max_new_tokens)
+                        or generate(**kw))
+    prompts = [e["prompt_ids"] for e in rows(tokenizer, 6)]
+    _, _, episodes, mask, _, policy_mask = module.rollout(policy, tokenizer, prompts, policy_config(tokenizer, H),
+                                                          make_args(module, 1.0, max_new_tokens=H), "cpu", roll_ins)
+    assert sorted(asked) == [H - 5, H]
+    assert policy_mask.sum(1).tolist() == [H - 5, H, H - 5, H, H - 5, H]
+    for i, roll_in in enumerate(roll_ins):  # each row's roll-in is where it belongs
+        assert episodes[i, : len(roll_in)].tolist() == roll_in
