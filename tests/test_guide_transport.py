@@ -134,7 +134,7 @@ def test_a_json_answer_that_is_not_json_stops_with_one_line(assets):
 
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
-def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_path, script):
+def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_path, monkeypatch, script):
     """--save-every 0 (the default) and a guide that stays down: the weights of the last completed iteration are
     still there, so they are written (checkpoints/{run_name}) and the stop line says how to resume;
     --no-guide-failure-checkpoint writes nothing."""
@@ -144,6 +144,7 @@ def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_pat
     from conftest import run_script_in_process
     from test_guide_sources import http_args
 
+    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
