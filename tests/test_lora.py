@@ -48,7 +48,9 @@ def test_lora_trains_adapters_and_pi_ref_is_the_policys_frozen_weights(assets, t
     assert not torch.allclose(logits(policy, input_ids), logits(start, input_ids), atol=1e-3)  # the adapters moved
     events = read_tensorboard(tmp_path)
     kl = [e.value for e in events.Scalars("objective/kl")]
-    assert abs(kl[0]) < 1e-4 and abs(kl[1]) > 1e-3
+    # (a pi_ref that followed the adapters would stay at float noise, ~1e-7, as kl[0] is; how far above it the
+    # second iteration lands depends on the draws: D2LOLS's first phase trains only its roll-in tokens)
+    assert abs(kl[0]) < 1e-6 and abs(kl[1]) > 1e-4
     assert all(e.value == pytest.approx(1, abs=1e-6) for e in events.Scalars("val/ratio"))
 
 
