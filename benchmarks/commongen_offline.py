@@ -273,9 +273,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
         lines += ["", f"The starting models: one deterministic evaluation ({beams}); RL rows: mean ± standard "
                   f"deviation over seeds ({seeds}). Scored on the {heading} of dev ({args.num_eval_prompts} concept "
                   f"sets).", ""]
-        if start == "early":
-            pilot = results["early"][0].get("pilot") or {}
-        if start == "early" and pilot:
+        if start == "early":  # what it was picked on
+            pilot = results["early"][0]["pilot"]
             lines += [f"The early start was picked on the pilot part ({args.sl_eval_prompts} sets): after "
                       f"{args.early_steps} sft.py steps it scores CIDEr-D {pilot['cider_d']:.3f} and writes the "
                       f"sentence directly in {pilot['direct']:.0%} of them.", ""]

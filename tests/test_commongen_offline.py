@@ -93,25 +93,36 @@ def test_beats_needs_more_than_the_spreads_combined():
     assert driver.beats([1.0], [0.9]) == "beats"  # one seed: no spread
 
 
-def test_the_driver_end_to_end(assets, tmp_path):
-    """Tiny models, 2 seeds, the weak start with PPO and PPO++ (tril's SL start is the same code with another
-    starting model): the table's rows and seeds are those the runs wrote (their generations files and
-    TensorBoard events)."""
+def driver_command(assets, tmp_path, name, *flags):
+    """Tiny models and data under tmp_path, and the driver's command line on them: (work dir, out, argv)."""
     # a tiny GPT-2 whose text varies (the default init repeats one token), so the metrics are not all 0
     save_tiny_causal_lm(tmp_path / "models" / "smollm2-135m", assets["tokenizer"], initializer_range=0.5)
     (tmp_path / "data").mkdir()
     os.symlink(assets["data"]["commongen"], tmp_path / "data" / "commongen")
-    work, out = tmp_path / "work", tmp_path / "results" / "cg"
+    work, out = tmp_path / "work", tmp_path / "results" / name
     argv = ["--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"), "--work-dir", str(work),
-            "--out", str(out), "--heldout-sets", "3", "--num-eval-prompts", "3", "--starts", "weak",
-            "--weak-methods", "ppo", "ppo_plus_plus", "--batch-size", "4", "--num-iterations", "2",
+            "--out", str(out), "--heldout-sets", "3", "--num-eval-prompts", "3", "--batch-size", "4",
             "--num-minibatches", "2", "--update-epochs", "1", "--eval-every", "1", "--sl-steps", "2",
-            "--sl-batch-size", "4", "--sl-eval-every", "1", "--max-new-tokens", "6"]
+            "--sl-batch-size", "4", "--sl-eval-every", "1", "--max-new-tokens", "6", *flags]
+    return work, out, argv
+
+
+def run_driver(argv):
+    """The driver's main, as `python benchmarks/commongen_offline.py ARGV` runs it (it records sys.argv)."""
     old_argv, sys.argv = sys.argv, ["commongen_offline.py", *argv]
     try:
         driver.main(driver.tyro.cli(driver.Args, args=argv))
     finally:
         sys.argv = old_argv
+
+
+def test_the_driver_end_to_end(assets, tmp_path):
+    """Tiny models, 2 seeds, the weak start with PPO and PPO++ (tril's SL start is the same code with another
+    starting model): the table's rows and seeds are those the runs wrote (their generations files and
+    TensorBoard events)."""
+    work, out, argv = driver_command(assets, tmp_path, "cg", "--starts", "weak", "--weak-methods", "ppo",
+                                     "ppo_plus_plus", "--num-iterations", "2")
+    run_driver(argv)
     record = json.loads(out.with_suffix(".json").read_text())
     runs = record["runs"]
     expected = {"zero_shot", "sl"} | {f"{start}_{method}_seed{seed}" for start, method in
@@ -157,11 +168,7 @@ def test_the_driver_end_to_end(assets, tmp_path):
     # a second invocation reuses every finished run (their done.json), writes the same table and keeps the notes
     before = {p: p.stat().st_mtime for p in work.glob("*/done.json")}
     out.with_suffix(".md").write_text(table + "What it shows: nothing, on tiny models.\n")
-    sys.argv = ["commongen_offline.py", *argv]
-    try:
-        driver.main(driver.tyro.cli(driver.Args, args=argv))
-    finally:
-        sys.argv = old_argv
+    run_driver(argv)
     assert {p: p.stat().st_mtime for p in work.glob("*/done.json")} == before
     again = out.with_suffix(".md").read_text()
     assert again.endswith(driver.NOTES + "\nWhat it shows: nothing, on tiny models.\n")
@@ -172,21 +179,11 @@ def test_the_driver_end_to_end(assets, tmp_path):
 def test_the_early_start_and_per_method_seeds(assets, tmp_path):
     """The early start: an sft.py checkpoint of --early-steps steps is the RL runs' starting model and its own row;
     --method-seeds gives a method its own seeds; every run records the commit it was made at."""
-    save_tiny_causal_lm(tmp_path / "models" / "smollm2-135m", assets["tokenizer"], initializer_range=0.5)
-    (tmp_path / "data").mkdir()
-    os.symlink(assets["data"]["commongen"], tmp_path / "data" / "commongen")
-    work, out = tmp_path / "work", tmp_path / "results" / "early"
-    argv = ["--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"), "--work-dir", str(work),
-            "--out", str(out), "--heldout-sets", "3", "--num-eval-prompts", "3", "--starts", "early",
-            "--early-methods", "ppo", "dr_po", "--seeds", "1", "--method-seeds", "dr_po=2,3", "--batch-size", "4",
-            "--num-iterations", "1", "--num-minibatches", "2", "--update-epochs", "1", "--eval-every", "1",
-            "--sl-steps", "2", "--early-steps", "1", "--sl-batch-size", "4", "--sl-eval-every", "1",
-            "--sl-eval-prompts", "3", "--max-new-tokens", "6", "--side-by-side", "3", "--no-norm-per-group"]
-    old_argv, sys.argv = sys.argv, ["commongen_offline.py", *argv]
-    try:
-        driver.main(driver.tyro.cli(driver.Args, args=argv))
-    finally:
-        sys.argv = old_argv
+    work, out, argv = driver_command(assets, tmp_path, "early", "--starts", "early", "--early-methods", "ppo", "dr_po",
+                                     "--seeds", "1", "--method-seeds", "dr_po=2,3", "--num-iterations", "1",
+                                     "--early-steps", "1", "--sl-eval-prompts", "3", "--side-by-side", "3",
+                                     "--no-norm-per-group")
+    run_driver(argv)
     record = json.loads(out.with_suffix(".json").read_text())
     runs = record["runs"]
     assert set(runs) == {"zero_shot", "sl", "early", "early_ppo_seed1", "early_dr_po_seed2", "early_dr_po_seed3"}

@@ -100,7 +100,7 @@ def test_a_run_logs_the_unmixed_advantage_it_trains_on(assets, tmp_path):
     explained variance is logged."""
     means = {}
     for grouped in (True, False):
-        args = set_flags(task_args(assets, "imdb", "ppo_plus_plus.py"), "--total-episodes", 16, "--batch-size", 16,
+        args = set_flags(task_args(assets, "imdb", "ppo_plus_plus.py"), "--total-episodes", 32, "--batch-size", 32,
                          "--eval-every", 0, "--beta", 0.5, "--guide-model", assets["toy_guide"])
         args += [] if grouped else ["--no-norm-per-group"]
         cwd = tmp_path / str(grouped)
@@ -109,7 +109,7 @@ def test_a_run_logs_the_unmixed_advantage_it_trains_on(assets, tmp_path):
         events = read_tensorboard(cwd)
         means[grouped] = events.Scalars("guide/advantage_unmixed")[0].value
         assert len(events.Scalars("guide/explained_variance_restart")) == 1
-    assert abs(means[True]) < 1e-5 and means[False] < -0.03, means  # (its size depends on the draws: -0.08 here)
+    assert abs(means[True]) < 1e-5 and means[False] < -0.1, means
 
 
 # -- the minimum length counts the whole response ------------------------------------------------------------------

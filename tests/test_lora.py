@@ -19,9 +19,11 @@ LORA = ["--lora-r", "4", "--lora-alpha", "8"]
 
 
 def lora_args(assets, script):
-    """2 iterations of one minibatch, a learning rate at which the adapters visibly move."""
-    return set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0,
+    """2 iterations of one minibatch, a learning rate at which the adapters visibly move (D2LOLS: its first phase
+    trains only the policy's roll-in tokens, so every episode is mixed and the rate is higher)."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 1, "--eval-every", 0,
                      "--learning-rate", 1e-2) + LORA
+    return set_flags(args, "--beta", 1, "--learning-rate", 3e-2) if script == "d2lols.py" else args
 
 
 def logits(model, input_ids):
@@ -48,9 +50,7 @@ def test_lora_trains_adapters_and_pi_ref_is_the_policys_frozen_weights(assets, t
     assert not torch.allclose(logits(policy, input_ids), logits(start, input_ids), atol=1e-3)  # the adapters moved
     events = read_tensorboard(tmp_path)
     kl = [e.value for e in events.Scalars("objective/kl")]
-    # (a pi_ref that followed the adapters would stay at float noise, ~1e-7, as kl[0] is; how far above it the
-    # second iteration lands depends on the draws: D2LOLS's first phase trains only its roll-in tokens)
-    assert abs(kl[0]) < 1e-6 and abs(kl[1]) > 1e-4
+    assert abs(kl[0]) < 1e-4 and abs(kl[1]) > 1e-3
     assert all(e.value == pytest.approx(1, abs=1e-6) for e in events.Scalars("val/ratio"))
 
 
