@@ -17,11 +17,13 @@ Which states the guide gives and how the algorithm uses them (the law of k, the 
 script, never here.
 """
 
+import base64
 import concurrent.futures
 import email.utils
 import ipaddress
 import os
 import random
+import sys
 import threading
 import time
 import urllib.parse
@@ -40,6 +42,7 @@ RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time up 
 MAX_RETRY_WAIT = 30.0
 JITTER = random.Random()  # (its own stream: the run's checkpointed mixing stream is never touched by a retry)
 TEXT_MARGIN = 1.5  # through text: guide tokens asked per policy token still needed (a row that comes back short asks again)
+CREDENTIALS = {}  # a --guide-url's user:password@, by the URL without it: never in args, logs, checkpoints or argv
 
 
 @dataclass
@@ -103,10 +106,26 @@ def check_guide_args(args, continues_prefixes):
         raise SystemExit("error: --guide-references: the dataset cannot continue the policy's prefixes (this "
                          "algorithm's roll-outs); use it with ppo_plus_plus.py (DR-PO), or d2lols.py --tau 0")
     if args.guide_url:
+        take_credentials(args)
         if not args.guide_url.startswith(("http://", "https://")):
             raise SystemExit(f"error: --guide-url {args.guide_url}: not an http(s) address (e.g. http://host:8000/v1)")
     elif not args.guide_references:
         tasks.check_model_path(args.guide_model, "--guide-model")
+
+
+def take_credentials(args):
+    """A --guide-url with user:password@ in it: the credentials go to CREDENTIALS (sent with each request as HTTP
+    basic auth) and out of args.guide_url and sys.argv, so the hyperparameters, checkpoints, printed lines and the
+    resume command never hold them."""
+    parts = urllib.parse.urlsplit(args.guide_url)
+    if "@" not in parts.netloc:
+        return
+    url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    CREDENTIALS[url] = (urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or ""))
+    sys.argv[:] = [arg.replace(args.guide_url, url) for arg in sys.argv]
+    args.guide_url = url
+    print(f"guide: the user and password in --guide-url are sent to {url} with each request but kept out of the "
+          "logs, checkpoints and resume command: give them again when you resume", flush=True)
 
 
 def load_guide(args, tokenizer, device, dtype, rng):
@@ -189,14 +208,15 @@ def retry_wait(attempt, asked=None):
     return min(RETRY_WAIT * 2**attempt, MAX_RETRY_WAIT) * (0.5 + JITTER.random())
 
 
-def wait_unless_stopped(seconds):
-    """Sleep, but a Ctrl-C or SIGTERM that reached the loop ends the wait: True where it did."""
+def wait_unless_stopped(seconds, failed):
+    """Sleep, but a Ctrl-C or SIGTERM that reached the loop, or another request's failure (the Event `failed`),
+    ends the wait: True where one did."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if RECEIVED:
+        if RECEIVED or failed.is_set():
             return True
         time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
-    return bool(RECEIVED)
+    return bool(RECEIVED) or failed.is_set()
 
 
 class MinNewTokensPerRow(LogitsProcessor):
@@ -313,10 +333,14 @@ def server_guide(args, tokenizer, rng):
     retry printed; then, on a stop signal, or on an answer that is not the API's shape, StopRun."""
     import openai
 
-    if os.environ.get("OPENAI_API_KEY") and not key_stays_private(args.guide_url):
-        print(f"guide: the key in OPENAI_API_KEY is sent in plain text to {urllib.parse.urlsplit(args.guide_url).hostname}"
-              " (http, not this machine): anyone on the way can read it; https keeps it private", flush=True)
+    credentials = CREDENTIALS.get(args.guide_url)
+    if (os.environ.get("OPENAI_API_KEY") or credentials) and not key_stays_private(args.guide_url):
+        what = "the password in --guide-url" if credentials else "the key in OPENAI_API_KEY"
+        print(f"guide: {what} is sent in plain text to {urllib.parse.urlsplit(args.guide_url).hostname} (http, not "
+              "this machine): anyone on the way can read it; https keeps it private", flush=True)
+    basic_auth = credentials and {"Authorization": "Basic " + base64.b64encode(":".join(credentials).encode()).decode()}
     client = openai.OpenAI(base_url=args.guide_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
+                           default_headers=basic_auth or None,
                            timeout=args.guide_timeout, max_retries=0)  # (our retries: printed, then StopRun)
     retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
     extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
@@ -351,11 +375,23 @@ def server_guide(args, tokenizer, rng):
             return request(prompt, max_tokens, seed, {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra
                                                                    else {})})
         except Refused as e:
-            raise StopRun(f"the guide server {args.guide_url} refused the request {e}")
+            raise give_up(f"the guide server {args.guide_url} refused the request {e}")
+
+    failed, why, failing = threading.Event(), [], threading.Lock()  # a request failed for good: the run stops, and
+    # the others give up at once
+
+    def give_up(message):
+        """The StopRun that ends the run: the first failure's message, whichever request raises it."""
+        with failing:
+            why.append(message)
+            failed.set()
+        return StopRun(why[0])
 
     def request(prompt, max_tokens, seed, fields):
         attempt, first_failure = 0, None
         while True:
+            if failed.is_set():
+                raise give_up(why[0])
             try:
                 response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=args.guide_temperature, top_p=args.guide_top_p,
@@ -368,22 +404,22 @@ def server_guide(args, tokenizer, rng):
                 first_failure = first_failure or time.monotonic()
                 waited, wait = time.monotonic() - first_failure, retry_wait(attempt, retry_after(e))
                 if attempt == args.guide_max_retries or waited + wait > args.guide_retry_seconds:
-                    raise StopRun(f"the guide server {args.guide_url} failed {attempt + 1} times in {waited:.0f} s "
+                    raise give_up(f"the guide server {args.guide_url} failed {attempt + 1} times in {waited:.0f} s "
                                   f"({error})")
                 attempt += 1
                 print(f"guide: {args.guide_url}: {error}; retry {attempt} in {wait:.1f} s", flush=True)
-                if wait_unless_stopped(wait):
-                    raise StopRun(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
+                if wait_unless_stopped(wait, failed):
+                    raise give_up(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
             except openai.APIError as e:  # 401, 404...: a retry would fail the same way
-                raise StopRun(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
+                raise give_up(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")
             except Exception as e:  # anything else the client raises (a proxy's page that is not JSON): one line
-                raise StopRun(f"the guide server {args.guide_url} answered what the client cannot read "
+                raise give_up(f"the guide server {args.guide_url} answered what the client cannot read "
                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
         choices = getattr(response, "choices", None)
         if not (isinstance(choices, list) and len(choices) == 1 and isinstance(getattr(choices[0], "text", None), str)
                 and isinstance(getattr(choices[0], "finish_reason", None), str)):
-            raise StopRun(f"the guide server {args.guide_url} answered out of the completions API's shape "
+            raise give_up(f"the guide server {args.guide_url} answered out of the completions API's shape "
                           f"({str(response)[:200]})")
         return choices[0].text, choices[0].finish_reason == "stop"
 

@@ -16,6 +16,7 @@ import ppo_plus_plus
 from common import guide as guides
 from conftest import module_name
 from guide_server import GuideServer
+from test_guide_sources import served  # noqa: F401 (a fixture)
 from test_guided import make_args
 
 ROLL_IN_MODULES = [ppo_plus_plus, d2lols]  # the guide writes the first k tokens (D2LOLS: after tau)
@@ -255,6 +256,36 @@ def test_a_key_sent_in_plain_text_to_another_host_is_said_once(assets, monkeypat
     assert ("sent in plain text" in out) == warned and "sk-secret-value" not in out
     if warned:
         assert out.count("\n") == 1 and __import__("urllib.parse").parse.urlsplit(url).hostname in out
+
+
+def test_no_secret_reaches_any_output_on_the_fault_path(assets, served, tmp_path, monkeypatch, capsys):
+    """A key (OPENAI_API_KEY) and a user:password@ in --guide-url, and a server that answers 503 until the run
+    gives up: the server gets the password as HTTP basic auth on every request, no request follows the one that gave
+    up (the rows waiting in other threads give up with it), and neither secret is in what the run prints (retry lines, the stop line, the resume command), in runs/ or in the checkpoint it leaves."""
+    import base64
+    import glob
+
+    from conftest import run_script_in_process
+    from test_guide_sources import KEY, http_args
+
+    password = "pw-4e9b-that-must-not-leak"
+    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with GuideServer(*served, fail_first=10**6) as server:
+        url = server.url.replace("http://", f"http://trainer:{password}@")
+        with pytest.raises(SystemExit) as stop:
+            run_script_in_process("ppo_plus_plus.py", http_args(assets, "ppo_plus_plus.py", url, "--beta", 1),
+                                  tmp_path)
+    basic = "Basic " + base64.b64encode(f"trainer:{password}".encode()).decode()
+    assert len(server.requests) == 3 and set(server.headers) == {basic}  # the first try and --guide-max-retries 2
+    message, printed = str(stop.value.code), capsys.readouterr()
+    assert "retry 2 in" in printed.out and "resume with: " in message and f"--guide-url {server.url} " in message
+    files = [f for f in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(f)]
+    assert any("/runs/" in f for f in files) and any("/checkpoints/" in f for f in files)
+    for secret in (KEY, password):
+        assert secret not in message + printed.out + printed.err
+        for f in files:
+            assert secret.encode() not in open(f, "rb").read(), f
 
 
 # -- which sampling fields a server takes: one small request at start -------------------------------------------
