@@ -795,6 +795,7 @@ if __name__ == "__main__":
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],
             "guide/mixed_fraction": mixed_fraction,
+            **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,
             "timing/update_s": update_seconds,

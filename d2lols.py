@@ -874,6 +874,7 @@ if __name__ == "__main__":
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],
             "guide/mixed_fraction": mixed_fraction,
+            **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
             "guide/phase": 0.0 if aggrevated_phase else 1.0,  # 0: AggreVaTeD, 1: PPO++
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,

@@ -58,7 +58,14 @@ class GuideArgs:
     guide_references: bool = False
     """the dataset's reference continuations are the guide (PPO++: DR-PO's restarts from dataset states)"""
     guide_prompt_template: Optional[str] = None
-    """the guide's own prompt around the task prompt, containing {prompt} (None: the task prompt as is)"""
+    """the guide's own prompt around the task prompt, containing {prompt} (other braces are kept as they are) (None:
+    the task prompt as is)"""
+    guide_chat_template: bool = False
+    """an instruct guide: its prompt is rendered with its tokenizer's chat template, the task prompt (in
+    --guide-prompt-template, if set) as the user's turn, the policy's prefix continuing the assistant's turn"""
+    guide_tokenizer: Optional[str] = None
+    """--guide-url: the served model's tokenizer (hub id or folder), for its chat template and to send token ids
+    where it is the policy's (None: --guide-model's name, where it loads; otherwise through text)"""
     guide_temperature: float = 1.0
     """the guide's sampling temperature"""
     guide_top_k: Optional[int] = None
@@ -72,8 +79,12 @@ class GuideArgs:
     guide_min_new_tokens: Optional[int] = None
     """no EOS from the guide before the whole response has this many tokens, a prefix it continues included (tril's
     min_length; a server gets it as min_tokens where set: vLLM, SGLang) (None: imdb 48, commongen and tldr 5)"""
-    guide_concurrency: int = 8
-    """--guide-url: requests in flight at once (one prompt each: every server takes that)"""
+    guide_concurrency: int = 64
+    """--guide-url: requests in flight at once, per rank (a server that takes lists of prompts, as vLLM and SGLang
+    do, gets the rows that ask for the same lengths in one request)"""
+    guide_seed: bool = True
+    """--guide-url: send each request a seed drawn from the run's checkpointed stream, so a resumed run asks for the
+    same samples (vLLM honours it, at some cost in speed: docs/guides.md); False: the server's own randomness"""
     guide_timeout: float = 120.0
     """--guide-url: seconds to wait for one answer"""
     guide_failure_checkpoint: bool = True
@@ -100,6 +111,9 @@ def check_guide_args(args, continues_prefixes):
                        unit=("guide_top_p",))
     if args.guide_prompt_template is not None and "{prompt}" not in args.guide_prompt_template:
         raise SystemExit("error: --guide-prompt-template must contain {prompt}")
+    if args.guide_references and (args.guide_chat_template or args.guide_prompt_template is not None):
+        raise SystemExit("error: --guide-references: the dataset's references take no prompt (--guide-chat-template, "
+                         "--guide-prompt-template are for a model guide)")
     if args.guide_references and args.guide_url:
         raise SystemExit("error: --guide-references and --guide-url: choose one guide")
     if args.guide_references and continues_prefixes:
@@ -135,19 +149,81 @@ def load_guide(args, tokenizer, device, dtype, rng):
     model writes at most --guide-max-new-tokens of its tokens a row; the references are cut only by the budgets.
     `rng` is the script's mixing stream (checkpointed): it picks references and the servers' per-request seeds."""
     if args.guide_references:
-        return reference_guide(tokenizer, rng)
-    if args.guide_url:
-        return server_guide(args, tokenizer, rng)
-    return local_guide(args, tokenizer, device, dtype)
+        guide = reference_guide(tokenizer, rng)
+    elif args.guide_url:
+        guide = server_guide(args, tokenizer, rng)
+    else:
+        guide = local_guide(args, tokenizer, device, dtype)
+    return with_stats(guide)
 
 
-def text_inputs(tokenizer, examples, prefixes, template):
+def with_stats(guide):
+    """guide.stats(): what the guide did since the last call, for TensorBoard (this rank's): the policy tokens asked
+    for (the budgets) and returned, the seconds the loop waited for it (timing/guide_s), and a server's requests,
+    retries and mean latency (timing/guide_latency_s)."""
+    write, transport = guide.write, getattr(guide, "transport_stats", dict)
+    totals = dict.fromkeys(("timing/guide_s", "guide/tokens_asked", "guide/tokens_returned"), 0)
+
+    def timed_write(examples, prefixes, budgets):
+        started = time.monotonic()
+        rows = write(examples, prefixes, budgets)
+        totals["timing/guide_s"] += time.monotonic() - started
+        totals["guide/tokens_asked"] += sum(budgets)
+        totals["guide/tokens_returned"] += sum(len(tokens) - ended for tokens, ended in rows)
+        return rows
+
+    def stats():
+        logs = dict(totals) | transport()
+        totals.update(dict.fromkeys(totals, 0))
+        return logs
+
+    guide.write, guide.stats = timed_write, stats
+    return guide
+
+
+def uses_template(args):
+    """Whether the guide reads the task prompt inside a template (then never on the policy's token ids)."""
+    return args.guide_prompt_template is not None or args.guide_chat_template
+
+
+def guide_prompt(args, guide_tokenizer, prompt):
+    """The guide's input before the policy's prefix: the task prompt in --guide-prompt-template ("{prompt}" replaced,
+    other braces kept), then with --guide-chat-template as the user's turn of the guide's chat template, the
+    assistant's turn opened (the prefix continues it). A BOS the template writes is left to the tokenizer where it
+    adds one itself (so there is one)."""
+    if args.guide_prompt_template is not None:
+        prompt = args.guide_prompt_template.replace("{prompt}", prompt)
+    if not args.guide_chat_template:
+        return prompt
+    text = guide_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    bos = guide_tokenizer.bos_token
+    if bos and text.startswith(bos) and guide_tokenizer("").input_ids[:1] == [guide_tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
+def text_inputs(args, tokenizer, guide_tokenizer, examples, prefixes):
     """Through text: the policy's text so far (its prompt, then its prefix decoded in context) and the guide's
-    input, the prompt in the guide's template followed by the prefix's text."""
+    input, guide_prompt followed by the prefix's text."""
     contexts = [e["prompt"] + decode_in_context(tokenizer, e["prompt_ids"], p) for e, p in zip(examples, prefixes)]
-    inputs = [(template or "{prompt}").format(prompt=e["prompt"]) + context[len(e["prompt"]) :]
+    inputs = [guide_prompt(args, guide_tokenizer, e["prompt"]) + context[len(e["prompt"]) :]
               for e, context in zip(examples, contexts)]
     return contexts, inputs
+
+
+def served_tokenizer(args):
+    """--guide-url: the served model's tokenizer (--guide-tokenizer, else --guide-model's name where it loads), for
+    its chat template and to learn whether it is the policy's; None where it cannot be loaded (through text)."""
+    name = args.guide_tokenizer or args.guide_model
+    try:
+        return AutoTokenizer.from_pretrained(name) if name else None
+    except (OSError, ValueError) as e:
+        if args.guide_tokenizer or args.guide_chat_template:
+            raise SystemExit(f"error: --guide-tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+        print(f"guide: no tokenizer {name} to load (--guide-tokenizer names one): the guide's text is re-encoded",
+              flush=True)
+        return None
 
 
 def min_new_tokens(args, prefixes, max_new_tokens):
@@ -164,12 +240,12 @@ def cut_to_budget(tokens, ended, budget, eos_token_id):
     return tokens[:budget] + [eos_token_id] * ended, ended
 
 
-def write_through_text(args, tokenizer, examples, prefixes, budgets, sample):
+def write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample):
     """Through text (the guide's tokens are not the policy's): each row asks for TEXT_MARGIN guide tokens per policy
     token it needs, and asks again, continuing its text, while it is short of its budget, did not end, and has asked
     for fewer than --guide-max-new-tokens guide tokens. The minimum length counts the prefix and what the guide
     wrote before. `sample(rows, inputs, max_tokens, min_tokens)` -> per row (text, ended)."""
-    contexts, inputs = text_inputs(tokenizer, examples, prefixes, args.guide_prompt_template)
+    contexts, inputs = text_inputs(args, tokenizer, guide_tokenizer, examples, prefixes)
     cap = args.guide_max_new_tokens
     texts, ended, asked = [""] * len(inputs), [False] * len(inputs), [0] * len(inputs)
     tokens = [[] for _ in inputs]
@@ -241,7 +317,7 @@ def local_guide(args, tokenizer, device, dtype):
     model.requires_grad_(False)
     eos, pad = guide_tokenizer.eos_token_id, guide_tokenizer.pad_token_id
     model.generation_config = GenerationConfig(pad_token_id=pad, eos_token_id=eos)  # the --guide-* flags decide
-    same_tokenizer = args.guide_prompt_template is None and guide_tokenizer.get_vocab() == tokenizer.get_vocab()
+    same_tokenizer = not uses_template(args) and guide_tokenizer.get_vocab() == tokenizer.get_vocab()
 
     @torch.inference_mode()
     def generate(inputs, max_tokens, min_tokens):
@@ -283,7 +359,7 @@ def local_guide(args, tokenizer, device, dtype):
             return [(decode_in_context(guide_tokenizer, ids, tokens), ended)
                     for ids, (tokens, ended) in zip(inputs, generate(inputs, max_tokens, min_tokens))]
 
-        return write_through_text(args, tokenizer, examples, prefixes, budgets, sample)
+        return write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample)
 
     return SimpleNamespace(write=write, counts_policy_tokens=same_tokenizer, model=model, tokenizer=guide_tokenizer,
                            source=f"the local model {args.guide_model}")
@@ -324,13 +400,16 @@ def key_stays_private(url):
 
 
 def server_guide(args, tokenizer, rng):
-    """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), through text:
-    one prompt per request, --guide-concurrency requests in flight. Sampling: temperature, top_p, max_tokens,
-    a seed per request (drawn from `rng`: a resume is exact where the server honours it); top_k and min_tokens
-    only where set (vLLM and SGLang take them) and the server takes them, learnt by one small request before the
-    first (transformers serve, OpenAI refuse them: printed once). finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection,
-    timeout) is retried for --guide-retry-seconds (retry_wait: Retry-After, else 1, 2, 4... s with jitter), each
-    retry printed; then, on a stop signal, or on an answer that is not the API's shape, StopRun."""
+    """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), --guide-concurrency
+    requests in flight. What the server takes is learnt before the first request (probe): the optional sampling
+    fields (top_k, min_tokens: vLLM and SGLang take them; transformers serve and OpenAI do not: printed once), a list
+    of prompts in one request (vLLM, SGLang: rows that ask for the same lengths share a request), and, where the
+    served model's tokenizer is the policy's, token-id prompts answered with token ids (vLLM's return_token_ids: no
+    text round trip, budgets in policy tokens); otherwise through text. Sampling: temperature, top_p, max_tokens, a
+    seed per request where --guide-seed (drawn from `rng`: a resume is exact where the server honours it).
+    finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection, timeout) is retried for
+    --guide-retry-seconds (retry_wait: Retry-After, else 1, 2, 4... s with jitter), each retry printed; then, on a
+    stop signal, or on an answer that is not the API's shape, StopRun (the other requests give up with it)."""
     import openai
 
     credentials = CREDENTIALS.get(args.guide_url)
@@ -345,59 +424,39 @@ def server_guide(args, tokenizer, rng):
     retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
     extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
              **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
-
-    probing = threading.Lock()  # the first request of a run learns which of `extra` the server takes
-    probed = []
-
-    def refused(fields):
-        """Whether the server refuses a one-token request with these sampling fields (400 or 422)."""
-        try:
-            request("Hello", 1, 0, fields)
-            return False
-        except Refused:
-            return True
-
-    def probe():
-        """One small request with every optional field (each alone where it is refused): a field the server
-        refuses is dropped, with one line; later refusals are errors (never matched against an error's words)."""
-        with probing:
-            if not probed and extra and refused({**extra, **({"min_tokens": 1} if "min_tokens" in extra else {})}):
-                for name in list(extra):
-                    if refused({name: 1 if name == "min_tokens" else extra[name]}):
-                        del extra[name]
-                        print(f"guide: {args.guide_url} does not take {name}: the guide samples without it",
-                              flush=True)
-            probed.append(True)
-
-    def complete(prompt, max_tokens, seed, min_tokens):
-        probe()
-        try:
-            return request(prompt, max_tokens, seed, {**extra, **({"min_tokens": min_tokens} if "min_tokens" in extra
-                                                                   else {})})
-        except Refused as e:
-            raise give_up(f"the guide server {args.guide_url} refused the request {e}")
-
-    failed, why, failing = threading.Event(), [], threading.Lock()  # a request failed for good: the run stops, and
-    # the others give up at once
+    guide_tokenizer = served_tokenizer(args)
+    same_tokenizer = (guide_tokenizer is not None and not uses_template(args)
+                      and guide_tokenizer.get_vocab() == tokenizer.get_vocab())
+    server = SimpleNamespace(lists=False, token_ids=False, probed=False)  # what the server takes: probe()
+    stats = {"requests": 0, "retries": 0, "seconds": 0.0, "tokens_asked": 0}  # since the last stats() call
+    failed, why, lock = threading.Event(), [], threading.Lock()  # a request failed for good: the run stops, and the
+    # others give up at once
 
     def give_up(message):
         """The StopRun that ends the run: the first failure's message, whichever request raises it."""
-        with failing:
+        with lock:
             why.append(message)
             failed.set()
         return StopRun(why[0])
 
-    def request(prompt, max_tokens, seed, fields):
-        attempt, first_failure = 0, None
+    def request(prompts, max_tokens, seed, fields, probing=False, counted=True):
+        """One request (prompts: a string, token ids, or a list of either) -> its choices in prompt order. `probing`
+        what the server takes: a refusal or an answer of another shape is None (a failure is retried as always).
+        `counted`: a request for rows, in stats (not a probe)."""
+        count = len(prompts) if isinstance(prompts, list) and isinstance(prompts[0], (str, list)) else 1
+        attempt, first_failure, started = 0, None, time.monotonic()
         while True:
             if failed.is_set():
                 raise give_up(why[0])
             try:
-                response = client.completions.create(model=args.guide_model, prompt=prompt, max_tokens=max_tokens,
+                response = client.completions.create(model=args.guide_model, prompt=prompts, max_tokens=max_tokens,
                                                      temperature=args.guide_temperature, top_p=args.guide_top_p,
-                                                     seed=seed, extra_body=fields or None)
+                                                     **({} if seed is None else {"seed": seed}),
+                                                     extra_body=fields or None)
                 break
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                if probing:
+                    return None
                 raise Refused(f"({type(e).__name__}: {str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
             except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -407,30 +466,126 @@ def server_guide(args, tokenizer, rng):
                     raise give_up(f"the guide server {args.guide_url} failed {attempt + 1} times in {waited:.0f} s "
                                   f"({error})")
                 attempt += 1
+                with lock:
+                    stats["retries"] += 1
                 print(f"guide: {args.guide_url}: {error}; retry {attempt} in {wait:.1f} s", flush=True)
                 if wait_unless_stopped(wait, failed):
                     raise give_up(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
             except openai.APIError as e:  # 401, 404...: a retry would fail the same way
+                if probing:
+                    return None
                 raise give_up(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")
             except Exception as e:  # anything else the client raises (a proxy's page that is not JSON): one line
+                if probing:
+                    return None
                 raise give_up(f"the guide server {args.guide_url} answered what the client cannot read "
                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
-        choices = getattr(response, "choices", None)
-        if not (isinstance(choices, list) and len(choices) == 1 and isinstance(getattr(choices[0], "text", None), str)
-                and isinstance(getattr(choices[0], "finish_reason", None), str)):
+        choices = sorted(getattr(response, "choices", None) or [], key=lambda c: getattr(c, "index", 0))
+        if not (len(choices) == count and all(isinstance(getattr(c, "text", None), str)
+                                              and isinstance(getattr(c, "finish_reason", None), str) for c in choices)):
+            if probing:
+                return None
             raise give_up(f"the guide server {args.guide_url} answered out of the completions API's shape "
                           f"({str(response)[:200]})")
-        return choices[0].text, choices[0].finish_reason == "stop"
+        if counted:
+            with lock:
+                stats["requests"] += 1
+                stats["seconds"] += time.monotonic() - started
+                stats["tokens_asked"] += max_tokens * count
+        return choices
+
+    def refused(fields):
+        """Whether the server refuses a one-token request with these sampling fields (400 or 422)."""
+        try:
+            request("Hello", 1, 0, fields, counted=False)
+            return False
+        except Refused:
+            return True
+
+    def probe():
+        """Before the first request: one small request with every optional field (each alone where it is refused):
+        a field the server refuses is dropped, with one line; later refusals are errors (never matched against an
+        error's words). Then two prompts in one request (token ids asking for token ids back,
+        where the tokenizers are the same), and where that is not taken and the tokenizers are the same, one."""
+        if extra and refused({**extra, **({"min_tokens": 1} if "min_tokens" in extra else {})}):
+            for name in list(extra):
+                if refused({name: 1 if name == "min_tokens" else extra[name]}):
+                    del extra[name]
+                    print(f"guide: {args.guide_url} does not take {name}: the guide samples without it", flush=True)
+        hello = [guide_tokenizer("Hello").input_ids, guide_tokenizer("Hi").input_ids] if same_tokenizer else ["Hello", "Hi"]
+        fields = {**extra, **({"min_tokens": 1} if "min_tokens" in extra else {}),
+                  **({"return_token_ids": True} if same_tokenizer else {})}
+        answer = request(hello, 1, 0, fields, probing=True, counted=False)
+        server.lists = answer is not None
+        if answer is None and same_tokenizer:
+            answer = request(hello[0], 1, 0, fields, probing=True, counted=False)
+        server.token_ids = answer is not None and same_tokenizer and all(
+            isinstance(getattr(c, "token_ids", None), list) for c in answer)
+        guide.counts_policy_tokens = server.token_ids
+        server.probed = True
+
+    def complete_all(prompts, max_tokens, min_tokens, seeds):
+        """Every prompt's (text or token ids, whether it ended): rows that ask for the same lengths share a request
+        where the server takes lists (its seed: the first row's), each its own otherwise; --guide-concurrency
+        requests in flight."""
+        def answer(rows):
+            fields = {**extra, **({"min_tokens": min_tokens[rows[0]]} if "min_tokens" in extra else {}),
+                      **({"return_token_ids": True} if server.token_ids else {})}
+            batch = [prompts[i] for i in rows] if server.lists else prompts[rows[0]]
+            seed = seeds[rows[0]] if args.guide_seed else None
+            try:
+                return request(batch, max_tokens[rows[0]], seed, fields)
+            except Refused as e:
+                raise give_up(f"the guide server {args.guide_url} refused the request {e}")
+
+        groups = {}
+        for i in range(len(prompts)):
+            groups.setdefault((max_tokens[i], min_tokens[i]) if server.lists else i, []).append(i)
+        results = [None] * len(prompts)
+        for rows, choices in zip(groups.values(), pool.map(answer, groups.values())):
+            for i, choice in zip(rows, choices):
+                ended = choice.finish_reason == "stop"
+                if server.token_ids:
+                    tokens = list(choice.token_ids)
+                    tokens = tokens[:-1] if ended and tokens and tokens[-1] == tokenizer.eos_token_id else tokens
+                    results[i] = (tokens, ended)
+                else:
+                    results[i] = (choice.text, ended)
+        return results
 
     pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
 
     def write(examples, prefixes, budgets):
         seeds = [rng.randrange(2**31) for _ in examples]  # in order, before any request: the stream stays exact
+        if not server.probed:
+            probe()
+        if server.token_ids:  # the policy's tokens both ways: each row asks for its budget
+            budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
+            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
+            todo = [i for i in range(len(inputs)) if budgets[i] > 0]
+            samples = dict(zip(todo, complete_all([inputs[i] for i in todo], [budgets[i] for i in todo],
+                                                  min_new_tokens(args, [prefixes[i] for i in todo],
+                                                                 [budgets[i] for i in todo]),
+                                                  [seeds[i] for i in todo])))
+            return [cut_to_budget(*samples.get(i, ([], False)), budget, tokenizer.eos_token_id)
+                    for i, budget in enumerate(budgets)]
 
         def sample(rows, texts, max_tokens, min_tokens):  # a row asked again keeps its seed (its prompt is longer)
-            return list(pool.map(complete, texts, max_tokens, [seeds[i] for i in rows], min_tokens))
+            return complete_all(texts, max_tokens, min_tokens, [seeds[i] for i in rows])
 
-        return write_through_text(args, tokenizer, examples, prefixes, budgets, sample)
+        return write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample)
 
-    return SimpleNamespace(write=write, counts_policy_tokens=False, source=f"the server {args.guide_url}")
+    def transport_stats():
+        """Since the last call: the requests for rows (not the probes), retries, mean latency, and the server's own
+        tokens asked (max_tokens)."""
+        with lock:
+            out = {"guide/requests": stats["requests"], "guide/retries": stats["retries"],
+                   "timing/guide_latency_s": stats["seconds"] / max(stats["requests"], 1),
+                   "guide/server_tokens_asked": stats["tokens_asked"]}
+            stats.update(requests=0, retries=0, seconds=0.0, tokens_asked=0)
+        return out
+
+    guide = SimpleNamespace(write=write, counts_policy_tokens=False, source=f"the server {args.guide_url}",
+                            transport_stats=transport_stats, server=server)
+    return guide

@@ -63,7 +63,8 @@ def test_a_guided_run_over_http_end_to_end_and_the_key_goes_nowhere_else(assets,
                          "--guide-min-new-tokens", 2, "--guide-temperature", 0.7)
         run_script_in_process(script, args, tmp_path)
     assert server.requests and set(server.headers) == {f"Bearer {KEY}"}
-    probe, *requests = server.requests  # the first: one token with every optional field, to learn what it takes
+    probe, requests = server.requests[0], server.rows()  # the first: one token with every optional field, to learn
+    # what the server takes
     assert (probe["prompt"], probe["max_tokens"], probe["top_k"], probe["min_tokens"]) == ("Hello", 1, 5, 1)
     for request in requests:
         assert request["model"] == "toy" and 0 < request["max_tokens"] <= 6 and isinstance(request["seed"], int)
@@ -73,7 +74,14 @@ def test_a_guided_run_over_http_end_to_end_and_the_key_goes_nowhere_else(assets,
         assert request["min_tokens"] == 2 if script == "ppo_plus_plus.py" else request["min_tokens"] in (0, 1, 2)
     most = max(request["min_tokens"] for request in requests)  # (D2LOLS: its PPO++ phase rolls in)
     assert most <= 1 if script == "aggrevated.py" else most == 2
-    assert max(e.value for e in read_tensorboard(tmp_path).Scalars("guide/mixed_fraction")) > 0
+    events = read_tensorboard(tmp_path)
+    assert max(e.value for e in events.Scalars("guide/mixed_fraction")) > 0
+    # the guide's transport, each iteration: requests for rows, tokens asked (the budgets) and returned, its time
+    scalar = {tag: [e.value for e in events.Scalars(tag)] for tag in ("guide/requests", "guide/tokens_asked",
+                                                                       "guide/tokens_returned", "timing/guide_s")}
+    assert min(scalar["guide/requests"]) > 0 and min(scalar["timing/guide_s"]) > 0
+    assert all(0 < returned <= asked for returned, asked in zip(scalar["guide/tokens_returned"],
+                                                                scalar["guide/tokens_asked"]))
     printed = capsys.readouterr()
     assert KEY not in printed.out + printed.err
     files = [f for f in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(f)]
@@ -104,7 +112,7 @@ def test_a_served_guide_gives_the_episodes_a_local_guide_gives(assets, served, m
                                                      "cpu", random.Random(1))[2:5])
             else:
                 results.append(module.guide_roll_in(guide, tokenizer, batch, args, "cpu", random.Random(1)))
-    assert len(server.requests) == len(batch)
+    assert len(server.rows()) == len(batch)
     if module is aggrevated:
         for local, served_ in zip(*results):
             assert torch.equal(local, served_)
@@ -126,11 +134,12 @@ def test_the_guides_stop_reason_ends_its_continuation_and_a_short_answer_is_aske
             [(tokens, got)] = guide.write(examples(tokenizer)[:1], [[]], [3])
         assert got == ended and (tokens[-1] == tokenizer.eos_token_id) == ended
         assert tokenizer.decode(tokens, skip_special_tokens=True) == text  # the budget: 3 policy tokens
-        assert len(server.requests) == asked
+        asked_for = server.rows()
+        assert len(asked_for) == asked
         if asked == 2:  # the second request continues the first answer's text, for what is still missing
-            assert server.requests[1]["prompt"] == server.requests[0]["prompt"] + " movie movie"
-            assert server.requests[0]["max_tokens"] == int(guides.TEXT_MARGIN * 3) + 1
-            assert server.requests[1]["max_tokens"] == int(guides.TEXT_MARGIN * 1) + 1
+            assert asked_for[1]["prompt"] == asked_for[0]["prompt"] + " movie movie"
+            assert asked_for[0]["max_tokens"] == int(guides.TEXT_MARGIN * 3) + 1
+            assert asked_for[1]["max_tokens"] == int(guides.TEXT_MARGIN * 1) + 1
 
 
 def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, capsys):
@@ -140,12 +149,13 @@ def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, cap
         args.guide_url = server.url
         guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
             examples(tokenizer) * 2, [[]] * 12, [1] * 12)  # (" movie": one request a row)
-    assert len(server.requests) == 12 and 2 <= server.most_in_flight <= 4  # bounded concurrency
+    assert len(server.rows()) == 12 and 2 <= server.most_in_flight <= 4  # bounded concurrency
     with GuideServer(marker=" movie", fail_first=2) as server:
         args.guide_url, args.guide_concurrency = server.url, 1
         results = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
             examples(tokenizer)[:2], [[]] * 2, [1] * 2)
-    assert len(results) == 2 and len(server.requests) == 4  # 2 failed, retried, then 2 answered
+    assert len(results) == 2 and len(server.requests) == 5 and len(server.rows()) == 2  # the first (the probe of
+    # what the server takes) failed twice, was retried, then 2 rows answered
     out = capsys.readouterr().out
     assert f"guide: {server.url}: InternalServerError" in out and "retry 1 in " in out and "retry 2 in " in out
 
@@ -174,9 +184,10 @@ def test_a_server_that_goes_down_stops_the_run_at_its_last_iteration_and_the_res
         args = http_args(assets, script, server.url, "--total-episodes", 12, "--save-every", 5, "--beta", 1)
         (tmp_path / "whole").mkdir()
         run_script_in_process(script, args, tmp_path / "whole")
-        per_iteration = (len(server.requests) - 1) // 3  # (the first request learns the fields the server takes)
+        per_iteration = len(server.rows()) // 3
+        probes = len(server.requests) - len(server.rows())  # (the first requests learn what the server takes)
     (tmp_path / "stopped").mkdir()
-    with GuideServer(*served, fail_after=1 + per_iteration) as server:
+    with GuideServer(*served, fail_after=probes + per_iteration) as server:
         with pytest.raises(SystemExit) as stop:
             run_script_in_process(script, set_flags(args, "--guide-url", server.url), tmp_path / "stopped")
     lines = str(stop.value.code).splitlines()
@@ -314,7 +325,7 @@ def test_vllm_shaped_answers_and_errors(assets):
             [(tokens, got)] = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
                 examples(tokenizer)[:1], [[]], [3])
         assert got == ended and tokenizer.decode(tokens, skip_special_tokens=True) == text  # "length": asked again
-        assert (server.requests[1]["top_k"], server.requests[1]["min_tokens"]) == (5, 2)  # vLLM takes both (the
+        assert (server.rows()[0]["top_k"], server.rows()[0]["min_tokens"]) == (5, 2)  # vLLM takes both (the
         # first request, one token with both, learnt that)
     error = {"object": "error", "message": "This model's maximum context length is 2048 tokens.",
              "type": "BadRequestError", "param": None, "code": 400}

@@ -107,7 +107,7 @@ def test_an_empty_answer_through_text_is_not_asked_again(assets):
         args.guide_url = server.url
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
         assert guide.write(rows(tokenizer, 2), [[], []], [4, 4]) == [([], False), ([], False)]
-    assert len(server.requests) == 2
+    assert len(server.rows()) == 2
 
 
 def test_min_tokens_never_exceeds_max_tokens(assets):
@@ -184,7 +184,7 @@ def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkey
         guide = guides.load_guide(served_args(server.url, guide_retry_seconds=60.0), tokenizer, "cpu", torch.float32,
                                   random.Random(0))
         assert len(guide.write(rows(tokenizer, 1), [[]], [1])) == 1
-    assert len(server.requests) == 9
+    assert len(server.requests) == 10  # 8 failures, the probe of what the server takes, the row
 
 
 def test_retry_after_is_honoured(assets, monkeypatch):
@@ -194,7 +194,7 @@ def test_retry_after_is_honoured(assets, monkeypatch):
     with GuideServer(marker=" movie", fail_first=1, retry_after=0.6) as server:
         guide = guides.load_guide(served_args(server.url), tokenizer, "cpu", torch.float32, random.Random(0))
         guide.write(rows(tokenizer, 1), [[]], [1])
-    assert len(server.times) == 2 and server.times[1] - server.times[0] >= 0.6
+    assert len(server.times) == 3 and server.times[1] - server.times[0] >= 0.6  # (the first: the probe; the row)
 
 
 def test_the_wait_has_jitter_and_a_ceiling():
@@ -255,7 +255,8 @@ def test_a_key_sent_in_plain_text_to_another_host_is_said_once(assets, monkeypat
     out = capsys.readouterr().out
     assert ("sent in plain text" in out) == warned and "sk-secret-value" not in out
     if warned:
-        assert out.count("\n") == 1 and __import__("urllib.parse").parse.urlsplit(url).hostname in out
+        said = [line for line in out.splitlines() if "plain text" in line]
+        assert len(said) == 1 and __import__("urllib.parse").parse.urlsplit(url).hostname in said[0]
 
 
 def test_no_secret_reaches_any_output_on_the_fault_path(assets, served, tmp_path, monkeypatch, capsys):
@@ -317,7 +318,7 @@ def test_the_fields_a_server_takes_are_learnt_by_one_request_not_by_an_errors_wo
     assert printed.count("does not take") == 1 and f"guide: {server.url} does not take top_k" in printed
     probes = [r for r in server.requests if r["max_tokens"] == 1 and r["prompt"] == "Hello"]
     assert len(probes) == 3  # all fields, then each alone
-    later = [r for r in server.requests if r not in probes]
+    later = server.rows()
     assert all("top_k" not in r and r["min_tokens"] >= 0 for r in later) and len(later) == 3
 
 
@@ -341,3 +342,132 @@ def test_rollout_chunks_group_rows_of_like_k(assets, monkeypatch, module):
     assert policy_mask.sum(1).tolist() == [H - 5, H, H - 5, H, H - 5, H]
     for i, roll_in in enumerate(roll_ins):  # each row's roll-in is where it belongs
         assert episodes[i, : len(roll_in)].tolist() == roll_in
+
+
+# -- a server that takes lists of prompts and token ids (vLLM's shapes: tests/guide_server.py names the version) ------
+
+def budgets_and_prefixes(tokenizer):
+    """Six rows, roll-ins and roll-outs, whose budgets and minimum lengths (4 less the prefix) differ and repeat:
+    three pairs ask for the same (max_tokens, min_tokens)."""
+    prefixes = [[], [], [], tokenizer(" the film").input_ids, tokenizer(" the movie").input_ids, []]
+    assert len(prefixes[3]) == len(prefixes[4]) == 2
+    return prefixes, [4, 5, 4, 3, 3, 5]
+
+
+def test_a_vllm_guide_with_the_policys_tokenizer_gets_lists_of_token_ids_and_answers_in_token_ids(assets):
+    """vLLM serving a model with the policy's tokenizer (--guide-tokenizer names it): rows that ask for the same
+    lengths share a request, each prompt the policy's token ids (its prompt, then its prefix), answered with token
+    ids (return_token_ids), each row its own (the server answers a prompt with its tokens reversed: rows differ)."""
+    tokenizer = assets["tokenizer"]
+    batch, (prefixes, budgets) = rows(tokenizer, 6), budgets_and_prefixes(tokenizer)
+    expected = [((e["prompt_ids"] + p)[::-1][:b], False) for e, p, b in zip(batch, prefixes, budgets)]
+    assert len({tuple(t) for t, _ in expected}) == 6
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_tokenizer=assets["policy"], guide_top_k=0,
+                     guide_min_new_tokens=4)
+    with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        assert guide.write(batch, prefixes, budgets) == expected
+    assert guide.counts_policy_tokens
+    asked = server.rows()
+    assert len(asked) == 3 and sum(len(r["prompt"]) for r in asked) == 6  # (4, 4), (5, 4) and (3, 2)
+    for r in asked:
+        assert r["return_token_ids"] and all(isinstance(p, list) and all(isinstance(t, int) for t in p)
+                                             for p in r["prompt"])
+        assert r["min_tokens"] <= r["max_tokens"]
+    assert sorted(map(tuple, (p for r in asked for p in r["prompt"]))) == sorted(
+        tuple(e["prompt_ids"] + p) for e, p in zip(batch, prefixes))
+
+
+def test_a_vllm_guide_with_another_tokenizer_gets_lists_of_text(assets):
+    """No tokenizer to load for the served name: through text, rows that ask for the same lengths in one request,
+    the same continuations a server of one prompt a request (transformers serve) gives."""
+    tokenizer = assets["tokenizer"]
+    batch, (prefixes, budgets) = rows(tokenizer, 6), budgets_and_prefixes(tokenizer)
+    results = []
+    for vllm in (False, True):
+        args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_min_new_tokens=4)
+        with GuideServer(tokenizer=tokenizer, vllm=vllm, reverse=True) as server:
+            args.guide_url = server.url
+            guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+            results.append(guide.write(batch, prefixes, budgets))
+        assert not guide.counts_policy_tokens
+        shapes = {type(r["prompt"]) for r in server.rows()}
+        assert shapes == ({list} if vllm else {str}) and (len(server.rows()) < 6) == vllm
+    assert results[0] == results[1] and len({tuple(t) for t, _ in results[0]}) == 6
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_the_per_request_seed_is_a_flag(assets, served, seeded):
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_seed=seeded)
+    with GuideServer(*served, vllm=True) as server:
+        args.guide_url = server.url
+        guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
+            rows(tokenizer, 3), [[]] * 3, [2, 3, 4])
+    assert server.rows() and all(isinstance(r.get("seed"), int) == seeded for r in server.rows())
+
+
+def test_the_guides_transport_is_counted_for_tensorboard(assets, served):
+    """guide.stats(): since the last call, the policy tokens asked for (the budgets) and returned, the seconds
+    waited, and a server's requests for rows, retries and latency; then back to 0."""
+    tokenizer = assets["tokenizer"]
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_concurrency=1)
+    with GuideServer(*served, fail_first=1) as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        written = guide.write(rows(tokenizer, 3), [[]] * 3, [2, 3, 4])
+        stats, again = guide.stats(), guide.stats()
+    assert stats["guide/tokens_asked"] == 9 and stats["guide/tokens_returned"] == sum(
+        len(t) - e for t, e in written) > 0
+    assert stats["guide/requests"] == len(server.rows()) == 3 and stats["guide/retries"] == 1  # (the probe of lists:
+    # refused, not counted; the first try failed and was retried)
+    assert stats["timing/guide_latency_s"] > 0 and stats["timing/guide_s"] >= stats["timing/guide_latency_s"]
+    assert all(value == 0 for value in again.values())
+
+
+# -- instruct guides: a chat template, and templates with braces -------------------------------------------------
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_an_instruct_guide_reads_its_chat_template_and_braces_are_text(assets, served, tmp_path):
+    """--guide-chat-template: the task prompt (in --guide-prompt-template, whose other braces are text: str.format
+    once raised KeyError) is the user's turn of the guide tokenizer's own template, the policy's prefix continues the
+    assistant's turn; through text (a template: never token ids), to a server as to a local model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = assets["tokenizer"]
+    chat = AutoTokenizer.from_pretrained(assets["toy_guide"])
+    chat.chat_template = CHAT_TEMPLATE
+    chat.save_pretrained(tmp_path / "chat")
+    batch, prefix = rows(tokenizer, 2), tokenizer(" the film").input_ids
+    args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_tokenizer=str(tmp_path / "chat"), guide_top_k=0,
+                     guide_chat_template=True, guide_prompt_template="Review {as JSON} {prompt}")
+    expected = [f"</s><|user|>Review {{as JSON}} {e['prompt']}\n<|assistant|>" + text
+                for e, text in zip(batch, ["", " the film"])]
+    with GuideServer(*served, vllm=True) as server:
+        args.guide_url = server.url
+        guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
+        guide.write(batch, [[], prefix], [2, 2])
+    assert not guide.counts_policy_tokens
+    assert sorted(p for r in server.rows() for p in r["prompt"]) == sorted(expected)
+
+
+def test_a_bos_the_chat_template_writes_is_left_to_a_tokenizer_that_adds_its_own():
+    class Tokenizer:
+        bos_token, bos_token_id = "<s>", 1
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<s>[user] {messages[0]['content']} [assistant]"
+
+        def __call__(self, text):
+            return SimpleNamespace(input_ids=[1] * self.adds_bos)
+
+    args = SimpleNamespace(guide_prompt_template=None, guide_chat_template=True)
+    assert guides.guide_prompt(args, Tokenizer(True), "hi {x}") == "[user] hi {x} [assistant]"
+    assert guides.guide_prompt(args, Tokenizer(False), "hi {x}") == "<s>[user] hi {x} [assistant]"
