@@ -102,7 +102,7 @@ def repository_files():
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 80, [" ".join(argv) for _, argv in COMMANDS]
+    assert len(COMMANDS) == 81, [" ".join(argv) for _, argv in COMMANDS]
     assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
                                     "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS
@@ -295,7 +295,9 @@ def test_every_function_the_docs_name_exists():
 
 
 def logged_tags():
-    source = "".join(open(os.path.join(ROOT, s)).read() for s in SCRIPTS)
+    """The tags the scripts log: their own, and what common/guide.py's guide.stats() returns (logged by each guided
+    script)."""
+    source = "".join(open(os.path.join(ROOT, s)).read() for s in [*SCRIPTS, "common/guide.py"])
     return set(re.findall(r"\"((?:objective|policy|loss|val|charts|timing|guide|eval)/\w+)\"", source))
 
 
