@@ -45,9 +45,16 @@ def http_args(assets, script, url, *flags):
     return set_flags(args, "--tau", 1) if script == "d2lols.py" else args
 
 
+ROW_WORDS = ("dog", "park", "movie", "film", "ball", "child")  # one token each: the rows' references differ from
+# their second token on
+
+
 def examples(tokenizer, texts=("the movie was", "a dog runs in the park", "good", "the story", "boring", "a child")):
-    return [{"prompt": t, "prompt_ids": tokenizer(t).input_ids, "references": [" the end.", " a good film and more."]}
-            for t in texts]
+    """Rows whose prompts and references differ (a reference taken from another row shows from its second token);
+    each row's two references have the same lengths in policy tokens as the other rows'."""
+    return [{"prompt": t, "prompt_ids": tokenizer(t).input_ids,
+             "references": [f" the {word} end.", f" a {word} good film and more."]}
+            for t, word in zip(texts, ROW_WORDS)]
 
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
@@ -223,16 +230,20 @@ def test_references_roll_in_as_prefixes_of_a_reference_by_the_law_of_k(assets):
     rng = random.Random(0)
     guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, rng)
     roll_ins = ppo_plus_plus.guide_roll_in(guide, tokenizer, batch, args, "cpu", rng)
-    references = {r: tasks.continuation_ids(tokenizer, e["prompt"], r, H) for e in batch[:1] for r in e["references"]}
-    lengths = {r: len(ids) for r, ids in references.items()}
-    assert min(lengths.values()) < H <= max(lengths.values())  # one ends (EOS) within H, one is cut at H
-    counts = {r: [0] * H for r in references}
-    for roll_in in roll_ins:
-        [reference] = [r for r, ids in references.items() if ids[: len(roll_in)] == roll_in and len(roll_in) < len(ids)]
-        counts[reference][len(roll_in)] += 1
-    for reference, count in counts.items():  # k ~ U{1..L-1}, L = the reference's policy tokens (with EOS)
-        n = min(lengths[reference], H) - 1
-        assert count[0] == 0 and all(c > 0 for c in count[1 : n + 1]) and sum(count[n + 1 :]) == 0, (reference, count)
+    def ids(e):  # a row's references, encoded in context after its prompt
+        return [tasks.continuation_ids(tokenizer, e["prompt"], r, H) for r in e["references"]]
+
+    lengths = [len(reference) for reference in ids(batch[0])]
+    assert all([len(reference) for reference in ids(e)] == lengths for e in batch)
+    assert min(lengths) < H <= max(lengths)  # one ends (EOS) within H, one is cut at H
+    counts = [[0] * H for _ in lengths]  # per reference (the first or the second of its row)
+    for e, roll_in in zip(batch, roll_ins):  # each roll-in a prefix of one of its own row's references
+        [which] = [j for j, reference in enumerate(ids(e)) if reference[: len(roll_in)] == roll_in
+                   and len(roll_in) < len(reference)]
+        counts[which][len(roll_in)] += 1
+    for length, count in zip(lengths, counts):  # k ~ U{1..L-1}, L = the reference's policy tokens (with EOS)
+        n = min(length, H) - 1
+        assert count[0] == 0 and all(c > 0 for c in count[1 : n + 1]) and sum(count[n + 1 :]) == 0, (length, count)
     policy = AutoModelForCausalLM.from_pretrained(assets["policy"]).eval()
     _, _, responses, mask, _, policy_mask = ppo_plus_plus.rollout(
         policy, tokenizer, [e["prompt_ids"] for e in batch[:6]], policy_config(tokenizer), args, "cpu", roll_ins[:6])
