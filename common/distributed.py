@@ -38,6 +38,14 @@ def mean(x):
     return x
 
 
+def sum_over_ranks(x):
+    """x, a tensor of counts made on the CPU, summed over the ranks (NCCL reduces on this rank's GPU)."""
+    if dist.is_initialized():
+        x = x.to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+        dist.all_reduce(x)
+    return x.cpu()
+
+
 def masked_mean(x, mask):
     """The mean of x over the masked entries of every rank: sums and counts are all-reduced."""
     sums = torch.stack([(x * mask).sum(), mask.sum()])

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
-from common import tasks
+from common import distributed, tasks
 from common.checkpoint import RECEIVED, StopRun
 from common.text import decode_in_context, encode_in_context
 
@@ -158,9 +158,10 @@ def load_guide(args, tokenizer, device, dtype, rng):
 
 
 def with_stats(guide):
-    """guide.stats(): what the guide did since the last call, for TensorBoard (this rank's): the policy tokens asked
-    for (the budgets) and returned, the seconds the loop waited for it (timing/guide_s), and a server's requests,
-    retries and mean latency (timing/guide_latency_s)."""
+    """guide.stats(): what the guide did since the last call, for TensorBoard: the policy tokens asked for (the
+    budgets) and returned, and a server's requests and retries, summed over the ranks (the whole batch's; every
+    rank calls it); the seconds this rank's loop waited for it (timing/guide_s) and a server's mean latency
+    (timing/guide_latency_s)."""
     write, transport = guide.write, getattr(guide, "transport_stats", dict)
     totals = dict.fromkeys(("timing/guide_s", "guide/tokens_asked", "guide/tokens_returned"), 0)
 
@@ -175,7 +176,9 @@ def with_stats(guide):
     def stats():
         logs = dict(totals) | transport()
         totals.update(dict.fromkeys(totals, 0))
-        return logs
+        counts = sorted(name for name in logs if name.startswith("guide/"))
+        summed = distributed.sum_over_ranks(torch.tensor([logs[name] for name in counts], dtype=torch.float64))
+        return logs | dict(zip(counts, summed.tolist()))
 
     guide.write, guide.stats = timed_write, stats
     return guide

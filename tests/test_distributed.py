@@ -56,6 +56,39 @@ dist.destroy_process_group()
 '''
 
 
+GUIDE_STATS_WORKER = '''
+import json, sys
+sys.path.insert(0, {root!r})
+from types import SimpleNamespace
+import torch.distributed as dist
+from common.guide import with_stats
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# rank 0 asks for 3 + 4 tokens and gets 3 and 1 (+ EOS); rank 1 asks for 5 and gets 5; 2 and 1 requests
+rows = [[([7, 7, 7], False), ([7, 2], True)], [([7] * 5, False)]][rank]
+transport = iter([{{"guide/requests": 2 - rank, "guide/retries": rank, "timing/guide_latency_s": 0.5 + rank}},
+                  {{"guide/requests": 0, "guide/retries": 0, "timing/guide_latency_s": 0.0}}])
+guide = with_stats(SimpleNamespace(write=lambda examples, prefixes, budgets: rows, transport_stats=lambda: next(transport)))
+guide.write(None, None, [[3, 4], [5]][rank])
+json.dump([guide.stats(), guide.stats()], open(f"stats{{rank}}.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+def test_the_guides_counters_are_the_whole_batchs(tmp_path):
+    """guide.stats() on two ranks: tokens asked and returned, requests and retries summed over the ranks (each
+    rank asks the guide for its share of the batch), then zero; latency stays the rank's own."""
+    (tmp_path / "worker.py").write_text(GUIDE_STATS_WORKER.format(root=ROOT))
+    result = torchrun(None, [], tmp_path, worker="worker.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        first, second = json.load(open(tmp_path / f"stats{rank}.json"))
+        assert {k: v for k, v in first.items() if k != "timing/guide_s"} == {
+            "guide/tokens_asked": 12, "guide/tokens_returned": 9, "guide/requests": 3, "guide/retries": 1,
+            "timing/guide_latency_s": 0.5 + rank}
+        assert second["guide/tokens_asked"] == second["guide/requests"] == 0
+
+
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py"])
 def test_two_processes_stopped_either_way_save_before_leaving_and_resume_to_what_an_unstopped_run_logs(
         assets, tmp_path, script):
