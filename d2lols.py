@@ -437,8 +437,7 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     common/guide.py keeps that through text too). Where the sample is shorter (n < k), k is drawn again
     within it: P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}."""
     H = args.max_new_tokens
-    mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
-    k_draw = {i: rng.randint(1, H - 1) for i in mixed}
+    mixed, k_draw = draw_roll_ins(batch, args, rng)
     roll_ins = [[] for _ in batch]
     if mixed:  # the guide writes k + 1 tokens: a sample longer than k (or the whole of a shorter one)
         samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
@@ -447,6 +446,21 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
             k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n > 0 else 0  # shorter: drawn again within
             roll_ins[i] = tokens[:k]
     return roll_ins
+
+
+def draw_roll_ins(batch, args, rng):
+    """Which rows the guide rolls in (probability beta), and each one's k ~ U{1..H-1}."""
+    mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
+    return mixed, {i: rng.randint(1, args.max_new_tokens - 1) for i in mixed}
+
+
+def send_roll_ins_ahead(guide, batch, args, rng):
+    """After tau the next batch's roll-ins do not depend on this iteration's update: a server guide starts writing
+    them now. The draws are put back, so the next rollout draws the same rows, k and seeds, and takes the answer."""
+    state = rng.getstate()
+    mixed, k_draw = draw_roll_ins(batch, args, rng)
+    guide.send([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
+    rng.setstate(state)
 
 
 def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, device, rng):
@@ -740,6 +754,9 @@ if __name__ == "__main__":
                 save_checkpoint(iteration - 1, *resume_point)
             raise SystemExit(f"error: {failures[0]}\n" + checkpoint.stopped_message(
                 "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
+        next_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
+        if args.tau <= iteration < args.num_iterations and len(prompt_order) >= args.batch_size:  # (after tau)
+            send_roll_ins_ahead(guide, [train_examples[i] for i in next_prompts], args, rng)  # during the update
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
         responses, response_masks, policy_masks, value_masks, logprobs = (

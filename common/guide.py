@@ -96,6 +96,9 @@ class GuideArgs:
     then the run stops at its last completed iteration, as on Ctrl-C (which also ends the wait)"""
     guide_max_retries: Optional[int] = None
     """--guide-url: at most this many retries of a request, within --guide-retry-seconds (None: no count)"""
+    guide_fetch_ahead: bool = True
+    """--guide-url: ask for the next iteration's roll-ins while the policy updates (they do not depend on it; the
+    same samples as without); False: ask when the rollout needs them"""
 
 
 def check_guide_args(args, continues_prefixes):
@@ -147,13 +150,17 @@ def load_guide(args, tokenizer, device, dtype, rng):
     tokens, at most budgets[i] of them, with EOS at the end where the guide ended it within them, whether it ended),
     and counts_policy_tokens (it writes policy tokens: same tokenizer, or the dataset; otherwise through text). A
     model writes at most --guide-max-new-tokens of its tokens a row; the references are cut only by the budgets.
-    `rng` is the script's mixing stream (checkpointed): it picks references and the servers' per-request seeds."""
+    `rng` is the script's mixing stream (checkpointed): it picks references and the servers' per-request seeds.
+    send(examples, prefixes, budgets) starts a later write of the same rows ahead where that saves time (a server:
+    in the background, while the policy updates; the caller puts `rng` back after it); elsewhere it does nothing."""
     if args.guide_references:
         guide = reference_guide(tokenizer, rng)
     elif args.guide_url:
         guide = server_guide(args, tokenizer, rng)
     else:
         guide = local_guide(args, tokenizer, device, dtype)
+    if not args.guide_fetch_ahead or not hasattr(guide, "send"):  # (a local model shares the policy's device)
+        guide.send = lambda examples, prefixes, budgets: None
     return with_stats(guide)
 
 
@@ -442,10 +449,11 @@ def server_guide(args, tokenizer, rng):
             failed.set()
         return StopRun(why[0])
 
-    def request(prompts, max_tokens, seed, fields, probing=False, counted=True):
-        """One request (prompts: a string, token ids, or a list of either) -> its choices in prompt order. `probing`
-        what the server takes: a refusal or an answer of another shape is None (a failure is retried as always).
-        `counted`: a request for rows, in stats (not a probe)."""
+    def request(prompts, max_tokens, seed, fields, ledger=None, probing=False):
+        """One request (prompts: a string, token ids, or a list of either) -> its choices in prompt order, counted in
+        `ledger`: the rows' write's, which stats() counts with the write that takes them (None: a probe, whose
+        retries alone count). `probing` what the server takes: a refusal or an answer of another shape is None (a
+        failure is retried as always)."""
         count = len(prompts) if isinstance(prompts, list) and isinstance(prompts[0], (str, list)) else 1
         attempt, first_failure, started = 0, None, time.monotonic()
         while True:
@@ -470,7 +478,7 @@ def server_guide(args, tokenizer, rng):
                                   f"({error})")
                 attempt += 1
                 with lock:
-                    stats["retries"] += 1
+                    (stats if ledger is None else ledger)["retries"] += 1
                 print(f"guide: {args.guide_url}: {error}; retry {attempt} in {wait:.1f} s", flush=True)
                 if wait_unless_stopped(wait, failed):
                     raise give_up(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
@@ -491,17 +499,17 @@ def server_guide(args, tokenizer, rng):
                 return None
             raise give_up(f"the guide server {args.guide_url} answered out of the completions API's shape "
                           f"({str(response)[:200]})")
-        if counted:
+        if ledger is not None:
             with lock:
-                stats["requests"] += 1
-                stats["seconds"] += time.monotonic() - started
-                stats["tokens_asked"] += max_tokens * count
+                ledger["requests"] += 1
+                ledger["seconds"] += time.monotonic() - started
+                ledger["tokens_asked"] += max_tokens * count
         return choices
 
     def refused(fields):
         """Whether the server refuses a one-token request with these sampling fields (400 or 422)."""
         try:
-            request("Hello", 1, 0, fields, counted=False)
+            request("Hello", 1, 0, fields)
             return False
         except Refused:
             return True
@@ -519,16 +527,16 @@ def server_guide(args, tokenizer, rng):
         hello = [guide_tokenizer("Hello").input_ids, guide_tokenizer("Hi").input_ids] if same_tokenizer else ["Hello", "Hi"]
         fields = {**extra, **({"min_tokens": 1} if "min_tokens" in extra else {}),
                   **({"return_token_ids": True} if same_tokenizer else {})}
-        answer = request(hello, 1, 0, fields, probing=True, counted=False)
+        answer = request(hello, 1, 0, fields, probing=True)
         server.lists = answer is not None
         if answer is None and same_tokenizer:
-            answer = request(hello[0], 1, 0, fields, probing=True, counted=False)
+            answer = request(hello[0], 1, 0, fields, probing=True)
         server.token_ids = answer is not None and same_tokenizer and all(
             isinstance(getattr(c, "token_ids", None), list) for c in answer)
         guide.counts_policy_tokens = server.token_ids
         server.probed = True
 
-    def complete_all(prompts, max_tokens, min_tokens, seeds):
+    def complete_all(prompts, max_tokens, min_tokens, seeds, ledger):
         """Every prompt's (text or token ids, whether it ended): rows that ask for the same lengths share a request
         where the server takes lists (its seed: the first row's), each its own otherwise; --guide-concurrency
         requests in flight."""
@@ -538,7 +546,7 @@ def server_guide(args, tokenizer, rng):
             batch = [prompts[i] for i in rows] if server.lists else prompts[rows[0]]
             seed = seeds[rows[0]] if args.guide_seed else None
             try:
-                return request(batch, max_tokens[rows[0]], seed, fields)
+                return request(batch, max_tokens[rows[0]], seed, fields, ledger)
             except Refused as e:
                 raise give_up(f"the guide server {args.guide_url} refused the request {e}")
 
@@ -558,11 +566,14 @@ def server_guide(args, tokenizer, rng):
         return results
 
     pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
+    ahead, background, probe_lock = {}, concurrent.futures.ThreadPoolExecutor(1), threading.Lock()  # (send)
 
-    def write(examples, prefixes, budgets):
-        seeds = [rng.randrange(2**31) for _ in examples]  # in order, before any request: the stream stays exact
-        if not server.probed:
-            probe()
+    def write_rows(examples, prefixes, budgets, seeds):
+        """write's rows, and the requests they took (a ledger for stats)."""
+        ledger = {"requests": 0, "retries": 0, "seconds": 0.0, "tokens_asked": 0}
+        with probe_lock:
+            if not server.probed:
+                probe()
         if server.token_ids:  # the policy's tokens both ways: each row asks for its budget
             budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
             inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
@@ -570,14 +581,35 @@ def server_guide(args, tokenizer, rng):
             samples = dict(zip(todo, complete_all([inputs[i] for i in todo], [budgets[i] for i in todo],
                                                   min_new_tokens(args, [prefixes[i] for i in todo],
                                                                  [budgets[i] for i in todo]),
-                                                  [seeds[i] for i in todo])))
+                                                  [seeds[i] for i in todo], ledger)))
             return [cut_to_budget(*samples.get(i, ([], False)), budget, tokenizer.eos_token_id)
-                    for i, budget in enumerate(budgets)]
+                    for i, budget in enumerate(budgets)], ledger
 
         def sample(rows, texts, max_tokens, min_tokens):  # a row asked again keeps its seed (its prompt is longer)
-            return complete_all(texts, max_tokens, min_tokens, [seeds[i] for i in rows])
+            return complete_all(texts, max_tokens, min_tokens, [seeds[i] for i in rows], ledger)
 
-        return write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample)
+        return write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample), ledger
+
+    def draw_seeds(examples, prefixes, budgets):
+        """The rows' seeds, in order, before any request (the stream stays exact), and the call's key."""
+        seeds = [rng.randrange(2**31) for _ in examples]
+        return seeds, repr([(e["prompt_ids"], list(p), b, seed) for e, p, b, seed in zip(examples, prefixes, budgets, seeds)])
+
+    def send(examples, prefixes, budgets):
+        """Start writing these rows in the background: the write that asks for the same rows, budgets and seeds
+        (the caller puts its random stream back, so the write draws the same seeds) takes the answer."""
+        seeds, key = draw_seeds(examples, prefixes, budgets)
+        ahead[key] = background.submit(write_rows, examples, prefixes, budgets, seeds)
+
+    def write(examples, prefixes, budgets):
+        seeds, key = draw_seeds(examples, prefixes, budgets)
+        sent = ahead.pop(key, None)
+        ahead.clear()  # (rows sent ahead that no write asked for are dropped)
+        rows, ledger = sent.result() if sent else write_rows(examples, prefixes, budgets, seeds)
+        with lock:
+            for name, value in ledger.items():
+                stats[name] += value
+        return rows
 
     def transport_stats():
         """Since the last call: the requests for rows (not the probes), retries, mean latency, and the server's own
@@ -589,6 +621,6 @@ def server_guide(args, tokenizer, rng):
             stats.update(requests=0, retries=0, seconds=0.0, tokens_asked=0)
         return out
 
-    guide = SimpleNamespace(write=write, counts_policy_tokens=False, source=f"the server {args.guide_url}",
+    guide = SimpleNamespace(write=write, send=send, counts_policy_tokens=False, source=f"the server {args.guide_url}",
                             transport_stats=transport_stats, server=server)
     return guide

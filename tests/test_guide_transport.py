@@ -2,9 +2,11 @@
 the references' budget (the horizon, never a model guide's), short answers asked again through text, and samples
 that are empty."""
 
+import glob
 import json
 import os
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +16,10 @@ import aggrevated
 import d2lols
 import ppo_plus_plus
 from common import guide as guides
-from conftest import module_name
+from conftest import Spy, module_name, read_tensorboard, run_script_in_process, set_flags
 from guide_server import GuideServer
-from test_guide_sources import served  # noqa: F401 (a fixture)
+from test_checkpoints import StopIn, logged
+from test_guide_sources import http_args, served  # noqa: F401 (a fixture)
 from test_guided import make_args
 
 ROLL_IN_MODULES = [ppo_plus_plus, d2lols]  # the guide writes the first k tokens (D2LOLS: after tau)
@@ -471,3 +474,73 @@ def test_a_bos_the_chat_template_writes_is_left_to_a_tokenizer_that_adds_its_own
     args = SimpleNamespace(guide_prompt_template=None, guide_chat_template=True)
     assert guides.guide_prompt(args, Tokenizer(True), "hi {x}") == "[user] hi {x} [assistant]"
     assert guides.guide_prompt(args, Tokenizer(False), "hi {x}") == "<s>[user] hi {x} [assistant]"
+
+
+# -- roll-ins fetched ahead: asked for while the policy updates ----------------------------------------------------
+
+class Slow(Spy):
+    """Records when the loop calls the helper and how many requests the server had by then and on return; sleeps
+    `seconds` after each call (a slow update)."""
+
+    def __init__(self, server, seconds=0.0):
+        super().__init__()
+        self.server, self.seconds, self.times = server, seconds, []
+
+    def wrap(self, function):
+        recorded = super().wrap(function)
+
+        def wrapper(*args, **kwargs):
+            before = len(self.server.rows())
+            result = recorded(*args, **kwargs)
+            self.times.append((before, len(self.server.rows())))
+            time.sleep(self.seconds)
+            return result
+
+        return wrapper
+
+
+@pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+def test_roll_ins_fetched_ahead_reach_the_server_before_their_rollout_and_change_nothing(assets, served, tmp_path,
+                                                                                         module):
+    """A server that takes D = 0.5 s an answer, an update that takes 1 s: with --guide-fetch-ahead, iteration i's
+    roll-ins (i >= 2; D2LOLS: after tau = 1) were all asked for before iteration i asks the guide, none twice,
+    and the loop waits < D/2 for them, against >= D without; both runs ask the same rows, budgets and seeds and
+    log the same (the guide's counters included: a request counts with the iteration that takes its rows)."""
+    script, delay = f"{module.__name__}.py", 0.5
+    runs = {}
+    for ahead in (True, False):
+        with GuideServer(*served, delay=delay) as server:
+            args = http_args(assets, script, server.url, "--total-episodes", 12, "--beta", 1)
+            args = args + ([] if ahead else ["--no-guide-fetch-ahead"])
+            asked, update = Slow(server), Slow(server, seconds=1.0)
+            (tmp_path / str(ahead)).mkdir()
+            run_script_in_process(script, args, tmp_path / str(ahead),
+                                  spies={"guide_roll_in": asked, "normalize_advantages": update})
+            runs[ahead] = (asked.times, sorted((json.dumps(r["prompt"]), r["max_tokens"], r.get("seed"))
+                                               for r in server.rows()), read_tensorboard(tmp_path / str(ahead)))
+    (with_ahead, requests, events), (without, requests_without, events_without) = runs[True], runs[False]
+    roll_ins = 3 if module is ppo_plus_plus else 2  # (D2LOLS's iteration 1 is AggreVaTeD's: the guide rolls out)
+    assert len(with_ahead) == len(without) == roll_ins and requests == requests_without
+    assert [after - before > 0 for before, after in without] == [True] * roll_ins  # asked when the rollout needs them
+    assert [after - before > 0 for before, after in with_ahead] == [True, False, False][3 - roll_ins :]  # before
+    assert logged(events) == logged(events_without)
+    waits = [e.value for e in events.Scalars("timing/guide_s")]
+    waits_without = [e.value for e in events_without.Scalars("timing/guide_s")]
+    assert max(waits[1:]) < delay / 2 and min(waits_without) >= delay
+
+
+def test_a_run_stopped_with_roll_ins_sent_ahead_resumes_exactly(assets, served, tmp_path):
+    """Ctrl-C in iteration 2 (its roll-ins for iteration 3 already sent): the checkpoint is iteration 2's, and the
+    resumed run logs what a run never stopped logs (its random stream is that of a run without fetch-ahead)."""
+    script = "ppo_plus_plus.py"
+    with GuideServer(*served) as server:
+        args = http_args(assets, script, server.url, "--total-episodes", 16, "--beta", 1, "--save-every", 4)
+        (tmp_path / "whole").mkdir()
+        run_script_in_process(script, args, tmp_path / "whole")
+        (tmp_path / "stopped").mkdir()
+        with pytest.raises(SystemExit):
+            run_script_in_process(script, args, tmp_path / "stopped",
+                                  spies={"kl_penalized_rewards": StopIn(2, 1, "signal")})
+        [folder] = glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))
+        run_script_in_process(script, set_flags(args, "--resume", folder), tmp_path / "stopped")
+    assert logged(read_tensorboard(tmp_path / "stopped")) == logged(read_tensorboard(tmp_path / "whole"))
