@@ -360,13 +360,13 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
                       old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), value_mask,
                               num_value_tokens)
-    with torch.no_grad():
+    with torch.no_grad():  # sums over the tokens: the logs divide by every token the update saw (every rank's)
         stats = {
-            "approxkl": 0.5 * token_mean(log_ratio**2, mask, num_tokens),  # k2 estimator (sfd's; CleanRL logs k3)
-            "clipfrac": token_mean(((ratio - 1).abs() > args.clip_coef).float(), mask, num_tokens),
-            "ratio": token_mean(ratio, mask, num_tokens),
-            "policy_loss": pg_loss,
-            "value_loss": v_loss,
+            "approxkl": 0.5 * (log_ratio**2 * mask).sum(),  # k2 estimator (sfd's; CleanRL logs k3)
+            "clipfrac": (((ratio - 1).abs() > args.clip_coef).float() * mask).sum(),
+            "ratio": (ratio * mask).sum(),
+            "policy_loss": pg_loss * num_tokens,
+            "value_loss": v_loss * num_value_tokens,
         }
     return pg_loss + args.vf_coef * v_loss, stats
 
@@ -739,8 +739,7 @@ if __name__ == "__main__":
                     scaler.scale(loss).backward()  # (the micro-batches' shares add up to the minibatch's loss)
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
-                        micro_stats["entropy"] = token_mean(entropy_from_logits(logits, args.temperature),
-                                                            policy_mask[idx], loss_tokens)
+                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * policy_mask[idx]).sum()
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
                 if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
@@ -775,19 +774,21 @@ if __name__ == "__main__":
                                   / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
             restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
                                           / distributed.masked_var(returns, restarts).clamp(min=1e-8))
+        policy_mask_seen, value_mask_seen = (args.update_epochs * m for m in (policy_mask, value_mask))  # every token
+        # once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
             "objective/entropy": distributed.mean(-(logprobs * policy_mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
-            "policy/approxkl_avg": distributed.mean(stats["approxkl"]).item(),
-            "policy/clipfrac_avg": distributed.mean(stats["clipfrac"]).item(),
-            "policy/entropy_avg": distributed.mean(stats["entropy"]).item(),
-            "loss/policy_avg": distributed.mean(stats["policy_loss"]).item(),
-            "loss/value_avg": distributed.mean(stats["value_loss"]).item(),
+            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], policy_mask_seen).item(),
+            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], policy_mask_seen).item(),
+            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], policy_mask_seen).item(),
+            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], policy_mask_seen).item(),
+            "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], value_mask_seen).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
-            "val/ratio": distributed.mean(stats["ratio"]).item(),
+            "val/ratio": distributed.ratio_of_sums(stats["ratio"], policy_mask_seen).item(),
             "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended

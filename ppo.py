@@ -328,13 +328,13 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     values_clipped = (new_values if args.clip_coef_value is None else
                       old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
     v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask, num_tokens)
-    with torch.no_grad():
+    with torch.no_grad():  # sums over the tokens: the logs divide by every token the update saw (every rank's)
         stats = {
-            "approxkl": 0.5 * token_mean(log_ratio**2, mask, num_tokens),  # k2 estimator (sfd's; CleanRL logs k3)
-            "clipfrac": token_mean(((ratio - 1).abs() > args.clip_coef).float(), mask, num_tokens),
-            "ratio": token_mean(ratio, mask, num_tokens),
-            "policy_loss": pg_loss,
-            "value_loss": v_loss,
+            "approxkl": 0.5 * (log_ratio**2 * mask).sum(),  # k2 estimator (sfd's; CleanRL logs k3)
+            "clipfrac": (((ratio - 1).abs() > args.clip_coef).float() * mask).sum(),
+            "ratio": (ratio * mask).sum(),
+            "policy_loss": pg_loss * num_tokens,
+            "value_loss": v_loss * num_tokens,
         }
     return pg_loss + args.vf_coef * v_loss, stats
 
@@ -645,8 +645,7 @@ if __name__ == "__main__":
                     scaler.scale(loss).backward()  # (the micro-batches' shares add up to the minibatch's loss)
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
-                        micro_stats["entropy"] = token_mean(entropy_from_logits(logits, args.temperature), mask[idx],
-                                                            loss_tokens)
+                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * mask[idx]).sum()
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
                 if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
@@ -674,19 +673,20 @@ if __name__ == "__main__":
         with torch.no_grad():  # over every rank's tokens
             explained_variance = 1 - (distributed.masked_var(returns - values, mask)
                                       / distributed.masked_var(returns, mask).clamp(min=1e-8))
+        mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
             "objective/entropy": distributed.mean(-(logprobs * mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
-            "policy/approxkl_avg": distributed.mean(stats["approxkl"]).item(),
-            "policy/clipfrac_avg": distributed.mean(stats["clipfrac"]).item(),
-            "policy/entropy_avg": distributed.mean(stats["entropy"]).item(),
-            "loss/policy_avg": distributed.mean(stats["policy_loss"]).item(),
-            "loss/value_avg": distributed.mean(stats["value_loss"]).item(),
+            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], mask_seen).item(),
+            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], mask_seen).item(),
+            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], mask_seen).item(),
+            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], mask_seen).item(),
+            "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
-            "val/ratio": distributed.mean(stats["ratio"]).item(),
+            "val/ratio": distributed.ratio_of_sums(stats["ratio"], mask_seen).item(),
             "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended

@@ -54,6 +54,14 @@ def masked_mean(x, mask):
     return sums[0] / sums[1].clamp(min=1)
 
 
+def ratio_of_sums(numerator, denominator):
+    """numerator.sum() / denominator.sum(), each summed over every rank (a mean over tokens from sums over them)."""
+    sums = torch.stack([numerator.sum(), denominator.sum()]).float()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
 def masked_var(x, mask):
     """The (population) variance of x over the masked entries of every rank."""
     mean = masked_mean(x, mask)

@@ -513,3 +513,33 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_
     assert not any(m.training for m in runs[True]["policy"].modules() if isinstance(m, GradientCheckpointingLayer))
     saved = json.load(open(tmp_path / "saved" / "config.json"))
     assert saved["dropout" if architecture == "opt" else "resid_pdrop"] == 0.5
+
+
+@rl_scripts
+def test_the_updates_statistics_are_means_over_every_token_it_saw(assets, tmp_path, script):
+    """Minibatches of one episode, of different lengths (a policy that says EOS with p = 0.2), and, in the guided
+    scripts, beta 0.5: an AggreVaTeD episode the guide wrote alone holds no policy token, and its minibatch once
+    counted as a zero (val/ratio 0.50 and 0.75). val/ratio, approx-KL and the clip fraction are the means over
+    every policy token the update saw, recomputed here from what the loop handed ppo_loss (a mean of the
+    minibatches' means fails: they hold different numbers of tokens)."""
+    args = set_flags(task_args(assets, "imdb", script), "--num-minibatches", 4, "--update-epochs", 2,
+                     "--eval-every", 0, "--learning-rate", 3e-3, "--model-name-or-path", assets["often_eos"],
+                     "--min-new-tokens", 0, "--top-k", 0)
+    if script != "ppo.py":
+        args = set_flags(args, "--beta", 0.5)
+    _, spies, events = run(script, args, tmp_path, ["ppo_loss"])
+    calls = spies["ppo_loss"].calls
+    per_iteration = len(calls) // 2
+    if script in ("aggrevated.py", "d2lols.py"):  # (D2LOLS: iteration 1 is AggreVaTeD's)
+        assert any(c.mask.sum() == 0 for c in calls[:per_iteration])
+    assert len({float(c.mask.sum()) for c in calls}) > 1
+    for tag, per_token in (("val/ratio", lambda log_ratio: log_ratio.exp()),
+                           ("policy/approxkl_avg", lambda log_ratio: 0.5 * log_ratio**2),
+                           ("policy/clipfrac_avg", lambda log_ratio: ((log_ratio.exp() - 1).abs() > 0.2).float())):
+        expected = []
+        for iteration in range(2):
+            part = calls[iteration * per_iteration : (iteration + 1) * per_iteration]
+            total = sum(float((per_token(c.new_logprobs.detach() - c.old_logprobs) * c.mask).sum()) for c in part)
+            expected.append(total / sum(float(c.mask.sum()) for c in part))
+        assert scalars(events, tag) == pytest.approx(expected, rel=1e-5, abs=1e-9), tag
+    assert max(abs(r - 1) for r in scalars(events, "val/ratio")) < 0.1
