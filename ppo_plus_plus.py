@@ -33,7 +33,6 @@ import torch.nn as nn
 import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
@@ -524,7 +523,7 @@ if __name__ == "__main__":
                    config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
     # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
     if master:
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
+        writer = checkpoint.Log(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s"
                         % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
@@ -748,7 +747,9 @@ if __name__ == "__main__":
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
                 if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
-                    quantity = "gradient" if torch.isfinite(stats["loss"][epoch, minibatch]).all() else "loss"
+                    # the loss on any rank (all ranks decide alike: none is left waiting in a collective)
+                    nan_loss = distributed.mean(~torch.isfinite(stats["loss"][epoch, minibatch])) > 0
+                    quantity = "loss" if nan_loss else "gradient"
                     if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
                         raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
                                          "stopped before the optimizer step")
@@ -831,9 +832,9 @@ if __name__ == "__main__":
             policy = policy.merge_and_unload()
         policy.generation_config = checkpoint_generation_config
         policy.config.update(dropout)  # the checkpoint's own dropout, as it came
-        with checkpoint.writing("the policy to", save_path):  # (a full disk: one line)
-            policy.save_pretrained(save_path)
-            tokenizer.save_pretrained(save_path)
+        with checkpoint.writing("the policy to", save_path) as folder:  # (a full disk: one line, nothing half-written)
+            policy.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         print(f"saved the policy to {save_path}")
     if master:
         writer.close()

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import transformers
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, metrics, rewards, tasks, text
@@ -176,13 +175,14 @@ def sft_batch(pairs, pad_token_id, device):
     return input_ids, attention_mask, loss_mask
 
 
-def sft_loss(model, input_ids, attention_mask, loss_mask, num_tokens=None):
+def sft_loss(model, input_ids, attention_mask, loss_mask, num_tokens=None, longest_target=None):
     """Negative log-likelihood (fp32) of the tokens where loss_mask is 1, each predicted from the ones before,
     summed and divided by `num_tokens` (default: these tokens): with the whole batch's target tokens, the
     micro-batches' losses add up to the batch's token mean however it is split.
 
-    Left padding puts every target at the end of its row, so the LM head runs only on the last columns."""
-    num_target_tokens = int(loss_mask.sum(1).max())
+    Left padding puts every target at the end of its row, so the LM head runs only on the last columns: the
+    longest target's (None: read from loss_mask, which waits for the device; the loop knows it)."""
+    num_target_tokens = longest_target or int(loss_mask.sum(1).max())
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    logits_to_keep=num_target_tokens + 1).logits[:, :-1].float()
     targets, mask = input_ids[:, -num_target_tokens:], loss_mask[:, -num_target_tokens:].float()
@@ -266,7 +266,7 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
     # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] * args.batch_size + 1 if resumed else None)
+    writer = checkpoint.Log(f"runs/{run_name}", purge_step=resumed["step"] * args.batch_size + 1 if resumed else None)
     writer.add_text("hyperparameters",
                     "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
 
@@ -362,13 +362,15 @@ if __name__ == "__main__":
 
         # one optimizer step: the batch's loss (a mean over its target tokens), accumulated over micro-batches
         step_loss, num_target_tokens = 0.0, sum(len(target) for _, target in batch)
-        for start in range(0, args.batch_size, args.micro_batch_size):
-            input_ids, attention_mask, loss_mask = sft_batch(batch[start : start + args.micro_batch_size],
-                                                             tokenizer.pad_token_id, device)
+        for start in range(0, args.batch_size, args.micro_batch_size):  # (nothing here waits for the device)
+            micro_batch = batch[start : start + args.micro_batch_size]
+            input_ids, attention_mask, loss_mask = sft_batch(micro_batch, tokenizer.pad_token_id, device)
             with autocast:
-                loss = sft_loss(model, input_ids, attention_mask, loss_mask, num_target_tokens)
+                loss = sft_loss(model, input_ids, attention_mask, loss_mask, num_target_tokens,
+                                max(len(target) for _, target in micro_batch))
             scaler.scale(loss).backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()
+        step_loss = step_loss.item()
         scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
@@ -400,8 +402,8 @@ if __name__ == "__main__":
 
     if args.save_model:
         model.generation_config = checkpoint_generation_config
-        with checkpoint.writing("the model to", save_path):  # (a full disk: one line)
-            model.save_pretrained(save_path)
-            tokenizer.save_pretrained(save_path)
+        with checkpoint.writing("the model to", save_path) as folder:  # (a full disk: one line, nothing half-written)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         print(f"saved the model to {save_path}")
     writer.close()

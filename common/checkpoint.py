@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -77,13 +78,26 @@ def load_weights(model, file, device):
     model.load_state_dict(tensors, strict=False)
 
 
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # a full disk: OSError; safetensors' SafetensorError;
+# torch.save's RuntimeError ("unexpected pos ...")
+
+
 @contextlib.contextmanager
 def writing(what, path):
-    """A write that fails (a full disk, no permission, a file in the way) ends the run with one line naming it."""
+    """Yields a temporary sibling of the folder `path` to write into; once every write is done, the files are moved
+    into `path` (renames: no space needed). A write that fails (a full disk, no permission) ends the run with one
+    line naming it, and leaves nothing half-written where it could be taken for a whole file (`path` as before)."""
+    tmp = path.rstrip("/") + ".tmp"  # (check_outputs: nothing there at start)
     try:
-        yield
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {what} {path}: {e.strerror or e}") from None
+        yield tmp
+    except WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"error: cannot write {what} {path}: {getattr(e, 'strerror', None) or e}; nothing was "
+                         "written there") from None
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
 
 
 def check_writable(path, what):
@@ -115,7 +129,7 @@ def save(path, models, optimizer, state):
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
-    except (OSError, SafetensorError) as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous one is kept in {path}" if os.path.exists(path) else "there is no previous one"
         raise SystemExit(f"error: cannot write the checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}")
@@ -162,6 +176,9 @@ def check_outputs(run_name, checkpoint_dir, save_path):
         check_dir(checkpoint_dir, run_name)
     if save_path:
         check_writable(save_path, "--save-path")
+        if os.path.exists(save_path.rstrip("/") + ".tmp"):  # (where the model is written before it is moved in)
+            raise SystemExit(f"error: --save-path {save_path}: {save_path.rstrip('/')}.tmp is in the way (an "
+                             "interrupted save's, or another's): move or remove it")
 
 
 def read_state(path, script, args, num_rows, same):
@@ -246,6 +263,39 @@ class StopRun(Exception):
 # Ctrl-C a terminal may also have sent to every process): only a later one stops at once
 SAME_STOP_SECONDS = 3.0
 RECEIVED = []  # the signals the running loop received (a guide waiting to retry reads it: a stop ends the wait)
+
+
+class Log:
+    """TensorBoard's SummaryWriter (same arguments, same methods), whose failures stop the run instead of raising: a
+    full disk under runs/ (an OSError, which the writer's thread passes to a later call than the write that failed)
+    is noted as a stop (RECEIVED), so the loop ends the iteration, checkpoints and exits with one line, as on
+    Ctrl-C (the log is the run's record); later calls do nothing, and close() ends the run with that line."""
+
+    def __init__(self, *args, **kwargs):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer, self.failure = SummaryWriter(*args, **kwargs), None
+        print_thread_error = threading.excepthook  # the writer's thread dies on that error: the loop says it once
+
+        def quiet_writer_thread(hook_args):
+            if type(hook_args.thread).__name__ != "_AsyncWriterThread":  # (tensorboard's)
+                print_thread_error(hook_args)
+
+        threading.excepthook = quiet_writer_thread
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            if self.failure is None:
+                try:
+                    return getattr(self.writer, name)(*args, **kwargs)
+                except OSError as e:
+                    self.failure = f"an error writing TensorBoard's log {self.writer.log_dir} ({e.strerror or e})"
+            if self.failure not in RECEIVED:
+                RECEIVED.append(self.failure)
+            if name == "close":  # (the run's last call: nothing after it would say so)
+                raise SystemExit(f"error: {self.failure}: the run's TensorBoard log is incomplete")
+
+        return call
 
 
 def stop_on_signals():

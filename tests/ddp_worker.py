@@ -5,7 +5,7 @@ its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the pr
 (as from Ctrl-C on one node); with SIGINT_LAUNCHER_IN_ITERATION=n, rank 0 sends it to torchrun during iteration n
 (as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank). With SLOW_SAVE=s, a checkpoint takes s
 seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written.
-With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
+With NAN_LOSS_ON_RANK=r, rank r's first loss is nan. With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
 REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
 call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
 (tests/test_split.py: the same episodes as a one-process run).
@@ -85,6 +85,19 @@ if __name__ == "__main__":
 
         load_guide = guide.load_guide
         spies["load_guide"] = type("Failing", (), {"wrap": staticmethod(lambda function: failing_load_guide)})()
+    if os.environ.get("NAN_LOSS_ON_RANK") == os.environ["RANK"]:  # this rank's first loss is nan, the others' finite
+        class NanFirstLoss:
+            def wrap(self, function):
+                calls = []
+
+                def nan_first(*args, **kwargs):
+                    loss, stats = function(*args, **kwargs)
+                    calls.append(1)
+                    return (loss * float("nan") if len(calls) == 1 else loss), stats
+
+                return nan_first
+
+        spies["ppo_loss"] = NanFirstLoss()
     if os.environ.get("REPLAY_EPISODES"):
         import torch
 

@@ -525,7 +525,8 @@ def test_a_full_disk_while_writing_stops_with_one_line_and_keeps_the_last_checkp
     message = run_error(script, set_flags(args, "--save-every", 0) + ["--save-model", "--save-path", "out"],
                         tmp_path / "three")
     assert message == f"error: cannot write the {'model' if script == 'sft.py' else 'policy'} to out: No space left " \
-                      "on device"
+                      "on device; nothing was written there"
+    assert not os.path.exists(tmp_path / "three" / "out.tmp")
 
 
 @pytest.mark.parametrize("part", ["policy.safetensors", "critic.safetensors", "optimizer.pt", "state.json"])

@@ -197,3 +197,16 @@ def test_a_guide_that_fails_on_one_rank_stops_every_rank_at_the_last_completed_i
     [folder] = glob.glob(str(tmp_path / "checkpoints" / "*"))
     state = json.load(open(os.path.join(folder, "state.json")))
     assert state["iteration"] == 0 and len(state["rng"]) == 2
+
+
+@pytest.mark.parametrize("script", [m.__name__ + ".py" for m in RL_MODULES])
+def test_a_nan_loss_on_one_rank_under_fp16_stops_every_rank_alike(assets, tmp_path, script):
+    """--fp16, 2 processes, rank 1's first loss is nan and rank 0's finite: the gradients (averaged) are nan on both.
+    Decided from its own loss, rank 0 took it for an fp16 overflow and skipped the step while rank 1 stopped, so
+    rank 0 went on into a collective rank 1 never joined. Every rank decides from all ranks' losses: both stop
+    with the same line, before the optimizer step."""
+    args = set_flags(task_args(assets, "imdb", script), "--batch-size", 8, "--total-episodes", 16, "--eval-every", 0)
+    result = torchrun(script, args + ["--fp16"], tmp_path, env={"NAN_LOSS_ON_RANK": "1"})
+    assert result.returncode != 0
+    line = "error: iteration 1: the loss is not finite (nan or inf); stopped before the optimizer step"
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]

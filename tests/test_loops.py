@@ -471,7 +471,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_
     """With dropout in the checkpoint (p = 0.5): under --gradient-checkpointing the update recomputes the
     layers (transformers' checkpoint function runs) yet nothing drops out, so the first ratio is 1, and the
     run trains exactly as without it. GPT-2 drops out through nn.Dropout modules; OPT's layers call dropout
-    with their own training flag, which checkpointing sets. --save-model keeps the checkpoint's dropout."""
+    with their own training flag, which checkpointing sets. --save-model keeps the checkpoint's dropout. The critics
+    are compared too: one that kept the checkpoint's dropout would train differently under checkpointing."""
     import transformers.modeling_utils
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -507,8 +508,9 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_
         for value in scalars(events, "val/ratio"):
             assert value == pytest.approx(1, abs=1e-6)
         assert bool(checkpointed) == bool(flags)
-    for a, b in zip(runs[False]["policy"].parameters(), runs[True]["policy"].parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for name, model in runs[False]["trained_models"].items():  # the policy and every critic: none drops out
+        for a, b in zip(model.parameters(), runs[True]["trained_models"][name].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert not runs[True]["policy"].training
     assert not any(m.training for m in runs[True]["policy"].modules() if isinstance(m, GradientCheckpointingLayer))
     saved = json.load(open(tmp_path / "saved" / "config.json"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import RL_SCRIPTS, ROOT, Spy, read_tensorboard, run_script, run_script_in_process, sft_args, task_args
+from conftest import (RL_SCRIPTS, ROOT, Spy, read_tensorboard, run_script, run_script_in_process, set_flags, sft_args,
+                      task_args)
 
 spec = importlib.util.spec_from_file_location("sft", os.path.join(ROOT, "sft.py"))
 sft = importlib.util.module_from_spec(spec)
@@ -182,3 +183,24 @@ def test_eval_decodes_as_the_rl_scripts_do(assets, tmp_path, task):
     for script, config in configs.items():
         assert {key: config.get(key) for key in expected} == expected, script
         assert config == configs["ppo.py"], script
+
+
+def test_the_micro_batch_loop_never_waits_for_the_device(assets, tmp_path, monkeypatch):
+    """A tensor's .item(), int() or float() waits for the device (a GPU sync). A step makes the same number of them
+    however many micro-batches it is cut into (a loss.item() and an int() of the mask's max in each micro-batch
+    made 2 more per micro-batch)."""
+    calls = []
+    for name in ("item", "__int__", "__float__"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            calls.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_run = {}
+    for micro_batch_size in ("1", "4"):  # 4 micro-batches a step, or 1
+        (tmp_path / micro_batch_size).mkdir()
+        calls.clear()
+        run_script_in_process("sft.py", set_flags(sft_args(assets, "imdb"), "--eval-every", 0, "--micro-batch-size",
+                                                  micro_batch_size), tmp_path / micro_batch_size)
+        per_run[micro_batch_size] = len(calls)
+    assert per_run["1"] == per_run["4"] > 0, per_run

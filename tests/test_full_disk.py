@@ -1,0 +1,124 @@
+"""A full disk, for real: a subprocess whose files may not grow past a few bytes (RLIMIT_FSIZE; Python ignores
+SIGXFSZ, so the kernel's EFBIG reaches the writer as it would ENOSPC), writing with the real libraries (torch.save,
+safetensors, save_pretrained). Each write ends in one line, the last good files untouched, nothing half-written
+left where it could be taken for a whole file."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT, set_flags, task_args
+
+PRELUDE = f"""
+import os, resource, sys, torch
+sys.path.insert(0, {ROOT!r})
+from common import checkpoint
+
+def limit(size):  # from here on no file of this process may grow past `size` bytes
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+"""
+
+
+def run(code, cwd):
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_checkpoint_that_does_not_fit_keeps_the_last_good_one(tmp_path):
+    """The weights fit, the optimizer's state does not: torch.save raises a RuntimeError (not an OSError), which once
+    ended in a traceback with the half-written folder left beside the checkpoint."""
+    result = run("""
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        checkpoint.save("ck", {"policy": model}, optimizer, {"iteration": 1})
+        limit(1024)  # the weights (208 bytes) fit, the optimizer's state (3 KB) does not
+        optimizer.step()
+        checkpoint.save("ck", {"policy": model}, optimizer, {"iteration": 2})
+    """, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot write the checkpoint ck (basic_ios::clear: iostream error); the previous one is kept in ck"]
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no ck.tmp, no ck.old
+    assert json.load(open(tmp_path / "ck" / "state.json")) == {"iteration": 1}
+    assert sorted(os.listdir(tmp_path / "ck")) == ["optimizer.pt", "policy.safetensors", "state.json"]
+
+
+def test_a_saved_model_that_does_not_fit_leaves_nothing_half_written(tmp_path):
+    """--save-model: save_pretrained raises safetensors' SafetensorError on a full disk (not an OSError); the
+    folder the model goes to keeps what it held (here an earlier file), and no partial weights are left there."""
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "earlier.txt").write_text("kept")
+    result = run("""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                                bos_token_id=0, eos_token_id=0))
+        limit(4096)  # its config fits, its weights do not
+        with checkpoint.writing("the policy to", "saved") as folder:
+            model.save_pretrained(folder)
+    """, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # (after transformers' progress bar)
+    assert line.startswith("error: cannot write the policy to saved: ") and line.endswith(
+        "File too large (os error 27); nothing was written there"), line
+    assert sorted(os.listdir(tmp_path)) == ["saved"] and os.listdir(tmp_path / "saved") == ["earlier.txt"]
+
+
+def test_a_saved_model_that_fits_is_moved_in_whole(tmp_path):
+    result = run("""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                                bos_token_id=0, eos_token_id=0))
+        with checkpoint.writing("the policy to", "saved") as folder:
+            model.save_pretrained(folder)
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["saved"]
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "saved"))
+
+
+def mount_tmpfs(path, size):
+    """A real small filesystem at `path`, where this process may mount one (as root): True; else False."""
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_under_tensorboard_stops_the_run_with_one_line(assets, tmp_path):
+    """TensorBoard's writer raises OSError from a later call than the write that failed (it writes in a thread),
+    which once ended the run in a traceback. On a real 8 KiB filesystem holding runs/ (the checkpoints elsewhere):
+    the run stops at the end of an iteration, as on Ctrl-C, with its checkpoint and the command that resumes.
+    Where no filesystem can be mounted, every file is capped at 8 KiB (RLIMIT_FSIZE) under --save-every 0: the
+    failure ends the run with one line."""
+    args = set_flags(task_args(assets, "imdb"), "--total-episodes", 40, "--eval-every", 0, "--save-every", 1)
+    small = tmp_path / "small"
+    mounted = mount_tmpfs(small, "8k")
+    try:
+        if mounted:
+            (tmp_path / "runs").symlink_to(small)
+            command = [sys.executable, os.path.join(ROOT, "ppo.py"), *args]
+        else:
+            code = (f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); "
+                    f"sys.path.insert(0, {ROOT!r}); "
+                    f"sys.argv = {['ppo.py', *set_flags(args, '--save-every', 0)]!r}; "
+                    f"runpy.run_path({os.path.join(ROOT, 'ppo.py')!r}, run_name='__main__')")
+            command = [sys.executable, "-c", code]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)])
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    if mounted:
+        assert "stopped by an error writing TensorBoard's log runs/" in lines[-2] and "(No space left on device) " \
+            "after iteration " in lines[-2] and "; checkpoint: checkpoints/" in lines[-2], lines
+        assert lines[-1].startswith("resume with: ") and "/10; checkpoint" in lines[-2]
+        [folder] = os.listdir(tmp_path / "checkpoints")
+        state = json.load(open(tmp_path / "checkpoints" / folder / "state.json"))
+        assert f"after iteration {state['iteration']}/10;" in lines[-2]
+    else:
+        assert len(lines) == 1 and "an error writing TensorBoard's log runs/" in lines[0] and "(File too large)" in \
+            lines[0], lines  # (at the end of an iteration, or at the run's end if the writer held it till then)
