@@ -42,6 +42,9 @@ class Args:
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU)"""
+    process_group_timeout: float = 180.0
+    """torchrun: minutes a process waits in a collective for the others (rank 0 alone evaluates and checkpoints
+    meanwhile); lower it (e.g. 15) to learn of a dead rank sooner, raise it for evaluations longer than 3 h"""
     bf16: bool = False
     """bfloat16 autocast for forward passes; trained weights stay fp32, frozen ones are bfloat16 (log-probs in fp32)"""
     fp16: bool = False
@@ -69,7 +72,8 @@ class Args:
     checkpoint_dir: Optional[str] = None
     """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
     resume: Optional[str] = None
-    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers"""
+    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
+    --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -402,7 +406,7 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams", "lora_alpha"),
+                                       "eval_num_beams", "lora_alpha", "process_group_timeout"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
                                      "critic_warmup_iterations",
@@ -410,7 +414,7 @@ if __name__ == "__main__":
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
-    rank, args.world_size, device = distributed.setup(args.cuda)  # torchrun: one process per GPU
+    rank, args.world_size, device = distributed.setup(args.cuda, args.process_group_timeout)  # torchrun: a process a GPU
     master = rank == 0  # logs, evaluates and saves
     args.local_batch_size = tasks.exact_div(args.batch_size, args.world_size, "--batch-size / processes")
     args.minibatch_size = tasks.exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process
@@ -428,8 +432,8 @@ if __name__ == "__main__":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
-    resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
-                                                   same=("task", "total_episodes", "batch_size", "world_size"))
+    resumed = checkpoint.read_state(args, os.path.basename(__file__), len(train_rows),
+                                      same=("task", "total_episodes", "batch_size", "world_size"))
 
     run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
@@ -714,8 +718,7 @@ if __name__ == "__main__":
         if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stopping):
             save_checkpoint(iteration)
         if stopping and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
-            raise SystemExit(checkpoint.stopped_message(stop, f"iteration {iteration}/{args.num_iterations}",
-                                                        checkpoint_dir) if master else 1)
+            checkpoint.exit_stopped(stop, f"iteration {iteration}/{args.num_iterations}", checkpoint_dir, master)
 
     if args.save_model and master:
         if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class

@@ -55,7 +55,8 @@ class Args:
     checkpoint_dir: Optional[str] = None
     """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
     resume: Optional[str] = None
-    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers"""
+    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
+    --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -253,8 +254,8 @@ if __name__ == "__main__":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
-    resumed = args.resume and checkpoint.read_state(args.resume, os.path.basename(__file__), args, len(train_rows),
-                                                   same=("task", "batch_size", "num_epochs", "max_steps"))
+    resumed = checkpoint.read_state(args, os.path.basename(__file__), len(train_rows),
+                                      same=("task", "batch_size", "num_epochs", "max_steps"), computed=("num_steps",))
 
     run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
@@ -398,7 +399,7 @@ if __name__ == "__main__":
         if checkpoint_dir and (step % args.save_every == 0 or step == args.num_steps or stop):
             save_checkpoint(step)
         if stop and step < args.num_steps:  # (stopped in the last one: the run ends as usual)
-            raise SystemExit(checkpoint.stopped_message(stop, f"step {step}/{args.num_steps}", checkpoint_dir))
+            checkpoint.exit_stopped(stop, f"step {step}/{args.num_steps}", checkpoint_dir, True)
 
     if args.save_model:
         model.generation_config = checkpoint_generation_config

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from common import distributed
+
 CHECKPOINT_FILES = ("state.json", "optimizer.pt")  # and one <model>.safetensors per trained model
 
 
@@ -181,11 +183,27 @@ def check_outputs(run_name, checkpoint_dir, save_path):
                              "interrupted save's, or another's): move or remove it")
 
 
-def read_state(path, script, args, num_rows, same):
-    """The checkpoint's state.json, checked against this run before any model loads: the same script, the
-    same number of training rows (the saved order indexes them) and the flags in `same` (the task, and the
-    sizes that set the schedule and the step numbers). Other flags may change on resume (evaluation, batch
-    sizes per call...): they are listed. state["path"] is the folder."""
+def read_state(args, script, num_rows, same, computed=()):
+    """The checkpoint --resume names (None: a fresh start), its state.json checked against this run before any
+    model loads: the same script, the same number of training rows (the saved order indexes them) and the flags in
+    `same` (the task, and the sizes that set the schedule and the step numbers). Other flags may change on resume
+    (evaluation, batch sizes per call...): they are listed; `computed`: fields the script sets later, from the ones
+    checked (left out). state["path"] is the folder.
+
+    --resume auto: the checkpoint in --checkpoint-dir, or a fresh start where there is none yet, so one command
+    serves a run's first launch and every restart (torchrun --max-restarts); a checkpoint made with other flags is
+    refused."""
+    path, auto = args.resume, args.resume == "auto"
+    if path is None:
+        return None
+    if auto:
+        if not args.checkpoint_dir or not args.save_every:
+            raise SystemExit("error: --resume auto needs --checkpoint-dir (the folder its checkpoint is in, or will "
+                             "be) and --save-every > 0")
+        path = args.checkpoint_dir.rstrip("/")
+        if not any(os.path.isfile(os.path.join(folder, "state.json")) for folder in (path, path + ".old")):
+            print(f"--resume auto: no checkpoint in {path} yet: a fresh start", flush=True)
+            return None
     if not os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path + ".old", "state.json")):
         print(f"{path}: the last save was cut short; resuming from the checkpoint before it, {path}.old")
         path += ".old"
@@ -209,8 +227,11 @@ def read_state(path, script, args, num_rows, same):
         raise SystemExit(f"error: --resume {path}: the checkpoint's run had {state['num_rows']} training rows, this "
                          f"run has {num_rows} (another dataset)")
     changed = [f"--{name.replace('_', '-')} {value} -> {getattr(args, name)}" for name, value in state["args"].items()
-               if name not in ("resume", "checkpoint_dir")  # (as JSON: a tuple flag was saved as a list)
+               if name not in ("resume", "checkpoint_dir", *computed)  # (as JSON: a tuple flag was saved as a list)
                and json.loads(json.dumps(getattr(args, name, value))) != value]
+    if changed and auto:
+        raise SystemExit(f"error: --resume auto: the checkpoint in {path} was made with other flags "
+                         f"({', '.join(changed)}): give its command, or --resume {path} to continue with these")
     if changed:
         print(f"resuming with flags changed from the checkpoint's: {', '.join(changed)}")
     state["path"] = path
@@ -333,6 +354,16 @@ def launch_command():
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
                 "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]]
+
+
+def exit_stopped(received, progress, checkpoint_dir, master):
+    """A clean stop (every rank calls it): rank 0 prints where the checkpoint is and the command that continues the
+    run; every rank exits with the shell's code for the signal any rank received, 128 + its number (130 SIGINT,
+    143 SIGTERM), else 1 (a stop for another cause)."""
+    names = [name for rank_received in distributed.gather(list(received)) for name in rank_received]
+    if master:
+        print(stopped_message(received or names, progress, checkpoint_dir), file=sys.stderr, flush=True)
+    raise SystemExit(128 + signal.Signals[names[0]] if names and names[0] in ("SIGINT", "SIGTERM") else 1)
 
 
 def stopped_message(received, progress, checkpoint_dir):

@@ -12,17 +12,14 @@ import os
 import torch
 import torch.distributed as dist
 
-# how long a rank waits in a collective for the others: rank 0 alone evaluates and writes checkpoints (minutes
-# on a large model) while the others wait for it, so far longer than PyTorch's default (10 min NCCL, 30 gloo)
-TIMEOUT = datetime.timedelta(hours=3)
-
-
-def setup(use_cuda):
-    """(rank, world_size, device): NCCL and one GPU per rank on GPUs, gloo on CPUs."""
+def setup(use_cuda, timeout_minutes=180.0):
+    """(rank, world_size, device): NCCL and one GPU per rank on GPUs, gloo on CPUs. `timeout_minutes`: how long a
+    rank waits in a collective for the others (rank 0 alone evaluates and writes checkpoints, minutes on a large
+    model, while the others wait, so far longer than PyTorch's default: 10 min NCCL, 30 gloo)."""
     cuda = use_cuda and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def checkpoint_folders(cwd):
 
 @pytest.mark.parametrize("how", ["signal", "crash"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(assets, tmp_path, script, how):
+def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(assets, tmp_path, capsys, script, how):
     """signal: SIGINT during step 1 ends the step, writes a checkpoint (the signal's alone: --save-every is 2)
     and exits non-zero with the resume command. crash: an exception in step 4, after step 2's checkpoint and
     step 3's logs (on disk: the writer flushes every 2 minutes). Resumed, TensorBoard shows one value per
@@ -102,8 +103,8 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(a
         state = json.load(f)
     assert state["step" if script == "sft.py" else "iteration"] == (1 if how == "signal" else 2)
     if how == "signal":
-        message = str(stop.value.code)
-        assert stop.type is SystemExit and stop.value.code not in (0, None)
+        message = capsys.readouterr().err.strip()
+        assert stop.type is SystemExit and stop.value.code == 130  # the shell's code for SIGINT
         assert message.startswith("stopped by SIGINT after ")
         relative = os.path.relpath(folder, stopped)
         assert f"checkpoint: {relative}\nresume with: python {script} " in message
@@ -121,14 +122,41 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(a
         assert json.load(f)["step" if script == "sft.py" else "iteration"] == 4
 
 
+@pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+def test_resume_auto_starts_fresh_then_continues_with_the_same_command(assets, tmp_path, capsys, script):
+    """--resume auto --checkpoint-dir ck, one command for a run's first launch and every restart (as torchrun
+    --max-restarts relaunches it): nothing in ck, a fresh start; stopped, the very same command continues from ck
+    and ends as a run never stopped; the same command with another flag, or without --checkpoint-dir, is refused
+    in one line."""
+    args = four_step_args(assets, script)
+    auto = args + ["--resume", "auto", "--checkpoint-dir", "ck"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    uninterrupted = run_script_in_process(script, args, whole)
+    helper, per_step = STEP_HELPER[script]
+    with pytest.raises(SystemExit) as stop:
+        run_script_in_process(script, auto, stopped, {helper: StopIn(1, per_step, "signal")})
+    assert stop.value.code == 130 and "--resume auto: no checkpoint in ck yet: a fresh start" in capsys.readouterr().out
+    resumed = run_script_in_process(script, auto, stopped)  # the same command, relaunched
+    assert logged(read_tensorboard(stopped)) == logged(read_tensorboard(whole))
+    model = "model" if script == "sft.py" else "policy"
+    for a, b in zip(uninterrupted[model].parameters(), resumed[model].parameters()):
+        assert torch.equal(a, b)
+    message = run_error(script, set_flags(auto, "--learning-rate", 0.5), stopped)
+    assert message.startswith("error: --resume auto: the checkpoint in ck was made with other flags (--learning-rate ")
+    assert run_error(script, args + ["--resume", "auto"], stopped).startswith(
+        "error: --resume auto needs --checkpoint-dir")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_path, script):
+def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_path, capsys, script):
     args = set_flags(four_step_args(assets, script), "--save-every", 0)
     helper, per_step = STEP_HELPER[script]
     with pytest.raises(SystemExit) as stop:
         run_script_in_process(script, args, tmp_path, {helper: StopIn(1, per_step, "signal")})
-    assert stop.value.code == f"stopped by SIGINT after {'step 1/4' if script == 'sft.py' else 'iteration 1/4'}, " \
-                              "without a checkpoint (--save-every 0): nothing to resume from"
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == (
+        f"stopped by SIGINT after {'step 1/4' if script == 'sft.py' else 'iteration 1/4'}, without a checkpoint "
+        "(--save-every 0): nothing to resume from")
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
@@ -172,8 +200,9 @@ def signal_after_first_step(process, signum, marker):
 def test_a_signalled_process_checkpoints_prints_how_to_resume_and_exits_without_a_traceback(assets, tmp_path, script,
                                                                                            signum):
     """A real process, as Ctrl-C or a scheduler stops it: the step ends, a checkpoint is written, the
-    command that continues the run is printed, the exit status is 1 and there is no traceback. ppo.py's
-    printed command is run, and stopped again: it continues from the checkpoint and stops with one --resume."""
+    command that continues the run is printed, the exit status is the shell's for the signal (130, 143; it was 1)
+    and there is no traceback. ppo.py's printed command is run, and stopped again: it continues from the checkpoint
+    and stops with one --resume."""
     if script == "sft.py":
         args = set_flags(sft_args(assets, "imdb"), "--max-steps", 1000, "--eval-every", 0, "--save-every", 500)
         marker = "step 1/"
@@ -182,9 +211,10 @@ def test_a_signalled_process_checkpoints_prints_how_to_resume_and_exits_without_
                          "--save-every", 500)
         marker = "iteration 1/"
     name = signal.Signals(signum).name
-    out, err = signal_after_first_step(start([sys.executable, os.path.join(ROOT, script), *args], tmp_path), signum,
-                                       marker)
+    process = start([sys.executable, os.path.join(ROOT, script), *args], tmp_path)
+    out, err = signal_after_first_step(process, signum, marker)
     assert "Traceback" not in err, err
+    assert process.returncode == 128 + signum  # the shell's code for the signal (130 SIGINT, 143 SIGTERM)
     assert f"{name}: finishing this step, then stopping" in out
     [folder] = checkpoint_folders(tmp_path)
     with open(os.path.join(folder, "state.json")) as f:
@@ -358,7 +388,8 @@ def test_save_replaces_the_checkpoint_and_a_crash_while_saving_keeps_the_last_go
     assert sorted(os.listdir(tmp_path)) == ["run.old", "run.tmp"]
     state = {"script": "x.py", "args": {}, "iteration": 2, "num_rows": 1}
     json.dump(state, open(os.path.join(path + ".old", "state.json"), "w"))
-    assert checkpoint.read_state(path, "x.py", None, 1, same=())["path"] == path + ".old"
+    args = SimpleNamespace(resume=path)
+    assert checkpoint.read_state(args, "x.py", 1, same=())["path"] == path + ".old"
     checkpoint.save(path, {"model": model}, optimizer, {"iteration": 4})
     assert os.listdir(tmp_path) == ["run"]
     assert json.load(open(os.path.join(path, "state.json"))) == {"iteration": 4}

@@ -168,6 +168,8 @@ def test_the_process_group_waits_long_for_rank_0s_evaluation_and_saves(monkeypat
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     assert distributed.setup(use_cuda=False)[:2] == (1, 2)
     assert seen["timeout"].total_seconds() >= 3 * 3600
+    distributed.setup(use_cuda=False, timeout_minutes=15)  # --process-group-timeout
+    assert seen["timeout"].total_seconds() == 15 * 60
 
 
 def test_the_resume_command_names_torchrun_and_its_process_count(monkeypatch):
@@ -210,3 +212,4 @@ def test_a_nan_loss_on_one_rank_under_fp16_stops_every_rank_alike(assets, tmp_pa
     assert result.returncode != 0
     line = "error: iteration 1: the loss is not finite (nan or inf); stopped before the optimizer step"
     assert result.stderr.count(line) == 2, result.stderr[-3000:]
+

@@ -102,7 +102,7 @@ def repository_files():
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 81, [" ".join(argv) for _, argv in COMMANDS]
+    assert len(COMMANDS) == 82, [" ".join(argv) for _, argv in COMMANDS]
     assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
                                     "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS
@@ -127,10 +127,11 @@ def until_models_load(monkeypatch, tmp_path):
     """Run a command in-process up to the point where its models would load: the data, the hub, the process
     group and the models are stand-ins; every flag and size check runs as it would."""
     def run(script, args, processes):
-        monkeypatch.setattr(distributed, "setup", lambda use_cuda: (0, processes, torch.device("cpu")))
+        monkeypatch.setattr(distributed, "setup", lambda use_cuda, *timeout: (0, processes, torch.device("cpu")))
         monkeypatch.setattr(tasks, "load_rows", lambda task, split, *a, **k: list(FAKE_ROWS[task]))
         monkeypatch.setattr(tasks, "check_model_path", lambda name, flag: None)  # a folder made by an earlier step
-        monkeypatch.setattr(checkpoint, "read_state", stop)  # --resume: its folder is the run's own
+        monkeypatch.setattr(checkpoint, "read_state",  # --resume: its folder is the run's own
+                            lambda args, *a, **k: stop(args) if args.resume else None)
         for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoModel,
                      transformers.AutoModelForSequenceClassification):
             monkeypatch.setattr(auto, "from_pretrained", stop)
@@ -180,8 +181,8 @@ def known_flags():
         flags |= set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
         for field in re.findall(r"^    (\w+): [\w\[\], .\"'-]+(?: = .*)?$", source, re.M):
             flags |= {"--" + field.replace("_", "-"), "--no-" + field.replace("_", "-")}
-    return flags | {"--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--shutdown-timeout",
-                    "--logdir", "--port", "--continuous-batching", "--signal", "--help"}  # torchrun's, tensorboard's, servers', SLURM's
+    return flags | {"--nproc_per_node", "--nnodes", "--max-restarts", "--rdzv-backend", "--rdzv-endpoint",
+                    "--shutdown-timeout", "--logdir", "--port", "--continuous-batching", "--signal", "--help"}  # torchrun's, tensorboard's, servers', SLURM's
 
 
 def test_every_flag_the_docs_name_exists():
