@@ -146,11 +146,13 @@ def test_clipped_surrogate_against_hand_worked_numbers(module):
     zeros = torch.zeros(1, 6)
     total, stats = loss(module, new_logprobs, zeros, zeros, zeros, torch.tensor([ADVANTAGES]), zeros,
                         torch.tensor([TOKEN_MASK]), args)
-    assert stats["policy_loss"].item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8 - 2.2) / 5)
-    assert stats["clipfrac"].item() == pytest.approx(4 / 5)
-    assert stats["ratio"].item() == pytest.approx((1.5 + 1.5 + 0.5 + 0.5 + 1.1) / 5)
+    assert total.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8 - 2.2) / 5)  # the mean over the 5 tokens
+    # the statistics are sums over the tokens (the logs divide by every token the update saw)
+    assert stats["policy_loss"].item() == pytest.approx(-1.2 + 1.5 - 0.5 + 0.8 - 2.2)
+    assert stats["clipfrac"].item() == pytest.approx(4)
+    assert stats["ratio"].item() == pytest.approx(1.5 + 1.5 + 0.5 + 0.5 + 1.1)
     log_ratios = [math.log(r) for r in RATIOS[:5]]
-    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(x * x for x in log_ratios) / 5)  # k2, as sfd
+    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(x * x for x in log_ratios))  # k2, as sfd
     total.backward()
     # d loss / d log r = -A r / 5 where the unclipped term is taken, 0 where the clip holds (and off the mask)
     torch.testing.assert_close(new_logprobs.grad, torch.tensor([[0.0, 1.5 / 5, -0.5 / 5, 0.0, -2.2 / 5, 0.0]]))
@@ -169,8 +171,8 @@ def test_clipped_value_loss_against_hand_worked_numbers(module):
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
     zeros = torch.zeros(1, 5)
     total, stats = loss(module, zeros, new_values, zeros, zeros, zeros, returns, mask, args)
-    assert stats["value_loss"].item() == pytest.approx(0.5 * (0.64 + 2.25 + 0.81 + 0.64) / 4)
-    assert total.item() == pytest.approx(0.5 * stats["value_loss"].item())  # vf_coef; the policy term is 0 here
+    assert stats["value_loss"].item() == pytest.approx(0.5 * (0.64 + 2.25 + 0.81 + 0.64))  # a sum over the tokens
+    assert total.item() == pytest.approx(0.5 * stats["value_loss"].item() / 4)  # vf_coef x the mean; no policy term
     total.backward()
     # 0.5 (vf_coef) * 0.5 * 2 (v - R) / 4 where unclipped, 0 where the clip holds
     torch.testing.assert_close(new_values.grad, torch.tensor([[0.0, 0.5 * 1.5 / 4, 0.5 * -0.9 / 4, 0.0, 0.0]]))
@@ -257,8 +259,8 @@ def test_training_pass_reproduces_rollout_logprobs_before_the_first_update(asset
     values = torch.zeros_like(new_logprobs)
     args = module.Args(clip_coef=0.2, clip_coef_value=0.2, vf_coef=0.1)
     _, stats = loss(module, new_logprobs, values, logprobs, values, torch.ones_like(values), values, mask.float(), args)
-    assert abs(stats["ratio"].item() - 1) < 1e-5
-    assert stats["approxkl"].item() < 1e-10
+    assert abs(stats["ratio"].item() / mask.sum().item() - 1) < 1e-5  # (sums over the tokens)
+    assert stats["approxkl"].item() / mask.sum().item() < 1e-10
     assert stats["clipfrac"].item() == 0
     torch.testing.assert_close(new_logprobs * mask, logprobs * mask, atol=1e-5, rtol=0)
 
