@@ -477,8 +477,7 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
     (roll-in + roll-out, padded to H), the policy's tokens (mask), the guide's tokens (mask) and the
     policy's log-probs (0 on the guide's tokens)."""
     H = args.max_new_tokens
-    mixed = [i for i in range(len(batch)) if rng.random() < args.beta]
-    k_draw = {i: rng.randint(1, H - 1) for i in mixed}
+    mixed, k_draw = draw_roll_ins(batch, args, rng)
     prefixes, prefix_logprobs = [[] for _ in batch], [[] for _ in batch]
     if mixed:  # roll-in: the policy samples
         roll_in_config = copy.copy(generation_config)
@@ -563,7 +562,7 @@ if __name__ == "__main__":
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
-    rank, args.world_size, device = distributed.setup(args.cuda, args.process_group_timeout)  # torchrun: a process a GPU
+    rank, args.world_size, device = distributed.setup(args.cuda, args.process_group_timeout)  # torchrun: one per GPU
     master = rank == 0  # logs, evaluates and saves
     args.local_batch_size = tasks.exact_div(args.batch_size, args.world_size, "--batch-size / processes")
     args.minibatch_size = tasks.exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process

@@ -414,7 +414,7 @@ if __name__ == "__main__":
                        fraction=("gae_lambda",),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
-    rank, args.world_size, device = distributed.setup(args.cuda, args.process_group_timeout)  # torchrun: a process a GPU
+    rank, args.world_size, device = distributed.setup(args.cuda, args.process_group_timeout)  # torchrun: one per GPU
     master = rank == 0  # logs, evaluates and saves
     args.local_batch_size = tasks.exact_div(args.batch_size, args.world_size, "--batch-size / processes")
     args.minibatch_size = tasks.exact_div(args.batch_size, args.num_minibatches * args.world_size,  # per process

@@ -45,15 +45,12 @@ def sum_over_ranks(x):
 
 def masked_mean(x, mask):
     """The mean of x over the masked entries of every rank: sums and counts are all-reduced."""
-    sums = torch.stack([(x * mask).sum(), mask.sum()])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    return sums[0] / sums[1].clamp(min=1)
+    return ratio_of_sums(x * mask, mask)
 
 
 def ratio_of_sums(numerator, denominator):
     """numerator.sum() / denominator.sum(), each summed over every rank (a mean over tokens from sums over them)."""
-    sums = torch.stack([numerator.sum(), denominator.sum()]).float()
+    sums = torch.stack([numerator.sum(), denominator.sum()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     return sums[0] / sums[1].clamp(min=1)

@@ -593,7 +593,7 @@ def server_guide(args, tokenizer, rng):
     def draw_seeds(examples, prefixes, budgets):
         """The rows' seeds, in order, before any request (the stream stays exact), and the call's key."""
         seeds = [rng.randrange(2**31) for _ in examples]
-        return seeds, repr([(e["prompt_ids"], list(p), b, seed) for e, p, b, seed in zip(examples, prefixes, budgets, seeds)])
+        return seeds, repr([(e["prompt_ids"], list(p), b, s) for e, p, b, s in zip(examples, prefixes, budgets, seeds)])
 
     def send(examples, prefixes, budgets):
         """Start writing these rows in the background: the write that asks for the same rows, budgets and seeds
