@@ -431,14 +431,10 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
 
 
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
-    """PPO++'s restarts. With probability beta the guide rolls in: it writes the first k tokens of the
-    continuation, k ~ U{1..n} with n = L - 1 for its sample of L tokens (in policy tokens, counting its EOS
-    where it wrote one; at most H - 1), as tril: never the whole sample. Returns the states the policy
-    starts from as roll-in tokens per row (k of them; none: a plain PPO episode, also where n = 0).
-
-    k is drawn before the guide writes, so the guide writes only k + 1 tokens of each row (policy tokens;
-    common/guide.py keeps that through text too). Where the sample is shorter (n < k), k is drawn again
-    within it: P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}."""
+    """PPO++'s restarts (as in ppo_plus_plus.py): with probability beta the guide writes the first k ~ U{1..L-1}
+    tokens of its sample of L (policy tokens, at most H - 1). k is drawn first, so the guide writes k + 1; where its
+    sample is shorter, k is drawn again within it (exactly U{1..L-1}). Returns the roll-in tokens per row (none: a
+    plain PPO episode)."""
     H = args.max_new_tokens
     mixed, k_draw = draw_roll_ins(batch, args, rng)
     roll_ins = [[] for _ in batch]
@@ -467,15 +463,10 @@ def send_roll_ins_ahead(guide, batch, args, rng):
 
 
 def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, device, rng):
-    """AggreVaTeD's episodes. With probability beta the policy rolls in for k ~ U{1..L-1} tokens of its
-    sample of length L, and the guide rolls out from there to the horizon H (in policy tokens);
-    otherwise the guide writes the whole continuation (k = 0).
-
-    k is drawn before the policy samples, so it samples only up to the largest k; where its sample
-    ends first (L <= k), k is drawn again within it, which gives exactly U{1..L-1} (a sample that is
-    just EOS is the whole episode). Returns the left-padded prompts and their mask, the responses
-    (roll-in + roll-out, padded to H), the policy's tokens (mask), the guide's tokens (mask) and the
-    policy's log-probs (0 on the guide's tokens)."""
+    """AggreVaTeD's episodes (as in aggrevated.py): with probability beta the policy rolls in for k ~ U{1..L-1} tokens
+    of its sample of L (k drawn first; where its sample ends first, drawn again within it) and the guide rolls out to
+    the horizon H; otherwise the guide writes everything (k = 0). Returns the left-padded prompts and their mask, the
+    responses (padded to H), the policy's and the guide's tokens (masks) and the policy's log-probs."""
     H = args.max_new_tokens
     mixed, k_draw = draw_roll_ins(batch, args, rng)
     prefixes, prefix_logprobs = [[] for _ in batch], [[] for _ in batch]
@@ -785,20 +776,20 @@ if __name__ == "__main__":
         if distributed.mean(~torch.isfinite(scores)) > 0:  # on any rank
             raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
                              "any update")
-        mask, policy_mask, value_mask = response_masks.float(), policy_masks.float(), value_masks.float()
-        logprobs = torch.cat(full_pass_logprobs) * policy_mask if args.bf16 or args.fp16 else logprobs
+        mask, episode_mask, value_mask = policy_masks.float(), response_masks.float(), value_masks.float()
+        logprobs = torch.cat(full_pass_logprobs) * mask if args.bf16 or args.fp16 else logprobs
 
         # KL and the policy gradient on the policy's tokens
-        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
+        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, episode_mask, kl_coef)
         # GAE runs over the episode's actions: AggreVaTeD's policy and guide tokens, PPO++'s policy tokens
-        advantages, returns = compute_gae(rewards_per_token, values, torch.maximum(policy_mask, value_mask),
+        advantages, returns = compute_gae(rewards_per_token, values, torch.maximum(mask, value_mask),
                                           args.gamma, args.gae_lambda)
         if aggrevated_phase:  # a policy token's advantage is the guide's, A^g(s_t, a_t) (as in aggrevated.py)
-            advantages = roll_in_advantages(advantages, rewards_per_token, values, policy_mask, args.gamma,
+            advantages = roll_in_advantages(advantages, rewards_per_token, values, mask, args.gamma,
                                             args.roll_in_advantage)
         mixed = (k > 0).float()  # the episodes the guide took part in (AggreVaTeD's others: no policy token)
         raw_advantages = advantages
-        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm,
+        advantages = normalize_advantages(advantages, mask, args.advantage_norm,
                                           mixed if args.norm_per_group else torch.zeros_like(mixed))
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
@@ -815,7 +806,7 @@ if __name__ == "__main__":
             for minibatch in range(args.num_minibatches):
                 minibatch_idx = order[minibatch * args.minibatch_size : (minibatch + 1) * args.minibatch_size]
                 # each loss term is a mean over its own tokens in the whole minibatch, every rank's (DDP averages)
-                loss_tokens = distributed.tokens_per_rank(policy_mask[minibatch_idx])
+                loss_tokens = distributed.tokens_per_rank(mask[minibatch_idx])
                 value_tokens = distributed.tokens_per_rank(value_mask[minibatch_idx])
                 target_tokens = distributed.tokens_per_rank(target_mask[minibatch_idx]) if args.target_coef else 0
                 for micro in range(args.gradient_accumulation_steps):
@@ -826,7 +817,7 @@ if __name__ == "__main__":
                         logits, new_values = model(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
-                                                 advantages[idx], returns[idx], policy_mask[idx], value_mask[idx],
+                                                 advantages[idx], returns[idx], mask[idx], value_mask[idx],
                                                  loss_tokens, value_tokens, args)
                     if args.target_coef:  # tril's target regularisation, on these episodes' prompts
                         with autocast:
@@ -837,7 +828,7 @@ if __name__ == "__main__":
                     scaler.scale(loss).backward()  # (the micro-batches' shares add up to the minibatch's loss)
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
-                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * policy_mask[idx]).sum()
+                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * mask[idx]).sum()
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
                 if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
@@ -868,27 +859,27 @@ if __name__ == "__main__":
         # the restart states: the first token the critic learns on in each mixed episode (AggreVaTeD: the guide's
         # first, after the policy's roll-in; PPO++: the policy's first, after the guide's roll-in)
         restarts = value_mask * (1 - nn.functional.pad(value_mask[:, :-1], (1, 0))) * mixed[:, None]
-        unmixed_tokens = policy_mask * (1 - mixed[:, None])  # the policy's own episodes (PPO++ only)
+        unmixed_tokens = mask * (1 - mixed[:, None])  # the policy's own episodes (PPO++ only)
         with torch.no_grad():  # over every rank's tokens
             explained_variance = (1 - distributed.masked_var(returns - values, value_mask)
                                   / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
             restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
                                           / distributed.masked_var(returns, restarts).clamp(min=1e-8))
-        policy_mask_seen, value_mask_seen = (args.update_epochs * m for m in (policy_mask, value_mask))  # every token
-        # once an epoch: what the update's sums divide by
+        mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
+        value_mask_seen = args.update_epochs * value_mask
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
-            "objective/entropy": distributed.mean(-(logprobs * policy_mask).sum(1)).item(),
+            "objective/entropy": distributed.mean(-(logprobs * mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
-            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], policy_mask_seen).item(),
-            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], policy_mask_seen).item(),
-            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], policy_mask_seen).item(),
-            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], policy_mask_seen).item(),
+            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], mask_seen).item(),
+            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], mask_seen).item(),
+            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], mask_seen).item(),
+            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], mask_seen).item(),
             "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], value_mask_seen).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
-            "val/ratio": distributed.ratio_of_sums(stats["ratio"], policy_mask_seen).item(),
+            "val/ratio": distributed.ratio_of_sums(stats["ratio"], mask_seen).item(),
             "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
@@ -916,8 +907,7 @@ if __name__ == "__main__":
             for name, value in logs.items():
                 writer.add_scalar(name, value, global_episodes)
             print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-                  f"kl {mean_kl:.4f} {'aggrevated' if aggrevated_phase else 'ppo++'} "
-                  f"mixed {mixed_fraction:.2f} "
+                  f"kl {mean_kl:.4f} {'aggrevated' if aggrevated_phase else 'ppo++'} mixed {mixed_fraction:.2f} "
                   f"eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
                   f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller

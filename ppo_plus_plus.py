@@ -698,13 +698,13 @@ if __name__ == "__main__":
         if distributed.mean(~torch.isfinite(scores)) > 0:  # on any rank
             raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
                              "any update")
-        # the roll-in is state: KL, GAE and every loss run over the policy's tokens only
-        mask, policy_mask = response_masks.float(), policy_masks.float()
-        logprobs = torch.cat(full_pass_logprobs) * policy_mask if args.bf16 or args.fp16 else logprobs
-        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, policy_mask, mask, kl_coef)
-        advantages, returns = compute_gae(rewards_per_token, values, policy_mask, args.gamma, args.gae_lambda)
+        # the roll-in is state: KL, GAE and every loss run over the policy's tokens only (mask), not the episode's
+        mask, episode_mask = policy_masks.float(), response_masks.float()
+        logprobs = torch.cat(full_pass_logprobs) * mask if args.bf16 or args.fp16 else logprobs
+        kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, episode_mask, kl_coef)
+        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
         raw_advantages = advantages
-        advantages = normalize_advantages(advantages, policy_mask, args.advantage_norm,
+        advantages = normalize_advantages(advantages, mask, args.advantage_norm,
                                           mixed if args.norm_per_group else torch.zeros_like(mixed))
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
@@ -721,7 +721,7 @@ if __name__ == "__main__":
             for minibatch in range(args.num_minibatches):
                 minibatch_idx = order[minibatch * args.minibatch_size : (minibatch + 1) * args.minibatch_size]
                 # each loss term is a mean over its own tokens in the whole minibatch, every rank's (DDP averages)
-                loss_tokens = distributed.tokens_per_rank(policy_mask[minibatch_idx])
+                loss_tokens = distributed.tokens_per_rank(mask[minibatch_idx])
                 target_tokens = distributed.tokens_per_rank(target_mask[minibatch_idx]) if args.target_coef else 0
                 for micro in range(args.gradient_accumulation_steps):
                     idx = minibatch_idx[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
@@ -731,7 +731,7 @@ if __name__ == "__main__":
                         logits, new_values = model(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
                     loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
-                                                 advantages[idx], returns[idx], policy_mask[idx], loss_tokens, args)
+                                                 advantages[idx], returns[idx], mask[idx], loss_tokens, args)
                     if args.target_coef:  # tril's target regularisation, on these episodes' prompts
                         with autocast:
                             target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx],
@@ -741,7 +741,7 @@ if __name__ == "__main__":
                     scaler.scale(loss).backward()  # (the micro-batches' shares add up to the minibatch's loss)
                     with torch.no_grad():
                         micro_stats["loss"] = loss.detach()
-                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * policy_mask[idx]).sum()
+                        micro_stats["entropy"] = (entropy_from_logits(logits, args.temperature) * mask[idx]).sum()
                     for name, value in micro_stats.items():
                         stats[name][epoch, minibatch] += value
                 if critic_only:  # the policy keeps its weights (AdamW skips a parameter without a gradient)
@@ -770,27 +770,27 @@ if __name__ == "__main__":
         mean_score = distributed.mean(scores).item()
         mixed_fraction = distributed.mean(mixed).item()
         # the restart states: the first policy token of each mixed episode, where the guide's roll-in ends
-        restarts = policy_mask * (1 - nn.functional.pad(policy_mask[:, :-1], (1, 0))) * mixed[:, None]
-        unmixed_tokens = policy_mask * (1 - mixed[:, None])  # the policy's own episodes
+        restarts = mask * (1 - nn.functional.pad(mask[:, :-1], (1, 0))) * mixed[:, None]
+        unmixed_tokens = mask * (1 - mixed[:, None])  # the policy's own episodes
         with torch.no_grad():  # over every rank's tokens
-            explained_variance = (1 - distributed.masked_var(returns - values, policy_mask)
-                                  / distributed.masked_var(returns, policy_mask).clamp(min=1e-8))
+            explained_variance = 1 - (distributed.masked_var(returns - values, mask)
+                                      / distributed.masked_var(returns, mask).clamp(min=1e-8))
             restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
                                           / distributed.masked_var(returns, restarts).clamp(min=1e-8))
-        policy_mask_seen = args.update_epochs * policy_mask  # every token once an epoch: what the update divides by
+        mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,
             "objective/kl": mean_kl,
-            "objective/entropy": distributed.mean(-(logprobs * policy_mask).sum(1)).item(),
+            "objective/entropy": distributed.mean(-(logprobs * mask).sum(1)).item(),
             "objective/rlhf_reward": mean_score - kl_coef * mean_kl,
             "objective/kl_coef": kl_coef,
-            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], policy_mask_seen).item(),
-            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], policy_mask_seen).item(),
-            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], policy_mask_seen).item(),
-            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], policy_mask_seen).item(),
-            "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], policy_mask_seen).item(),
+            "policy/approxkl_avg": distributed.ratio_of_sums(stats["approxkl"], mask_seen).item(),
+            "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], mask_seen).item(),
+            "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], mask_seen).item(),
+            "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], mask_seen).item(),
+            "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
-            "val/ratio": distributed.ratio_of_sums(stats["ratio"], policy_mask_seen).item(),
+            "val/ratio": distributed.ratio_of_sums(stats["ratio"], mask_seen).item(),
             "val/explained_variance": explained_variance.item(),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
