@@ -68,16 +68,20 @@ def run(flags, cwd):
     return scalars, time.perf_counter() - start
 
 
-def table_row(label, scalars, seconds):
-    """tokens returned, guide wait s (all; an iteration's, median of the 2nd on: the first probes the server),
-    tokens/s of wait, requests, latency, iteration s (median of the 2nd on), run s, the last score."""
+def table_row(label, scalars, seconds, whole_budget):
+    """tokens asked (policy tokens, per-row budgets: a roll-in of k asks k + 1) against `whole_budget` (H a row, as
+    before per-row budgets), the server's max_tokens asked, tokens returned, guide wait s (all; an iteration's,
+    median of the 2nd on: the first probes the server), tokens/s of wait, requests, latency, iteration s (median of
+    the 2nd on), run s, the last score."""
     def later(tag):
         return statistics.median(scalars[tag][1:] or scalars[tag])
 
     wait, tokens = sum(scalars["timing/guide_s"]), sum(scalars["guide/tokens_returned"])
     requests = sum(scalars.get("guide/requests", [0]))
     latency = statistics.mean(scalars["timing/guide_latency_s"]) if requests else float("nan")
-    return (f"| {label} | {tokens:.0f} | {wait:.1f} | {later('timing/guide_s'):.1f} | {tokens / wait:.1f} | "
+    asked, server_asked = sum(scalars["guide/tokens_asked"]), sum(scalars.get("guide/server_tokens_asked", [0]))
+    return (f"| {label} | {asked:.0f} of {whole_budget} ({asked / whole_budget:.0%}) | "
+            f"{f'{server_asked:.0f}' if requests else '-'} | {tokens:.0f} | {wait:.1f} | {later('timing/guide_s'):.1f} | {tokens / wait:.1f} | "
             f"{requests:.0f} | {latency:.2f} | {later('timing/iteration_s'):.1f} | {seconds:.0f} | "
             f"{scalars['objective/scores'][-1]:.3f} |")
 
@@ -116,9 +120,11 @@ def main():
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"  # before the runs: the code that makes the numbers
     work = Path(tempfile.mkdtemp(prefix="guide_http_"))  # the runs' folders and the servers' logs
-    header = ["| guide | tokens returned (policy) | guide wait s | guide wait s/it (2nd on) | tokens/s of wait | "
-              "requests | latency s | iteration s (2nd on) | run s | objective/scores (last) |", "|-|-|-|-|-|-|-|-|-|-|"]
-    served = [*header, table_row("local", *run(flags + episodes, work / "local"))]
+    header = ["| guide | tokens asked (policy; of H a row) | max_tokens asked (server) | tokens returned (policy) | "
+              "guide wait s | guide wait s/it (2nd on) | tokens/s of wait | "
+              "requests | latency s | iteration s (2nd on) | run s | objective/scores (last) |", "|-|-|-|-|-|-|-|-|-|-|-|-|"]
+    whole_budget = args.iterations * args.batch_size * args.max_new_tokens  # --beta 1: every row rolls in
+    served = [*header, table_row("local", *run(flags + episodes, work / "local"), whole_budget)]
     print(served[-1], flush=True)
     for continuous_batching in (False, True):
         name = "cb" if continuous_batching else "plain"
@@ -129,7 +135,7 @@ def main():
                                                            "--no-guide-fetch-ahead"], work / f"{name}_{concurrency}")
                 label = (f"served{', --continuous-batching' if continuous_batching else ''}, --guide-concurrency "
                          f"{concurrency}")
-                served.append(table_row(label, scalars, seconds))
+                served.append(table_row(label, scalars, seconds, whole_budget))
                 print(served[-1], flush=True)
         finally:
             server.terminate()
@@ -142,7 +148,7 @@ def main():
                                             "--guide-fetch-ahead" if ahead else "--no-guide-fetch-ahead"],
                                    work / f"remote_{ahead}")
             remote.append(table_row(f"remote, {'--guide-fetch-ahead' if ahead else '--no-guide-fetch-ahead'}",
-                                    scalars, seconds))
+                                    scalars, seconds, args.remote_iterations * args.batch_size * args.max_new_tokens))
             print(remote[-1], flush=True)
 
     command = "python benchmarks/guide_http.py " + " ".join(sys.argv[1:])
