@@ -535,14 +535,14 @@ if __name__ == "__main__":
 
     def save_checkpoint(iteration, rng_state=None, order=None):  # everything to continue exactly (rank 0 writes)
         rng_states = distributed.gather(rng_state or checkpoint.rng_state())  # every rank's
-        if master:
-            writer.flush()  # TensorBoard up to this iteration is on disk with it
-            checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
-                script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
-                global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
-                prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
-                scaler=scaler.state_dict()))
-        distributed.barrier()  # no rank leaves (a stop) before the checkpoint is complete
+        with distributed.together():  # no rank leaves before it is complete, nor waits for a rank whose save failed
+            if master:
+                writer.flush()  # TensorBoard up to this iteration is on disk with it
+                checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
+                    script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
+                    global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
+                    prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
+                    scaler=scaler.state_dict()))
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank

@@ -6,6 +6,7 @@ make the batch statistics global. `python script.py` is one process with no proc
 function below is then the identity (the same numbers, bit for bit).
 """
 
+import contextlib
 import datetime
 import os
 
@@ -89,10 +90,18 @@ def gather(obj):
     return objects
 
 
-def barrier():
-    """Every rank waits here for the others (one process: returns at once)."""
-    if dist.is_initialized():
-        dist.barrier()
+@contextlib.contextmanager
+def together():
+    """Rank 0 writes inside the block (`if master:`) while the others wait at its end; a write that fails there
+    (SystemExit: a full disk) stops every rank, rank 0 with its line, the others with exit status 1, so that none is
+    left waiting in a collective for a rank that has gone."""
+    failure = None
+    try:
+        yield
+    except SystemExit as e:
+        failure = e
+    if sum_over_ranks(torch.tensor(int(failure is not None))) > 0:  # (every rank's: also the barrier)
+        raise failure or SystemExit(1)
 
 
 def cleanup():

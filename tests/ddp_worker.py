@@ -4,8 +4,10 @@ its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the pr
 (rank{RANK}.json). With SIGINT_RANK0_IN_ITERATION=n, rank 0 alone gets a SIGINT during iteration n
 (as from Ctrl-C on one node); with SIGINT_LAUNCHER_IN_ITERATION=n, rank 0 sends it to torchrun during iteration n
 (as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank). With SLOW_SAVE=s, a checkpoint takes s
-seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written.
-With NAN_LOSS_ON_RANK=r, rank r's first loss is nan. With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
+seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written
+(EXIT_TIMES=1: the exits' alone).
+With NAN_LOSS_ON_RANK=r, rank r's first loss is nan. With FILE_SIZE_LIMIT_AT_SAVE=n, no file of rank 0's may
+grow past n bytes from its first checkpoint on (RLIMIT_FSIZE). With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
 REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
 call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
 (tests/test_split.py: the same episodes as a one-process run).
@@ -75,6 +77,19 @@ if __name__ == "__main__":
                 f.write(repr(time.time()))
 
         checkpoint.save = slow_save
+    if os.environ.get("FILE_SIZE_LIMIT_AT_SAVE") and os.environ["RANK"] == "0":  # from its first checkpoint on, no
+        import resource  # file of rank 0 may grow past this many bytes: a full disk, where none can be mounted
+
+        from common import checkpoint
+
+        unlimited_save = checkpoint.save
+
+        def limited_save(*args, **kwargs):
+            limit = int(os.environ["FILE_SIZE_LIMIT_AT_SAVE"])
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            unlimited_save(*args, **kwargs)
+
+        checkpoint.save = limited_save
     if os.environ.get("GUIDE_FAILS_ON_RANK") == os.environ["RANK"]:  # this rank's guide server is down for good
         from common import checkpoint, guide
 
@@ -107,7 +122,7 @@ if __name__ == "__main__":
     try:
         namespace = run_script_in_process(script, args, os.getcwd(), spies)
     finally:
-        if os.environ.get("SLOW_SAVE"):
+        if os.environ.get("SLOW_SAVE") or os.environ.get("EXIT_TIMES"):
             with open(f"exit_rank{os.environ['RANK']}.txt", "w") as f:
                 f.write(repr(time.time()))
     rank = os.environ["RANK"]

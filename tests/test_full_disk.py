@@ -9,7 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT, set_flags, task_args
+from test_distributed import torchrun
 
 PRELUDE = f"""
 import os, resource, sys, torch
@@ -122,3 +125,29 @@ def test_a_full_disk_under_tensorboard_stops_the_run_with_one_line(assets, tmp_p
     else:
         assert len(lines) == 1 and "an error writing TensorBoard's log runs/" in lines[0] and "(File too large)" in \
             lines[0], lines  # (at the end of an iteration, or at the run's end if the writer held it till then)
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "d2lols.py"])
+def test_a_checkpoint_that_fails_on_rank_0_under_ddp_stops_every_rank_at_once(assets, tmp_path, script):
+    """2 processes, the checkpoint folder on a real 8 KiB filesystem (else rank 0's files capped at 1 KiB from its
+    first save on): rank 0's save fails. Every rank stops at once, rank 0 with its one line, nothing half-written
+    left; rank 1 once waited at the barrier after the save for a rank that had gone, until the launcher killed it
+    (torchrun) or the process group timed out (a launcher that does not)."""
+    args = set_flags(task_args(assets, "imdb", script), "--batch-size", 8, "--total-episodes", 16, "--eval-every", 0,
+                     "--save-every", 1, "--checkpoint-dir", "small/ck", "--process-group-timeout", 1)
+    small = tmp_path / "small"
+    mounted = mount_tmpfs(small, "8k")
+    try:
+        result = torchrun(script, args, tmp_path, env={"EXIT_TIMES": "1",
+                                                        **({} if mounted else {"FILE_SIZE_LIMIT_AT_SAVE": "1024"})})
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)])
+    assert result.returncode != 0
+    assert "error: cannot write the checkpoint small/ck (" in result.stderr, result.stderr[-3000:]
+    assert "there is no previous one" in result.stderr, result.stderr[-3000:]
+    # rank 1 stopped on its own, at once: not with gloo's error from the collective rank 0 left (nor a timeout)
+    assert "[rank1]: Traceback" not in result.stderr and "Timeout" not in result.stderr, result.stderr[-3000:]
+    exits = [float((tmp_path / f"exit_rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert abs(exits[1] - exits[0]) < 5, exits
+    assert not os.path.exists(small / "ck.tmp") and not os.path.exists(small / "ck")
