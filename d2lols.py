@@ -679,6 +679,8 @@ if __name__ == "__main__":
         print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
     trained_models = {"policy": policy, "critic": critic, "guide_critic": guide_critic}
+    if checkpoint_dir and master:
+        checkpoint.check_room(checkpoint_dir, trained_models.values())  # (one line if two checkpoints do not fit)
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 

@@ -298,6 +298,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True,
                                   weight_decay=args.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
+    if checkpoint_dir and not args.eval_only:
+        checkpoint.check_room(checkpoint_dir, [model])  # (one line if two checkpoints do not fit)
 
     if evaluating:
         eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)

@@ -144,6 +144,22 @@ def save(path, models, optimizer, state):
     print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 
+def check_room(path, models):
+    """At start, one line when the disk cannot hold two checkpoints: a save writes the new one before the previous
+    one goes. A checkpoint's size is estimated as the trained tensors three times (the weights, AdamW's two
+    moments, in their own dtype); the folder's present checkpoint (a resume) already counts as used."""
+    size = 3 * sum(p.numel() * p.element_size() for model in models for p in model.parameters() if p.requires_grad)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    present = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)) if os.path.isdir(path) else 0
+    free = shutil.disk_usage(existing).free
+    if free < 2 * size - present:
+        print(f"warning: --checkpoint-dir {path}: {free / 2**30:.2f} GiB free, and a checkpoint takes about "
+              f"{size / 2**30:.2f} GiB: a save needs room for two (the new one is written before the previous one "
+              "goes), so one will fail; free space or choose another folder", flush=True)
+
+
 def is_checkpoint_part(name):
     return name in CHECKPOINT_FILES or name.endswith(".safetensors")
 

@@ -3,15 +3,19 @@ SIGXFSZ, so the kernel's EFBIG reaches the writer as it would ENOSPC), writing w
 safetensors, save_pretrained). Each write ends in one line, the last good files untouched, nothing half-written
 left where it could be taken for a whole file."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from collections import namedtuple
 
 import pytest
+import torch
 
-from conftest import ROOT, set_flags, task_args
+from common import checkpoint
+from conftest import ROOT, run_script_in_process, set_flags, sft_args, task_args
 from test_distributed import torchrun
 
 PRELUDE = f"""
@@ -151,3 +155,50 @@ def test_a_checkpoint_that_fails_on_rank_0_under_ddp_stops_every_rank_at_once(as
     exits = [float((tmp_path / f"exit_rank{rank}.txt").read_text()) for rank in (0, 1)]
     assert abs(exits[1] - exits[0]) < 5, exits
     assert not os.path.exists(small / "ck.tmp") and not os.path.exists(small / "ck")
+
+
+def small_disk(path, size, monkeypatch, used=0):
+    """`path` on a real filesystem of `size` bytes; where none can be mounted, the disk's free space reported as
+    `size` less the `used` bytes the test will write there (shutil.disk_usage)."""
+    if mount_tmpfs(path, size):
+        return True
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage(size, used, size - used))
+    return False
+
+
+@pytest.mark.parametrize("size, present, warned", [(1 << 20, 0, True), (4 << 20, 0, False), (2 << 20, 789504, False)])
+def test_a_disk_that_cannot_hold_two_checkpoints_is_named_at_start(tmp_path, capsys, monkeypatch, size, present,
+                                                                   warned):
+    """A 256x256 linear layer: 0.75 MiB a checkpoint (weights and AdamW's two moments). 1 MiB holds one, not the
+    two a save needs for a moment: one line; 4 MiB: nothing; 2 MiB holding the run's checkpoint already (a resume):
+    its 1.25 MiB free hold the next one, nothing."""
+    model = torch.nn.Linear(256, 256)
+    mounted = small_disk(tmp_path / "small", size, monkeypatch, used=present)
+    try:
+        if present:
+            (tmp_path / "small" / "ck").mkdir()
+            (tmp_path / "small" / "ck" / "policy.safetensors").write_bytes(b"0" * present)
+        checkpoint.check_room(str(tmp_path / "small" / "ck"), [model])
+        line = capsys.readouterr().out
+        assert ("warning: --checkpoint-dir " in line and "GiB free, and a checkpoint takes about 0.00 GiB: a save "
+                "needs room for two" in line) == warned, line
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(tmp_path / "small")])
+
+
+@pytest.mark.parametrize("script", ["sft.py", "ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+def test_each_script_says_at_start_when_its_disk_cannot_hold_two_checkpoints(assets, tmp_path, capsys, monkeypatch,
+                                                                             script):
+    args = sft_args(assets, "imdb", steps=1) if script == "sft.py" else set_flags(
+        task_args(assets, "imdb", script), "--total-episodes", 4, "--eval-every", 0)
+    args = set_flags(args, "--eval-every", 0, "--save-every", 1, "--checkpoint-dir", "small/ck")
+    mounted = small_disk(tmp_path / "small", 8192, monkeypatch)
+    try:
+        with pytest.raises(SystemExit) if mounted else contextlib.nullcontext():  # (mounted: the save then fails)
+            run_script_in_process(script, args, tmp_path)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(tmp_path / "small")])
+    assert "warning: --checkpoint-dir small/ck: 0.00 GiB free, and a checkpoint takes about" in capsys.readouterr().out
