@@ -721,6 +721,8 @@ if __name__ == "__main__":
             save_checkpoint(iteration)
         if stopping and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
             checkpoint.exit_stopped(stop, f"iteration {iteration}/{args.num_iterations}", checkpoint_dir, master)
+        if iteration == first_iteration and master:  # torchrun's time for a stop: one line if it cannot hold one
+            checkpoint.check_stop_time(time.perf_counter() - iteration_start)
 
     if args.save_model and master:
         if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class

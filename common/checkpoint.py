@@ -10,6 +10,7 @@ file writes and reads.
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import random
@@ -370,6 +371,30 @@ def launch_command():
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         return ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
                 "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]]
+
+
+def launcher_shutdown_timeout():
+    """Under torchrun, the seconds it gives the workers after passing a stop on (Ctrl-C in its terminal) before it
+    kills them: its --shutdown-timeout, else PET_SHUTDOWN_TIMEOUT / TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30. None
+    outside torchrun."""
+    launcher = launch_command()
+    if launcher[0] != "torchrun":
+        return None
+    for i, arg in enumerate(launcher):
+        name, _, value = arg.partition("=")
+        if name in ("--shutdown-timeout", "--shutdown_timeout"):
+            return float(value or launcher[i + 1])
+    return float(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
+
+
+def check_stop_time(seconds):
+    """After the first iteration (`seconds`, with its save where it saved): one line when a stop passed on by
+    torchrun could not end an iteration and checkpoint before torchrun kills the workers."""
+    timeout = launcher_shutdown_timeout()
+    if timeout is not None and seconds > timeout:
+        print(f"warning: a stop (Ctrl-C on torchrun) ends the iteration and checkpoints, up to {seconds:.0f} s here, "
+              f"but torchrun kills the workers {timeout:g} s after passing it on: start torchrun with "
+              f"--shutdown-timeout {math.ceil(2 * seconds)}", flush=True)
 
 
 def exit_stopped(received, progress, checkpoint_dir, master):

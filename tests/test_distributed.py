@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -213,3 +214,38 @@ def test_a_nan_loss_on_one_rank_under_fp16_stops_every_rank_alike(assets, tmp_pa
     line = "error: iteration 1: the loss is not finite (nan or inf); stopped before the optimizer step"
     assert result.stderr.count(line) == 2, result.stderr[-3000:]
 
+
+
+@pytest.mark.parametrize("options, env, seconds, warning", [
+    ([], {}, 20, None),
+    ([], {}, 45, "torchrun kills the workers 30 s after passing it on: start torchrun with --shutdown-timeout 90"),
+    (["--shutdown-timeout", "900"], {}, 45, None),
+    (["--shutdown_timeout=10"], {}, 20, "kills the workers 10 s after passing it on: start torchrun with "
+                                        "--shutdown-timeout 40"),
+    ([], {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}, 45, None)])
+def test_a_torchrun_that_would_kill_a_stopping_run_before_it_saves_is_named(monkeypatch, capsys, options, env,
+                                                                           seconds, warning):
+    """After the first iteration (`seconds`), one line when torchrun's shutdown timeout (its flag, else its
+    environment variable, else 30 s), read from the real parent process's command line, is shorter than an
+    iteration and its save: a Ctrl-C on torchrun would then kill the workers before they checkpoint."""
+    from common import checkpoint
+
+    checkpoint.check_stop_time(1000)  # outside torchrun: nothing to say
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(sys, "argv", ["ppo.py", "--task", "imdb"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/usr/bin/torchrun", *options,
+                                 "--nproc_per_node", "2", "ppo.py", "--task", "imdb"])
+    try:
+        while b"torchrun" not in open(f"/proc/{launcher.pid}/cmdline", "rb").read():  # (until it has started)
+            time.sleep(0.01)
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        checkpoint.check_stop_time(seconds)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    out = capsys.readouterr().out
+    assert (warning in out) if warning else out == "", out
