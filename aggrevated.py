@@ -77,6 +77,8 @@ class Args(GuideArgs):
     """write a checkpoint every this many iterations, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
     checkpoint_dir: Optional[str] = None
     """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
+    keep_checkpoints: int = 1
+    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.iteration_K"""
     resume: Optional[str] = None
     """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
     --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
@@ -486,7 +488,8 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams", "lora_alpha", "process_group_timeout"),
+                                       "eval_num_beams", "lora_alpha", "process_group_timeout",
+                                       "keep_checkpoints"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
                                      "critic_warmup_iterations",
@@ -614,7 +617,7 @@ if __name__ == "__main__":
 
     trained_models = {"policy": policy, "critic": critic}
     if checkpoint_dir and master:
-        checkpoint.check_room(checkpoint_dir, trained_models.values())  # (one line if two checkpoints do not fit)
+        checkpoint.check_room(checkpoint_dir, trained_models.values(), args.keep_checkpoints)  # (one line if not)
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 
@@ -627,7 +630,7 @@ if __name__ == "__main__":
                     script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
                     global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
                     prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
-                    scaler=scaler.state_dict()))
+                    scaler=scaler.state_dict()), keep=args.keep_checkpoints)
 
     global_episodes, train_seconds, first_iteration = 0, 0.0, 1
     prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank

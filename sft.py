@@ -54,6 +54,8 @@ class Args:
     """write a checkpoint every this many steps, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
     checkpoint_dir: Optional[str] = None
     """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
+    keep_checkpoints: int = 1
+    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.step_K"""
     resume: Optional[str] = None
     """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
     --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
@@ -232,7 +234,7 @@ if __name__ == "__main__":
     args.max_target_length = args.max_target_length or args.max_new_tokens
     tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",
                                        "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts",
-                                       "eval_num_beams"),
+                                       "eval_num_beams", "keep_checkpoints"),
                        non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
                                      "eval_every", "top_k", "num_sample_generations", "save_every", "min_new_tokens"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
@@ -299,7 +301,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
     if checkpoint_dir and not args.eval_only:
-        checkpoint.check_room(checkpoint_dir, [model])  # (one line if two checkpoints do not fit)
+        checkpoint.check_room(checkpoint_dir, [model], args.keep_checkpoints)  # (one line if they do not fit)
 
     if evaluating:
         eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)
@@ -342,7 +344,7 @@ if __name__ == "__main__":
             script=os.path.basename(__file__), run_name=run_name, args=asdict(args), step=step,
             train_seconds=train_seconds + time.perf_counter() - train_start, scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
-            order=order, num_rows=len(train_rows), rng=checkpoint.rng_state()))
+            order=order, num_rows=len(train_rows), rng=checkpoint.rng_state()), keep=args.keep_checkpoints)
 
     first_step, train_seconds, order = 1, 0.0, []
     if resumed:  # nanoGPT's init_from="resume": weights, optimizer, schedule, counters, example order, RNGs

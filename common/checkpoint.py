@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -118,10 +119,12 @@ def check_writable(path, what):
         raise SystemExit(f"error: {what} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
-def save(path, models, optimizer, state):
+def save(path, models, optimizer, state, keep=1):
     """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
     while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames). A
-    write that fails (a full disk) ends the run with one line, the previous checkpoint kept."""
+    write that fails (a full disk) ends the run with one line, the previous checkpoint kept. keep > 1
+    (--keep-checkpoints): the previous one stays beside it as `{path}.iteration_K` (sft.py: `.step_K`), and the
+    newest keep - 1 of those are kept."""
     start = time.perf_counter()
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short (check_dir: only a checkpoint's files)
@@ -140,25 +143,42 @@ def save(path, models, optimizer, state):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    if keep > 1 and os.path.isdir(old):  # the previous checkpoint, named by its own iteration (or step)
+        with open(os.path.join(old, "state.json")) as f:
+            previous = json.load(f)
+        unit = "iteration" if "iteration" in previous else "step"
+        os.replace(old, f"{path.rstrip('/')}.{unit}_{previous[unit]:06d}")
+        for kept in kept_checkpoints(path)[: -(keep - 1)]:  # (the oldest beyond keep - 1)
+            shutil.rmtree(kept)
     shutil.rmtree(old, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
     print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def check_room(path, models):
-    """At start, one line when the disk cannot hold two checkpoints: a save writes the new one before the previous
-    one goes. A checkpoint's size is estimated as the trained tensors three times (the weights, AdamW's two
-    moments, in their own dtype); the folder's present checkpoint (a resume) already counts as used."""
+def check_room(path, models, keep=1):
+    """At start, one line when the disk cannot hold keep + 1 checkpoints (--keep-checkpoints; a save writes the new
+    one before the previous one goes). A checkpoint's size is estimated as the trained tensors three times (the
+    weights, AdamW's two moments, in their own dtype); the run's checkpoints already there (a resume) count as used."""
     size = 3 * sum(p.numel() * p.element_size() for model in models for p in model.parameters() if p.requires_grad)
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing.rstrip("/")) or "."
-    present = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)) if os.path.isdir(path) else 0
+    present = sum(os.path.getsize(os.path.join(folder, name)) for folder in [path, *kept_checkpoints(path)]
+                  if os.path.isdir(folder) for name in os.listdir(folder))
     free = shutil.disk_usage(existing).free
-    if free < 2 * size - present:
+    if free < (keep + 1) * size - present:
         print(f"warning: --checkpoint-dir {path}: {free / 2**30:.2f} GiB free, and a checkpoint takes about "
-              f"{size / 2**30:.2f} GiB: a save needs room for two (the new one is written before the previous one "
-              "goes), so one will fail; free space or choose another folder", flush=True)
+              f"{size / 2**30:.2f} GiB: a save needs room for {keep + 1} (the new one is written before the previous "
+              "one goes), so one will fail; free space or choose another folder", flush=True)
+
+
+def kept_checkpoints(path):
+    """The earlier checkpoints --keep-checkpoints keeps beside `path`, oldest first."""
+    folder, name = os.path.split(path.rstrip("/"))
+    if not os.path.isdir(folder or "."):
+        return []
+    return sorted(os.path.join(folder, entry) for entry in os.listdir(folder or ".")
+                  if re.fullmatch(re.escape(name) + r"\.(iteration|step)_\d{6}", entry))
 
 
 def is_checkpoint_part(name):

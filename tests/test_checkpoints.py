@@ -579,3 +579,38 @@ def test_a_damaged_or_missing_part_of_a_checkpoint_fails_with_one_line_naming_it
     else:
         assert message.startswith(f"error: --resume {folder}: {part} is {'missing' if damage == 'missing' else 'damaged'}")
     assert {k: v for k, v in files_under(tmp_path).items() if not k.startswith("runs")} == before
+
+
+def test_keep_checkpoints_keeps_the_newest_beside_the_checkpoint_and_drops_the_oldest(tmp_path):
+    """--keep-checkpoints 3: the newest in ck, the two before it as ck.iteration_K (by their own iteration), the
+    oldest removed; 1 (the default): ck alone, as a save always did."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for keep, folder in ((3, tmp_path / "three"), (1, tmp_path / "one")):
+        folder.mkdir()
+        for iteration in range(1, 5):
+            checkpoint.save(str(folder / "ck"), {"policy": model}, optimizer, {"iteration": iteration}, keep=keep)
+        kept = {name: json.load(open(folder / name / "state.json"))["iteration"] for name in os.listdir(folder)}
+        assert kept == ({"ck": 4, "ck.iteration_000003": 3, "ck.iteration_000002": 2} if keep == 3 else {"ck": 4})
+    checkpoint.save(str(tmp_path / "sft"), {"model": model}, optimizer, {"step": 7}, keep=2)
+    checkpoint.save(str(tmp_path / "sft"), {"model": model}, optimizer, {"step": 8}, keep=2)
+    assert os.path.isdir(tmp_path / "sft.step_000007") and checkpoint.kept_checkpoints(str(tmp_path / "sft")) == [
+        str(tmp_path / "sft.step_000007")]
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+def test_a_kept_checkpoint_resumes_its_run(assets, tmp_path, capsys, script):
+    """A run with --keep-checkpoints 2 keeps its last two; --resume of the earlier one continues from there and ends
+    as the run did (the same weights)."""
+    args = set_flags(four_step_args(assets, script), "--save-every", 1, "--checkpoint-dir", "ck",
+                     "--keep-checkpoints", 2)
+    whole = run_script_in_process(script, args, tmp_path)
+    unit = "step" if script == "sft.py" else "iteration"
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("ck")) == ["ck", f"ck.{unit}_000003"]
+    capsys.readouterr()
+    resumed = run_script_in_process(script, set_flags(args, "--checkpoint-dir", "ck2") + [
+        "--resume", f"ck.{unit}_000003"], tmp_path)
+    assert f" at {unit} 3 from ck.{unit}_000003" in capsys.readouterr().out
+    model = "model" if script == "sft.py" else "policy"
+    for a, b in zip(whole[model].parameters(), resumed[model].parameters()):
+        assert torch.equal(a, b)

@@ -182,7 +182,7 @@ def test_a_disk_that_cannot_hold_two_checkpoints_is_named_at_start(tmp_path, cap
         checkpoint.check_room(str(tmp_path / "small" / "ck"), [model])
         line = capsys.readouterr().out
         assert ("warning: --checkpoint-dir " in line and "GiB free, and a checkpoint takes about 0.00 GiB: a save "
-                "needs room for two" in line) == warned, line
+                "needs room for 2" in line) == warned, line
     finally:
         if mounted:
             subprocess.run(["umount", str(tmp_path / "small")])
