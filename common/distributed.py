@@ -20,7 +20,16 @@ def setup(use_cuda, timeout_minutes=180.0):
     cuda = use_cuda and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's own store, the same across restarts
+        # (--max-restarts): the keys of each launch under their own prefix, else a relaunched rank may read a dead
+        # rank's address from the launch before and fail to connect (pytorch/pytorch#167288)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.PrefixStore(f"launch_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, store=store,
+                            **({"rank": rank, "world_size": world_size} if store else {}))
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

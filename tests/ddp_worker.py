@@ -3,7 +3,8 @@ run_script_in_process does), then writes what this rank ended with, for the test
 its trained weights ({name}_rank{RANK}.safetensors), its prompt order and the prompts it rolled out
 (rank{RANK}.json). With SIGINT_RANK0_IN_ITERATION=n, rank 0 alone gets a SIGINT during iteration n
 (as from Ctrl-C on one node); with SIGINT_LAUNCHER_IN_ITERATION=n, rank 0 sends it to torchrun during iteration n
-(as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank). With SLOW_SAVE=s, a checkpoint takes s
+(as Ctrl-C in torchrun's terminal: torchrun passes it on to every rank); with SIGKILL_RANK1_IN_ITERATION=n, rank 1
+is killed (SIGKILL) during iteration n of the first launch (torchrun --max-restarts relaunches). With SLOW_SAVE=s, a checkpoint takes s
 seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written
 (EXIT_TIMES=1: the exits' alone).
 With NAN_LOSS_ON_RANK=r, rank r's first loss is nan. With FILE_SIZE_LIMIT_AT_SAVE=n, no file of rank 0's may
@@ -65,6 +66,11 @@ if __name__ == "__main__":
 
         spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGINT_LAUNCHER_IN_ITERATION"]), 1, "signal",
                                                pid=os.getppid())
+    if os.environ.get("SIGKILL_RANK1_IN_ITERATION") and os.environ["RANK"] == "1" and os.environ.get(
+            "TORCHELASTIC_RESTART_COUNT", "0") == "0":  # rank 1 dies (an OOM kill), in the first launch only
+        from test_checkpoints import StopIn
+
+        spies["kl_penalized_rewards"] = StopIn(int(os.environ["SIGKILL_RANK1_IN_ITERATION"]), 1, "kill")
     if os.environ.get("SLOW_SAVE"):
         from common import checkpoint
 

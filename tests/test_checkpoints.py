@@ -49,7 +49,7 @@ def four_step_args(assets, script):
 
 class StopIn(Spy):
     """Wraps a helper the loop calls `per_step` times a step: during step `step` it sends this process (or
-    `pid`) SIGINT (what Ctrl-C does), or raises (a crash)."""
+    `pid`) SIGINT (what Ctrl-C does), raises (a crash), or sends SIGKILL (kill)."""
 
     def __init__(self, step, per_step, how, pid=None):
         super().__init__()
@@ -63,6 +63,8 @@ class StopIn(Spy):
             if len(self.calls) == self.at_call:
                 if self.how == "crash":
                     raise RuntimeError("the machine went away")
+                if self.how == "kill":  # (an OOM kill, a lost node: nothing runs after it)
+                    os.kill(self.pid or os.getpid(), signal.SIGKILL)
                 os.kill(self.pid or os.getpid(), signal.SIGINT)
             return result
 

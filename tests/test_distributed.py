@@ -19,9 +19,9 @@ from common import distributed
 from conftest import ROOT, RL_MODULES, read_tensorboard, set_flags, task_args
 
 
-def torchrun(script, args, cwd, env=None, worker=os.path.join(ROOT, "tests", "ddp_worker.py")):
+def torchrun(script, args, cwd, env=None, worker=os.path.join(ROOT, "tests", "ddp_worker.py"), options=()):
     """2 processes on this machine (gloo): `worker` runs `script args` in each (tests/ddp_worker.py)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *options, worker,
                *([script] if script else []), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -249,3 +249,24 @@ def test_a_torchrun_that_would_kill_a_stopping_run_before_it_saves_is_named(monk
         launcher.wait()
     out = capsys.readouterr().out
     assert (warning in out) if warning else out == "", out
+
+
+def test_a_rank_killed_mid_run_under_torchrun_max_restarts_ends_as_an_uninterrupted_run(assets, tmp_path):
+    """2 processes under torchrun --max-restarts 1 with --resume auto: rank 1 is SIGKILLed in iteration 3 (an OOM
+    kill), torchrun stops rank 0 and relaunches the same command, which continues from iteration 2's checkpoint: the
+    final weights and every logged scalar are those of a run never interrupted."""
+    from test_checkpoints import logged
+
+    args = set_flags(task_args(assets, "imdb", "ppo.py"), "--batch-size", 8, "--total-episodes", 32, "--eval-every", 0,
+                     "--save-every", 1) + ["--resume", "auto", "--checkpoint-dir", "ck"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert torchrun("ppo.py", args, whole).returncode == 0
+    result = torchrun("ppo.py", args, killed, env={"SIGKILL_RANK1_IN_ITERATION": "3"}, options=["--max-restarts", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed " in result.stdout and " at iteration 2 from ck" in result.stdout, result.stdout[-2000:]
+    assert logged(read_tensorboard(killed)) == logged(read_tensorboard(whole))
+    for name in ("policy", "critic"):
+        assert load_file(whole / f"{name}_rank0.safetensors").keys() == load_file(killed / f"{name}_rank0.safetensors").keys()
+        for key, value in load_file(whole / f"{name}_rank0.safetensors").items():
+            assert torch.equal(value, load_file(killed / f"{name}_rank0.safetensors")[key]), key
