@@ -42,6 +42,8 @@ from common.guide import GuideArgs, MinNewTokensPerRow, check_guide_args, load_g
 
 @dataclass
 class Args(GuideArgs):
+    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1

@@ -30,6 +30,8 @@ from common import checkpoint, metrics, rewards, tasks, text
 
 @dataclass
 class Args:
+    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1

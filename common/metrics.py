@@ -182,7 +182,7 @@ def output_perplexity(model, tokenizer, prompts, continuations, device, batch_si
 
 
 def task_metrics(task, prompts, continuations, references):
-    """The text metrics of DESIGN.md's table (the model-based ones, reward and perplexity, are added by the caller)."""
+    """The text metrics of docs/tasks.md's table (the model-based ones, reward and perplexity, are added by the caller)."""
     if task == "imdb":
         return {"distinct_1": distinct_n(continuations, 1), "distinct_2": distinct_n(continuations, 2)}
     result = rouge(continuations, references)

@@ -17,7 +17,7 @@ from common.text import encode_in_context
 TASKS = ("imdb", "commongen", "tldr")
 
 # Per-task defaults for the flags that the scripts leave at None: tril's configs (Cornell-RL/tril,
-# cfgs/alg/*.yaml, cfgs/task/*.yaml), DESIGN.md's table. Every entry is a flag of the scripts:
+# cfgs/alg/*.yaml, cfgs/task/*.yaml), shown in docs/tasks.md's table. Every entry is a flag of the scripts:
 # `--learning-rate 3e-6` overrides the task's value. The guide (guided scripts only) is the paper's: the
 # task's supervised model, sampled with nucleus sampling.
 TASK_DEFAULTS = {
@@ -316,7 +316,7 @@ def group_commongen(rows):
 
 
 def make_examples(task, rows, tokenizer, max_prompt_length):
-    """Format and tokenise prompts exactly as DESIGN.md's table says.
+    """Format and tokenise prompts exactly as docs/tasks.md's table says.
 
     imdb:      the first 50% of the review's words, left-truncated to max_prompt_length tokens
     commongen: "generate a sentence with: " + " ".join(concepts) + ".", right-truncated

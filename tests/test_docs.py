@@ -371,3 +371,34 @@ def test_the_documented_commongen_path_runs_end_to_end(assets, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "note:" not in out and "iteration 2/2" in out
     assert len(glob.glob(str(tmp_path / "runs" / "*" / "generations" / "iteration_0002.jsonl"))) == 1
+
+
+TABLE_START, TABLE_END = "<!-- the defaults table (tests/test_docs.py checks it against the code) -->", \
+    "<!-- end of the defaults table -->"
+
+
+def defaults_table():
+    """The flags a task sets (common/tasks.py's TASK_DEFAULTS, and the guided scripts' mixing and switch), one row
+    each, as docs/tasks.md shows them."""
+    import aggrevated
+    import d2lols
+    import ppo_plus_plus
+
+    rows = {f"`--{name.replace('_', '-')}`": [tasks.TASK_DEFAULTS[task].get(name, "–") for task in tasks.TASKS]
+            for name in dict.fromkeys(n for task in tasks.TASKS for n in tasks.TASK_DEFAULTS[task])}
+    rows["`--beta` (`ppo_plus_plus.py`; 1.0 with `--guide-references`)"] = [ppo_plus_plus.BETA_DEFAULTS[t]
+                                                                            for t in tasks.TASKS]
+    rows["`--beta` (`aggrevated.py`)"] = [aggrevated.BETA_DEFAULTS[t] for t in tasks.TASKS]
+    rows["`--beta` (`d2lols.py`)"] = [d2lols.BETA_DEFAULTS[t] for t in tasks.TASKS]
+    rows["`--tau` (`d2lols.py`)"] = [d2lols.TAU_DEFAULTS[t] for t in tasks.TASKS]
+    lines = ["| flag | " + " | ".join(tasks.TASKS) + " |", "|-|" + "-|" * len(tasks.TASKS)]
+    lines += [f"| {flag} | " + " | ".join(str(v) for v in values) + " |"
+              for flag, values in rows.items()]
+    return "\n".join(lines)
+
+
+def test_the_defaults_table_is_the_codes():
+    """docs/tasks.md's table of the task defaults is what the code sets (paste the expected table on a change)."""
+    text = open(os.path.join(ROOT, "docs", "tasks.md")).read()
+    shown = text.partition(TABLE_START)[2].partition(TABLE_END)[0].strip()
+    assert shown == defaults_table(), "\n" + defaults_table()

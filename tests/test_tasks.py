@@ -1,4 +1,4 @@
-"""Task data: splits, prompt formatting and truncation as DESIGN.md's table says."""
+"""Task data: splits, prompt formatting and truncation as docs/tasks.md's table says."""
 
 import os
 
