@@ -572,7 +572,7 @@ if __name__ == "__main__":
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
     tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
-    if args.task != "commongen":
+    if args.task in rewards.MODEL_REWARDS:  # (the others are computed: CommonGen's CIDEr-D)
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     check_guide_args(args, continues_prefixes=args.tau > 0)

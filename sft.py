@@ -254,7 +254,7 @@ if __name__ == "__main__":
     evaluating = bool(args.eval_every or args.eval_only)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path) if evaluating else []
     tasks.check_model_path(args.model_name_or_path, "--model-name-or-path")
-    if args.task != "commongen" and evaluating:
+    if args.task in rewards.MODEL_REWARDS and evaluating:
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)

@@ -12,6 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import metrics
 
+MODEL_REWARDS = ("imdb", "tldr")  # the tasks whose reward is a model (--reward-model); the others' are computed
+
 
 def load_classifier(path, device, num_labels=None, dtype=torch.float32):
     """A frozen sequence classifier and its tokenizer; fails with one line if the label count is wrong."""

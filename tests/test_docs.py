@@ -25,6 +25,7 @@ from conftest import ROOT, run_script_in_process
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py"]
 PYTHON_FILES = SCRIPTS + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+FORKING = os.path.join("docs", "forking.md")  # recipes that change the code: their flags are their patches'
 # commands that are not a script's: the test command (CI runs it, .ci/run checks it is the README's)
 NOT_SCRIPTS = {("-m", "pytest")}
 
@@ -59,6 +60,8 @@ def documented_commands():
     for path in DOCS:
         text = open(path).read()
         where = os.path.relpath(path, ROOT)
+        if where == FORKING:
+            continue  # (its commands run on a patched copy of the repository: tests/test_forking.py)
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
             for line in logical_lines(block):
                 commands += [(where, argv) for argv in commands_in(line)]
@@ -202,6 +205,8 @@ def known_flags():
         flags |= set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
         for field in re.findall(r"^    (\w+): [\w\[\], .\"'-]+(?: = .*)?$", source, re.M):
             flags |= {"--" + field.replace("_", "-"), "--no-" + field.replace("_", "-")}
+    forked = re.findall(r"^\+    (\w+): ", open(os.path.join(ROOT, FORKING)).read(), re.M)  # (a recipe's new flags)
+    flags |= {"--" + field.replace("_", "-") for field in forked}
     return flags | {"--nproc_per_node", "--nnodes", "--max-restarts", "--rdzv-backend", "--rdzv-endpoint",
                     "--shutdown-timeout", "--logdir", "--port", "--continuous-batching", "--signal", "--help",
                     "--index-url"}  # torchrun's, tensorboard's, servers', SLURM's, pip's
