@@ -407,3 +407,13 @@ def test_the_defaults_table_is_the_codes():
     text = open(os.path.join(ROOT, "docs", "tasks.md")).read()
     shown = text.partition(TABLE_START)[2].partition(TABLE_END)[0].strip()
     assert shown == defaults_table(), "\n" + defaults_table()
+
+
+def test_the_licence_and_the_citation_file_agree():
+    import yaml
+
+    citation = yaml.safe_load(open(os.path.join(ROOT, "CITATION.cff")))
+    assert citation["cff-version"] == "1.2.0" and citation["title"] and citation["authors"]
+    assert open(os.path.join(ROOT, "LICENSE")).readline().strip() == f"{citation['license']} License"
+    assert {r["journal"] for r in citation["references"]} == {"arXiv preprint arXiv:2306.11816",
+                                                              "arXiv preprint arXiv:2404.08495"}
