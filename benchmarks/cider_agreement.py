@@ -45,7 +45,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="a folder whose commongen/ holds train.jsonl and validation.jsonl "
                                            "(default: the hub's dataset)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cider_agreement.md"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cider_agreement.md"),
+                        help="the result file written (Markdown)")
     args = parser.parse_args()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

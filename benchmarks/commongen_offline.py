@@ -58,7 +58,8 @@ class Args:
     work_dir: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline_runs")
     """every run's log and TensorBoard events, the SL model and the data parts go here"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline")
-    """the table and the picture: {out}.md and {out}.png; the generations in {out}_generations/"""
+    """a stem, the results' path without extension: {out}.md (the tables), {out}.json, {out}.png, {out}_generations/
+    (a trailing .md is dropped)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     """one run of every method per seed"""
     method_seeds: List[str] = field(default_factory=list)
@@ -451,6 +452,7 @@ def checked_metrics(args, name, scalars):
 
 
 def main(args):
+    args.out = args.out.removesuffix(".md")  # (a stem)
     if args.tau is None:
         args.tau = round(0.2 * args.num_iterations)
     for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd

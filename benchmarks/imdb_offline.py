@@ -44,7 +44,8 @@ class Args:
     work_dir: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline_runs")
     """every run's log, TensorBoard events and the SL model go here"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline")
-    """the table and the picture: {out}.md and {out}.png"""
+    """a stem, the results' path without extension: {out}.md (the table), {out}.png, {out}_generations/ (a trailing
+    .md is dropped)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     """one run of every method per seed"""
     methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "aggrevated", "d2lols"])
@@ -235,6 +236,7 @@ def plot(args, curves, sl_scores):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args.out = args.out.removesuffix(".md")  # (a stem)
     for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
         if getattr(args, name):
             setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))

@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--peer-trl", metavar="FIXTURE",
                         help="TRL's PPO settings on the tiny models benchmarks/trl_comparison.py builds")
     parser.add_argument("--extra", default="", help="more flags for every script, e.g. '--bf16'")
-    parser.add_argument("--out", help="also write the table to this Markdown file, with the command and commit")
+    parser.add_argument("--out", help="also write the table to this file (Markdown), with the command and commit")
     args = parser.parse_args()
     for name in ("model", "reward_model", "guide_model", "dataset_path", "peer_trl", "out"):  # the runs have their own cwd
         if getattr(args, name) and os.path.exists(getattr(args, name)):

@@ -111,8 +111,11 @@ def main():
     parser.add_argument("--flags", default="", help="more flags for every run (e.g. \"--no-norm-per-group\")")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_guided"),
+                        help="a stem, the results' path without extension: {out}.md, {out}.png, {out}.json (a "
+                             "trailing .md is dropped)")
     args = parser.parse_args()
+    args.out = args.out.removesuffix(".md")  # (a stem)
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"  # before the runs: the code that makes the numbers

@@ -155,7 +155,8 @@ def main():
     parser.add_argument("--venv", default=os.path.join(ROOT, "offline", "trl-venv"), help="TRL's virtual environment")
     parser.add_argument("--fixture", default=os.path.join(ROOT, "offline", "trl-fixture"), help="the tiny models")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "trl_comparison.md"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "trl_comparison.md"),
+                        help="the result file written (Markdown)")
     parser.add_argument("--trl-run", metavar="FIXTURE", help=argparse.SUPPRESS)  # (inside the venv)
     args = parser.parse_args()
     if args.trl_run:

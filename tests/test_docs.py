@@ -417,3 +417,21 @@ def test_the_licence_and_the_citation_file_agree():
     assert open(os.path.join(ROOT, "LICENSE")).readline().strip() == f"{citation['license']} License"
     assert {r["journal"] for r in citation["references"]} == {"arXiv preprint arXiv:2306.11816",
                                                               "arXiv preprint arXiv:2404.08495"}
+
+
+@pytest.mark.parametrize("driver", ["commongen_offline", "imdb_offline", "toy_guided", "guide_http", "cider_agreement",
+                                    "trl_comparison", "throughput"])
+def test_every_drivers_out_says_whether_it_is_the_file_or_a_stem(driver):
+    """`guide_http.py --out results.md` once wrote results.md.md: a driver's --out is the file it writes, or a stem
+    (its help, the argparse help or the tyro field's docstring, says which; a stem drops a trailing .md)."""
+    source = open(os.path.join(ROOT, "benchmarks", f"{driver}.py")).read()
+    argparse_help = re.search(r'add_argument\("--out",.*?help=((?:"[^"]*"\s*)+)\)', source, re.S)
+    field_help = re.search(r'^    out: str = [^\n]*\n    """(.*?)"""', source, re.S | re.M)
+    [found] = [m for m in (argparse_help, field_help) if m]
+    help_text = " ".join(re.sub(r'"\s*"', "", found.group(1)).split())
+    assert any(words in help_text for words in ("the result file written", "to this file", "a stem, the results' "
+                                                "path without extension")), help_text
+    if "a stem" in help_text:
+        assert 'args.out = args.out.removesuffix(".md")' in source
+    else:
+        assert 'args.out + ".' not in source  # (the file itself)
