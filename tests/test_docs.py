@@ -126,7 +126,7 @@ def test_the_docs_tests_read_the_projects_files_only(tmp_path):
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 86, [" ".join(argv) for _, argv in COMMANDS]
+    assert len(COMMANDS) == 88, [" ".join(argv) for _, argv in COMMANDS]
     assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
                                     "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS
@@ -420,7 +420,7 @@ def test_the_licence_and_the_citation_file_agree():
 
 
 @pytest.mark.parametrize("driver", ["commongen_offline", "imdb_offline", "toy_guided", "guide_http", "cider_agreement",
-                                    "trl_comparison", "throughput"])
+                                    "trl_comparison", "throughput", "memory_peak"])
 def test_every_drivers_out_says_whether_it_is_the_file_or_a_stem(driver):
     """`guide_http.py --out results.md` once wrote results.md.md: a driver's --out is the file it writes, or a stem
     (its help, the argparse help or the tyro field's docstring, says which; a stem drops a trailing .md)."""
