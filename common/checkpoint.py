@@ -104,12 +104,17 @@ def writing(what, path):
     os.rmdir(tmp)
 
 
+def nearest_existing(path):
+    """`path`, or the first folder on the way up to it that exists (where a write would have to start)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path.rstrip("/")) or "."
+    return path
+
+
 def check_writable(path, what):
     """Before training: `path` is, or can be made, a folder this run can write in (the first folder on the way
     that exists takes a file); one line naming `what` otherwise. Nothing is created."""
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing.rstrip("/")) or "."
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         raise SystemExit(f"error: {what} {path}: {existing} is a file, not a folder")
     try:
@@ -160,9 +165,7 @@ def check_room(path, models, keep=1):
     one before the previous one goes). A checkpoint's size is estimated as the trained tensors three times (the
     weights, AdamW's two moments, in their own dtype); the run's checkpoints already there (a resume) count as used."""
     size = 3 * sum(p.numel() * p.element_size() for model in models for p in model.parameters() if p.requires_grad)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing.rstrip("/")) or "."
+    existing = nearest_existing(path)
     present = sum(os.path.getsize(os.path.join(folder, name)) for folder in [path, *kept_checkpoints(path)]
                   if os.path.isdir(folder) for name in os.listdir(folder))
     free = shutil.disk_usage(existing).free

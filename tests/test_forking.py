@@ -63,3 +63,9 @@ def test_a_recipe_applies_and_runs_an_iteration(assets, tmp_path, title):
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iteration 1/1 " in result.stdout and "eval @ iteration 1: score " in result.stdout, result.stdout[-2000:]
+    if title == "A reward":  # the patched reward is the recipe's: 40 words lose 0.01 for each of the 10 past 30
+        score = ("from common import rewards; f = rewards.make_reward_fn('imdb', {!r}, 'cpu'); "
+                 "print(f(['a film'], [' word' * 40], [['x']]).item())").format(assets["classifier"])
+        before, after = (float(subprocess.run([sys.executable, "-c", score], cwd=folder, capture_output=True,
+                                              text=True, check=True).stdout) for folder in (ROOT, copy))
+        assert after == pytest.approx(before - 0.1, abs=1e-6)
