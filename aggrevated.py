@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
+from common.diagnostics import mixing_logs
 from common.guide import GuideArgs, check_guide_args, load_guide
 
 
@@ -778,14 +779,7 @@ if __name__ == "__main__":
         k = policy_masks.sum(1)  # the switch time: policy tokens before the guide took over
         mean_score = distributed.mean(scores).item()
         mixed = (k > 0).float()  # the episodes the guide took part in
-        mixed_fraction = distributed.mean(mixed).item()
-        # the restart states: the guide's first token in each mixed episode, where the policy's roll-in ends
-        restarts = value_mask * (1 - nn.functional.pad(value_mask[:, :-1], (1, 0))) * mixed[:, None]
-        with torch.no_grad():  # over every rank's tokens
-            explained_variance = (1 - distributed.masked_var(returns - values, value_mask)
-                                  / distributed.masked_var(returns, value_mask).clamp(min=1e-8))
-            restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
-                                          / distributed.masked_var(returns, restarts).clamp(min=1e-8))
+        explained_variance = distributed.explained_variance(values, returns, value_mask)  # over every rank's tokens
         mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         value_mask_seen = args.update_epochs * value_mask
         logs = {
@@ -807,24 +801,19 @@ if __name__ == "__main__":
             "charts/episodes": global_episodes,
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],
-            "guide/mixed_fraction": mixed_fraction,
             **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
+            # the critic at the restart states: the guide's first token in each mixed episode, where the roll-in ends
+            **mixing_logs(mixed, k, scores, values, returns, value_mask),
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,
             "timing/update_s": update_seconds,
             "timing/iteration_s": time.perf_counter() - iteration_start,
         }
-        if mixed_fraction > 0:
-            logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
-            logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
-            logs["guide/explained_variance_restart"] = restart_explained_variance.item()
-        if mixed_fraction < 1:
-            logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
         if master:
             for name, value in logs.items():
                 writer.add_scalar(name, value, global_episodes)
             print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-                  f"kl {mean_kl:.4f} mixed {mixed_fraction:.2f} eps {logs['charts/eps']:.2f} "
+                  f"kl {mean_kl:.4f} mixed {logs['guide/mixed_fraction']:.2f} eps {logs['charts/eps']:.2f} "
                   f"(generate {generate_seconds:.2f}s, "
                   f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller

@@ -616,7 +616,6 @@ if __name__ == "__main__":
                              "any update")
         mask = response_masks.float()
         logprobs = torch.cat(full_pass_logprobs) * mask if args.bf16 or args.fp16 else logprobs
-
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
         advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
         advantages = normalize_advantages(advantages, mask, args.advantage_norm)
@@ -682,9 +681,7 @@ if __name__ == "__main__":
         train_seconds += time.perf_counter() - iteration_start
         mean_kl = distributed.mean(kl.sum(1)).item()
         mean_score = distributed.mean(scores).item()
-        with torch.no_grad():  # over every rank's tokens
-            explained_variance = 1 - (distributed.masked_var(returns - values, mask)
-                                      / distributed.masked_var(returns, mask).clamp(min=1e-8))
+        explained_variance = distributed.explained_variance(values, returns, mask)  # over every rank's tokens
         mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
+from common.diagnostics import mixing_logs
 from common.guide import GuideArgs, MinNewTokensPerRow, check_guide_args, load_guide
 
 
@@ -775,15 +776,7 @@ if __name__ == "__main__":
         train_seconds += time.perf_counter() - iteration_start
         mean_kl = distributed.mean(kl.sum(1)).item()
         mean_score = distributed.mean(scores).item()
-        mixed_fraction = distributed.mean(mixed).item()
-        # the restart states: the first policy token of each mixed episode, where the guide's roll-in ends
-        restarts = mask * (1 - nn.functional.pad(mask[:, :-1], (1, 0))) * mixed[:, None]
-        unmixed_tokens = mask * (1 - mixed[:, None])  # the policy's own episodes
-        with torch.no_grad():  # over every rank's tokens
-            explained_variance = 1 - (distributed.masked_var(returns - values, mask)
-                                      / distributed.masked_var(returns, mask).clamp(min=1e-8))
-            restart_explained_variance = (1 - distributed.masked_var(returns - values, restarts)
-                                          / distributed.masked_var(returns, restarts).clamp(min=1e-8))
+        explained_variance = distributed.explained_variance(values, returns, mask)  # over every rank's tokens
         mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,
@@ -804,26 +797,20 @@ if __name__ == "__main__":
             "charts/episodes": global_episodes,
             "charts/eps": global_episodes / train_seconds,
             "charts/lr": optimizer.param_groups[0]["lr"],
-            "guide/mixed_fraction": mixed_fraction,
             **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
+            # the mixed episodes beside the policy's own: the critic at the restart states (each mixed episode's first
+            # policy token, where the roll-in ends), the advantages the policy's own tokens get
+            **mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw_advantages, mask)),
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,
             "timing/update_s": update_seconds,
             "timing/iteration_s": time.perf_counter() - iteration_start,
         }
-        if mixed_fraction > 0:
-            logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
-            logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
-            logs["guide/explained_variance_restart"] = restart_explained_variance.item()
-        if mixed_fraction < 1:
-            logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
-            logs["guide/advantage_unmixed"] = distributed.masked_mean(advantages, unmixed_tokens).item()  # the loss's
-            logs["guide/gae_unmixed"] = distributed.masked_mean(raw_advantages, unmixed_tokens).item()  # before norm
         if master:
             for name, value in logs.items():
                 writer.add_scalar(name, value, global_episodes)
             print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-                  f"kl {mean_kl:.4f} mixed {mixed_fraction:.2f} eps {logs['charts/eps']:.2f} "
+                  f"kl {mean_kl:.4f} mixed {logs['guide/mixed_fraction']:.2f} eps {logs['charts/eps']:.2f} "
                   f"(generate {generate_seconds:.2f}s, "
                   f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller

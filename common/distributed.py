@@ -72,6 +72,12 @@ def masked_var(x, mask):
     return masked_mean((x - mean) ** 2, mask)
 
 
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over the masked entries of every rank: 1 for a critic that predicts
+    every return, 0 for one no better than the returns' mean, below 0 for worse."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
 def tokens_per_rank(mask):
     """The masked tokens of every rank, counted (at least 1), divided by the number of ranks: a loss summed over
     a rank's tokens and divided by it is, once DDP has averaged the ranks' gradients, the mean over all tokens."""

@@ -326,9 +326,9 @@ def test_every_function_the_docs_name_exists():
 
 
 def logged_tags():
-    """The tags the scripts log: their own, and what common/guide.py's guide.stats() returns (logged by each guided
-    script)."""
-    source = "".join(open(os.path.join(ROOT, s)).read() for s in [*SCRIPTS, "common/guide.py"])
+    """The tags the scripts log: their own, and what common/guide.py's guide.stats() and common/diagnostics.py's
+    mixing_logs() return (logged by each guided script)."""
+    source = "".join(open(os.path.join(ROOT, s)).read() for s in [*SCRIPTS, "common/guide.py", "common/diagnostics.py"])
     return set(re.findall(r"\"((?:objective|policy|loss|val|charts|timing|guide|eval)/\w+)\"", source))
 
 

@@ -15,6 +15,7 @@ import aggrevated
 import d2lols
 import ppo
 import ppo_plus_plus
+from common import diagnostics
 from common import guide as guides
 from conftest import (GUIDED_MODULES, RL_MODULES, RL_SCRIPTS, module_name, read_tensorboard, run_script_in_process,
                       set_flags, task_args)
@@ -110,6 +111,27 @@ def test_a_run_logs_the_unmixed_advantage_it_trains_on(assets, tmp_path):
         means[grouped] = events.Scalars("guide/advantage_unmixed")[0].value
         assert len(events.Scalars("guide/explained_variance_restart")) == 1
     assert abs(means[True]) < 1e-5 and means[False] < -0.1, means
+
+
+def test_the_mixing_logs_by_hand():
+    """common/diagnostics.mixing_logs on a batch worked out by hand: two mixed episodes (k 2 and 1) around one of
+    the policy's own. The critic is exact at the restart states (each mixed episode's first policy token) and
+    nowhere else, so any other token taken for them gives an explained variance below 1."""
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.float)  # the policy's tokens
+    mixed, k, scores = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([2, 0, 1]), torch.tensor([3.0, 0.5, 1.0])
+    returns = torch.tensor([[5.0, 7.0, 2.0, 9.0], [4.0, 1.0, 6.0, 8.0], [3.0, 4.0, 1.0, 6.0]])
+    values = torch.zeros(3, 4)
+    values[0, 2], values[2, 1] = 1.5, 3.5  # returns 2 and 4: the residuals 0.5 and 0.5, no variance
+    advantages, raw = torch.arange(12.0).reshape(3, 4), -torch.arange(12.0).reshape(3, 4)
+    logs = diagnostics.mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw, mask))
+    assert logs == pytest.approx({"guide/mixed_fraction": 2 / 3, "guide/mean_k": 1.5, "guide/score_mixed": 2.0,
+                                  "guide/explained_variance_restart": 1.0, "guide/score_unmixed": 0.5,
+                                  "guide/advantage_unmixed": 5.0, "guide/gae_unmixed": -5.0})  # (4 + 5 + 6) / 3
+    # one kind of episode only: the other kind's scalars are not logged (nor the advantages without `unmixed`)
+    assert set(diagnostics.mixing_logs(torch.ones(3), k + 1, scores, values, returns, mask)) == {
+        "guide/mixed_fraction", "guide/mean_k", "guide/score_mixed", "guide/explained_variance_restart"}
+    assert set(diagnostics.mixing_logs(torch.zeros(3), k * 0, scores, values, returns, mask)) == {
+        "guide/mixed_fraction", "guide/score_unmixed"}
 
 
 # -- the minimum length counts the whole response ------------------------------------------------------------------
