@@ -121,7 +121,7 @@ def test_the_driver_end_to_end(assets, tmp_path):
     starting model): the table's rows and seeds are those the runs wrote (their generations files and
     TensorBoard events)."""
     work, out, argv = driver_command(assets, tmp_path, "cg", "--starts", "weak", "--weak-methods", "ppo",
-                                     "ppo_plus_plus", "--num-iterations", "2")
+                                     "ppo_plus_plus", "--num-iterations", "2", "--seeds", "1", "2")
     run_driver(argv)
     record = json.loads(out.with_suffix(".json").read_text())
     runs = record["runs"]
@@ -155,7 +155,10 @@ def test_the_driver_end_to_end(assets, tmp_path):
             if "guide/score_unmixed" in events.Tags()["scalars"]:
                 unmixed = [e.value for e in events.Scalars("guide/score_unmixed")]
                 assert (run["unmixed_first"], run["unmixed_last"]) == pytest.approx((unmixed[0], unmixed[-1]))
-        assert "--clip-coef-value 0.2" in " ".join(json.load(open(folder / "done.json"))["command"])
+        # the critic pilot's setting, the driver's defaults, reach every method's script
+        command = " ".join(json.load(open(folder / "done.json"))["command"])
+        assert all(flag in command for flag in ("--clip-coef-value None", "--critic-anneal-lr False",
+                                                "--critic-warmup-iterations 2", "--critic-learning-rate 0.0003"))
     # each table row is the mean of its seeds' runs
     for start, method in (("weak", "ppo"), ("weak", "ppo_plus_plus")):
         values = [runs[f"{start}_{method}_seed{seed}"]["coverage"] for seed in (1, 2)]
