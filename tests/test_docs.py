@@ -126,7 +126,7 @@ def test_the_docs_tests_read_the_projects_files_only(tmp_path):
 def test_the_docs_show_every_command_we_expect():
     """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
     scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 88, [" ".join(argv) for _, argv in COMMANDS]
+    assert len(COMMANDS) == 87, [" ".join(argv) for _, argv in COMMANDS]
     assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
                                     "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "-n", "2", "tests"]) in COMMANDS  # CI runs the README's
