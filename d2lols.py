@@ -297,10 +297,10 @@ def token_mean(x, mask, num_tokens):
 
 
 def normalize_advantages(advantages, mask, how, mixed, eps=1e-8):
-    """whiten: (A - mean) / std over the masked tokens (every rank's); scale: A / std (each advantage keeps its
-    sign); none: the raw GAE advantages (tril). The mixed episodes (`mixed` 1) and the policy's own (0) are
-    normalised each over its own tokens: over the whole batch, the mixed episodes' returns (mostly the guide's
-    prefix) would set the offset and the scale of the policy's own episodes' advantages. All zeros: one group."""
+    """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
+    (each advantage keeps its sign); none: the raw GAE advantages (tril). Per group: the mixed episodes (`mixed` 1)
+    and the policy's own (0) each over their own tokens, so that the mixed episodes' returns (mostly the guide's
+    prefix) set neither the offset nor the scale of the policy's own episodes' advantages. All zeros: one group."""
     if how == "none":
         return advantages * mask
     normalized = torch.zeros_like(advantages)
@@ -392,14 +392,10 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
 
 @torch.inference_mode()
 def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_ins):
-    """The policy continues each prompt + roll-in to the horizon: sampled with the KV cache,
-    --rollout-batch-size prompts a call.
-
-    Returns the left-padded prompts and their mask, and the episodes laid out as in PPO, prompt |
-    response, where the response is the k roll-in tokens then the policy's H - k (k + policy tokens
-    = H): the response mask (1 up to and including the first EOS), the sampled tokens' log-probs,
-    taken from generate's own logits (no second forward pass), and the policy mask (1 on the
-    policy's tokens; the roll-in is state, with no loss)."""
+    """The policy continues each prompt + roll-in to the horizon H (KV cache, --rollout-batch-size prompts a call).
+    Returns the left-padded prompts and their mask and the episodes laid out as PPO's, prompt | k roll-in tokens +
+    the policy's H - k: the response mask (1 up to and including the first EOS), the log-probs from generate's own
+    logits (no second forward pass), and the policy mask (1 on the policy's tokens; the roll-in is state)."""
     prompt_ids, prompt_mask = left_pad([p + r for p, r in zip(prompts, roll_ins)], tokenizer.pad_token_id, device)
     responses, logprobs = [None] * len(prompts), [None] * len(prompts)
     by_k = sorted(range(len(prompts)), key=lambda i: -len(roll_ins[i]))  # a call's rows have like k
