@@ -13,6 +13,7 @@ pi_ref (the policy with its adapters switched off).
 from torch import nn
 from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.pytorch_utils import Conv1D
 
 
 def dropout_probabilities(model_name_or_path):
@@ -51,8 +52,10 @@ def add_lora(model, args, task_type):
     import peft
 
     targets = list(args.lora_target_modules)
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's layers keep W as (in, out)
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type=task_type,
-                             target_modules=targets[0] if targets == ["all-linear"] else targets)
+                             target_modules=targets[0] if targets == ["all-linear"] else targets,
+                             fan_in_fan_out=transposed)  # (else peft corrects it with a warning per model)
     try:
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a module name this model does not have

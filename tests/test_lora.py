@@ -138,3 +138,28 @@ def test_bad_lora_flags_fail_with_one_line(assets, tmp_path, script, flags, mess
     with pytest.raises(SystemExit) as error:
         run_script_in_process(script, task_args(assets, "imdb", script) + flags, tmp_path)
     assert str(error.value.code).startswith(message) and "\n" not in str(error.value.code)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_adapters_fit_the_layers_without_a_warning(assets, architecture):
+    """GPT-2 keeps its weights transposed (Conv1D), Llama in nn.Linear: add_lora tells peft which, so a run on
+    either starts without peft's "fan_in_fan_out is set to ..." correction, and the adapters start at zero."""
+    import warnings
+
+    from transformers import LlamaConfig
+
+    if architecture == "gpt2":
+        model = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=2))
+    input_ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    start = logits(model.eval(), input_ids)
+    flags = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules=("all-linear",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = memory.add_lora(model, flags, "CAUSAL_LM").eval()
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in caught]
+    assert any("lora_" in name for name, _ in adapted.named_parameters())
+    torch.testing.assert_close(logits(adapted, input_ids), start)
