@@ -17,14 +17,7 @@ Which states the guide gives and how the algorithm uses them (the law of k, the 
 script, never here.
 """
 
-import base64
-import concurrent.futures
-import email.utils
-import ipaddress
-import os
-import random
 import sys
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -35,12 +28,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
 from common import distributed, tasks
-from common.checkpoint import RECEIVED, StopRun
 from common.text import decode_in_context, encode_in_context
 
-RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time up to MAX_RETRY_WAIT, with jitter
-MAX_RETRY_WAIT = 30.0
-JITTER = random.Random()  # (its own stream: the run's checkpointed mixing stream is never touched by a retry)
 TEXT_MARGIN = 1.5  # through text: guide tokens asked per policy token still needed (a row that comes back short asks again)
 CREDENTIALS = {}  # a --guide-url's user:password@, by the URL without it: never in args, logs, checkpoints or argv
 
@@ -156,7 +145,9 @@ def load_guide(args, tokenizer, device, dtype, rng):
     if args.guide_references:
         guide = reference_guide(tokenizer, rng)
     elif args.guide_url:
-        guide = server_guide(args, tokenizer, rng)
+        from common.guide_client import ServerGuide  # (openai, imported only with --guide-url)
+
+        guide = ServerGuide(args, tokenizer, rng)
     else:
         guide = local_guide(args, tokenizer, device, dtype)
     if not args.guide_fetch_ahead or not hasattr(guide, "send"):  # (a local model shares the policy's device)
@@ -222,25 +213,11 @@ def text_inputs(args, tokenizer, guide_tokenizer, examples, prefixes):
     return contexts, inputs
 
 
-def served_tokenizer(args):
-    """--guide-url: the served model's tokenizer (--guide-tokenizer, else --guide-model's name where it loads), for
-    its chat template and to learn whether it is the policy's; None where it cannot be loaded (through text)."""
-    name = args.guide_tokenizer or args.guide_model
-    try:
-        return AutoTokenizer.from_pretrained(name) if name else None
-    except (OSError, ValueError) as e:
-        if args.guide_tokenizer or args.guide_chat_template:
-            raise SystemExit(f"error: --guide-tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
-        print(f"guide: no tokenizer {name} to load (--guide-tokenizer names one): the guide's text is re-encoded",
-              flush=True)
-        return None
-
-
-def min_new_tokens(args, prefixes, max_new_tokens):
-    """Per row, the guide's minimum length after the policy's prefix: --guide-min-new-tokens counts the whole
-    continuation, the prefix included (tril's min_length; the prefix in policy tokens), at most max_new_tokens[i]
-    (a server refuses min_tokens > max_tokens)."""
-    return [min(max(args.guide_min_new_tokens - len(prefix), 0), most) for prefix, most in zip(prefixes, max_new_tokens)]
+def min_tokens(args, written, most):
+    """The guide's minimum length for one request: --guide-min-new-tokens counts the whole continuation (tril's
+    min_length), `written` tokens of it already there (the policy's prefix, in policy tokens, and what the guide wrote
+    before), at most `most`, the request's maximum (a server refuses min_tokens > max_tokens)."""
+    return min(max(args.guide_min_new_tokens - written, 0), most)
 
 
 def cut_to_budget(tokens, ended, budget, eos_token_id):
@@ -248,6 +225,19 @@ def cut_to_budget(tokens, ended, budget, eos_token_id):
     within the budget."""
     ended = ended and len(tokens) < budget
     return tokens[:budget] + [eos_token_id] * ended, ended
+
+
+def write_policy_tokens(args, tokenizer, examples, prefixes, budgets, sample):
+    """On the policy's token ids (the guide shares its tokenizer): each row asks for its budget (at most
+    --guide-max-new-tokens) after its prompt and prefix, and gets it, EOS appended where the guide ended within it.
+    `sample(rows, inputs, max_tokens, min_tokens)` -> per row (its tokens, EOS cut off, whether it ended)."""
+    budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
+    todo = [i for i in range(len(budgets)) if budgets[i] > 0]
+    samples = dict(zip(todo, sample(todo, [examples[i]["prompt_ids"] + prefixes[i] for i in todo],
+                                    [budgets[i] for i in todo],
+                                    [min_tokens(args, len(prefixes[i]), budgets[i]) for i in todo])))
+    return [cut_to_budget(*samples.get(i, ([], False)), budget, tokenizer.eos_token_id)
+            for i, budget in enumerate(budgets)]
 
 
 def write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample):
@@ -262,9 +252,8 @@ def write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, bud
     todo = [i for i in range(len(inputs)) if budgets[i] > 0]
     while todo:
         max_tokens = [min(cap - asked[i], int(TEXT_MARGIN * (budgets[i] - len(tokens[i]))) + 1) for i in todo]
-        min_tokens = [min(max(args.guide_min_new_tokens - len(prefixes[i]) - asked[i], 0), most)
-                      for i, most in zip(todo, max_tokens)]
-        answers = sample(todo, [inputs[i] + texts[i] for i in todo], max_tokens, min_tokens)
+        min_tokens_ = [min_tokens(args, len(prefixes[i]) + asked[i], most) for i, most in zip(todo, max_tokens)]
+        answers = sample(todo, [inputs[i] + texts[i] for i in todo], max_tokens, min_tokens_)
         for i, most, (text, stopped) in zip(todo, max_tokens, answers):
             texts[i], ended[i], asked[i] = texts[i] + text, stopped, asked[i] + most
             tokens[i] = encode_in_context(tokenizer, contexts[i], texts[i])
@@ -272,37 +261,6 @@ def write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, bud
         todo = [i for i, (text, _) in zip(todo, answers)
                 if not ended[i] and text and len(tokens[i]) < budgets[i] and asked[i] < cap]
     return [cut_to_budget(t, e, b, tokenizer.eos_token_id) for t, e, b in zip(tokens, ended, budgets)]
-
-
-def retry_after(error):
-    """The seconds a server's Retry-After header asks for (a number or an HTTP date), or None."""
-    value = getattr(getattr(error, "response", None), "headers", {}).get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        date = email.utils.parsedate_to_datetime(value) if email.utils.parsedate_tz(value) else None
-        return None if date is None else max(date.timestamp() - time.time(), 0.0)
-
-
-def retry_wait(attempt, asked=None):
-    """Seconds before retry number `attempt` + 1: what the server asked for, else RETRY_WAIT doubled per attempt (at
-    most MAX_RETRY_WAIT), times a jitter in [0.5, 1.5) so that many clients do not come back at once."""
-    if asked is not None:
-        return asked
-    return min(RETRY_WAIT * 2**attempt, MAX_RETRY_WAIT) * (0.5 + JITTER.random())
-
-
-def wait_unless_stopped(seconds, failed):
-    """Sleep, but a Ctrl-C or SIGTERM that reached the loop, or another request's failure (the Event `failed`),
-    ends the wait: True where one did."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if RECEIVED or failed.is_set():
-            return True
-        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
-    return bool(RECEIVED) or failed.is_set()
 
 
 class MinNewTokensPerRow(LogitsProcessor):
@@ -358,11 +316,8 @@ def local_guide(args, tokenizer, device, dtype):
         """A guide that shares the policy's tokenizer gets the tokens directly (the same as the text round trip,
         without it) and writes each row's budget; otherwise through text."""
         if same_tokenizer:
-            budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
-            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
-            samples = generate(inputs, budgets, min_new_tokens(args, prefixes, budgets))
-            return [cut_to_budget(tokens, ended, budget, tokenizer.eos_token_id)
-                    for (tokens, ended), budget in zip(samples, budgets)]
+            return write_policy_tokens(args, tokenizer, examples, prefixes, budgets,
+                                       lambda rows, inputs, max_tokens, min_tokens: generate(inputs, max_tokens, min_tokens))
 
         def sample(rows, texts, max_tokens, min_tokens):  # its text, decoded after its input
             inputs = [guide_tokenizer(t).input_ids for t in texts]
@@ -392,235 +347,3 @@ def reference_guide(tokenizer, rng):
         return results
 
     return SimpleNamespace(write=write, counts_policy_tokens=True, source="the dataset's references")
-
-
-class Refused(Exception):
-    """The server refused a request (400, 422): its message."""
-
-
-def key_stays_private(url):
-    """Whether a key sent to `url` stays private: https, or plain http to this machine (a loopback address)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" or parts.hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:  # a host name other than localhost
-        return False
-
-
-def server_guide(args, tokenizer, rng):
-    """An OpenAI-compatible completions server (`openai` client, imported only with --guide-url), --guide-concurrency
-    requests in flight. What the server takes is learnt before the first request (probe): the optional sampling
-    fields (top_k, min_tokens: vLLM and SGLang take them; transformers serve and OpenAI do not: printed once), a list
-    of prompts in one request (vLLM, SGLang: rows that ask for the same lengths share a request), and, where the
-    served model's tokenizer is the policy's, token-id prompts answered with token ids (vLLM's return_token_ids: no
-    text round trip, budgets in policy tokens); otherwise through text. Sampling: temperature, top_p, max_tokens, a
-    seed per request where --guide-seed (drawn from `rng`: a resume is exact where the server honours it).
-    finish_reason "stop" = the guide ended. A request that fails (429, 5xx, no connection, timeout) is retried for
-    --guide-retry-seconds (retry_wait: Retry-After, else 1, 2, 4... s with jitter), each retry printed; then, on a
-    stop signal, or on an answer that is not the API's shape, StopRun (the other requests give up with it)."""
-    import openai
-
-    credentials = CREDENTIALS.get(args.guide_url)
-    if (os.environ.get("OPENAI_API_KEY") or credentials) and not key_stays_private(args.guide_url):
-        what = "the password in --guide-url" if credentials else "the key in OPENAI_API_KEY"
-        print(f"guide: {what} is sent in plain text to {urllib.parse.urlsplit(args.guide_url).hostname} (http, not "
-              "this machine): anyone on the way can read it; https keeps it private", flush=True)
-    basic_auth = credentials and {"Authorization": "Basic " + base64.b64encode(":".join(credentials).encode()).decode()}
-    client = openai.OpenAI(base_url=args.guide_url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
-                           default_headers=basic_auth or None,
-                           timeout=args.guide_timeout, max_retries=0)  # (our retries: printed, then StopRun)
-    retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
-    extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
-             **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
-    guide_tokenizer = served_tokenizer(args)
-    same_tokenizer = (guide_tokenizer is not None and not uses_template(args)
-                      and guide_tokenizer.get_vocab() == tokenizer.get_vocab())
-    server = SimpleNamespace(lists=False, token_ids=False, probed=False)  # what the server takes: probe()
-    stats = {"requests": 0, "retries": 0, "seconds": 0.0, "tokens_asked": 0}  # since the last stats() call
-    failed, why, lock = threading.Event(), [], threading.Lock()  # a request failed for good: the run stops, and the
-    # others give up at once
-
-    def give_up(message):
-        """The StopRun that ends the run: the first failure's message, whichever request raises it."""
-        with lock:
-            why.append(message)
-            failed.set()
-        return StopRun(why[0])
-
-    def request(prompts, max_tokens, seed, fields, ledger=None, probing=False):
-        """One request (prompts: a string, token ids, or a list of either) -> its choices in prompt order, counted in
-        `ledger`: the rows' write's, which stats() counts with the write that takes them (None: a probe, whose
-        retries alone count). `probing` what the server takes: a refusal or an answer of another shape is None (a
-        failure is retried as always)."""
-        count = len(prompts) if isinstance(prompts, list) and isinstance(prompts[0], (str, list)) else 1
-        attempt, first_failure, started = 0, None, time.monotonic()
-        while True:
-            if failed.is_set():
-                raise give_up(why[0])
-            try:
-                response = client.completions.create(model=args.guide_model, prompt=prompts, max_tokens=max_tokens,
-                                                     temperature=args.guide_temperature, top_p=args.guide_top_p,
-                                                     **({} if seed is None else {"seed": seed}),
-                                                     extra_body=fields or None)
-                break
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                if probing:
-                    return None
-                raise Refused(f"({type(e).__name__}: {str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
-            except retried as e:  # (openai.APITimeoutError is an APIConnectionError)
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                first_failure = first_failure or time.monotonic()
-                waited, wait = time.monotonic() - first_failure, retry_wait(attempt, retry_after(e))
-                if attempt == args.guide_max_retries or waited + wait > args.guide_retry_seconds:
-                    raise give_up(f"the guide server {args.guide_url} failed {attempt + 1} times in {waited:.0f} s "
-                                  f"({error})")
-                attempt += 1
-                with lock:
-                    (stats if ledger is None else ledger)["retries"] += 1
-                print(f"guide: {args.guide_url}: {error}; retry {attempt} in {wait:.1f} s", flush=True)
-                if wait_unless_stopped(wait, failed):
-                    raise give_up(f"stopped while waiting to retry the guide server {args.guide_url} ({error})")
-            except openai.APIError as e:  # 401, 404...: a retry would fail the same way
-                if probing:
-                    return None
-                raise give_up(f"the guide server {args.guide_url} refused the request ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:100]} {str(getattr(e, 'body', ''))[:200]})")
-            except Exception as e:  # anything else the client raises (a proxy's page that is not JSON): one line
-                if probing:
-                    return None
-                raise give_up(f"the guide server {args.guide_url} answered what the client cannot read "
-                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
-        choices = sorted(getattr(response, "choices", None) or [], key=lambda c: getattr(c, "index", 0))
-        if not (len(choices) == count and all(isinstance(getattr(c, "text", None), str)
-                                              and isinstance(getattr(c, "finish_reason", None), str) for c in choices)):
-            if probing:
-                return None
-            raise give_up(f"the guide server {args.guide_url} answered out of the completions API's shape "
-                          f"({str(response)[:200]})")
-        if ledger is not None:
-            with lock:
-                ledger["requests"] += 1
-                ledger["seconds"] += time.monotonic() - started
-                ledger["tokens_asked"] += max_tokens * count
-        return choices
-
-    def refused(fields):
-        """Whether the server refuses a one-token request with these sampling fields (400 or 422)."""
-        try:
-            request("Hello", 1, 0, fields)
-            return False
-        except Refused:
-            return True
-
-    def probe():
-        """Before the first request: one small request with every optional field (each alone where it is refused):
-        a field the server refuses is dropped, with one line; later refusals are errors (never matched against an
-        error's words). Then two prompts in one request (token ids asking for token ids back,
-        where the tokenizers are the same), and where that is not taken and the tokenizers are the same, one."""
-        if extra and refused({**extra, **({"min_tokens": 1} if "min_tokens" in extra else {})}):
-            for name in list(extra):
-                if refused({name: 1 if name == "min_tokens" else extra[name]}):
-                    del extra[name]
-                    print(f"guide: {args.guide_url} does not take {name}: the guide samples without it", flush=True)
-        hello = [guide_tokenizer("Hello").input_ids, guide_tokenizer("Hi").input_ids] if same_tokenizer else ["Hello", "Hi"]
-        fields = {**extra, **({"min_tokens": 1} if "min_tokens" in extra else {}),
-                  **({"return_token_ids": True} if same_tokenizer else {})}
-        answer = request(hello, 1, 0, fields, probing=True)
-        server.lists = answer is not None
-        if answer is None and same_tokenizer:
-            answer = request(hello[0], 1, 0, fields, probing=True)
-        server.token_ids = answer is not None and same_tokenizer and all(
-            isinstance(getattr(c, "token_ids", None), list) for c in answer)
-        guide.counts_policy_tokens = server.token_ids
-        server.probed = True
-
-    def complete_all(prompts, max_tokens, min_tokens, seeds, ledger):
-        """Every prompt's (text or token ids, whether it ended): rows that ask for the same lengths share a request
-        where the server takes lists (its seed: the first row's), each its own otherwise; --guide-concurrency
-        requests in flight."""
-        def answer(rows):
-            fields = {**extra, **({"min_tokens": min_tokens[rows[0]]} if "min_tokens" in extra else {}),
-                      **({"return_token_ids": True} if server.token_ids else {})}
-            batch = [prompts[i] for i in rows] if server.lists else prompts[rows[0]]
-            seed = seeds[rows[0]] if args.guide_seed else None
-            try:
-                return request(batch, max_tokens[rows[0]], seed, fields, ledger)
-            except Refused as e:
-                raise give_up(f"the guide server {args.guide_url} refused the request {e}")
-
-        groups = {}
-        for i in range(len(prompts)):
-            groups.setdefault((max_tokens[i], min_tokens[i]) if server.lists else i, []).append(i)
-        results = [None] * len(prompts)
-        for rows, choices in zip(groups.values(), pool.map(answer, groups.values())):
-            for i, choice in zip(rows, choices):
-                ended = choice.finish_reason == "stop"
-                if server.token_ids:
-                    tokens = list(choice.token_ids)
-                    tokens = tokens[:-1] if ended and tokens and tokens[-1] == tokenizer.eos_token_id else tokens
-                    results[i] = (tokens, ended)
-                else:
-                    results[i] = (choice.text, ended)
-        return results
-
-    pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
-    ahead, background, probe_lock = {}, concurrent.futures.ThreadPoolExecutor(1), threading.Lock()  # (send)
-
-    def write_rows(examples, prefixes, budgets, seeds):
-        """write's rows, and the requests they took (a ledger for stats)."""
-        ledger = {"requests": 0, "retries": 0, "seconds": 0.0, "tokens_asked": 0}
-        with probe_lock:
-            if not server.probed:
-                probe()
-        if server.token_ids:  # the policy's tokens both ways: each row asks for its budget
-            budgets = [min(budget, args.guide_max_new_tokens) for budget in budgets]
-            inputs = [e["prompt_ids"] + prefix for e, prefix in zip(examples, prefixes)]
-            todo = [i for i in range(len(inputs)) if budgets[i] > 0]
-            samples = dict(zip(todo, complete_all([inputs[i] for i in todo], [budgets[i] for i in todo],
-                                                  min_new_tokens(args, [prefixes[i] for i in todo],
-                                                                 [budgets[i] for i in todo]),
-                                                  [seeds[i] for i in todo], ledger)))
-            return [cut_to_budget(*samples.get(i, ([], False)), budget, tokenizer.eos_token_id)
-                    for i, budget in enumerate(budgets)], ledger
-
-        def sample(rows, texts, max_tokens, min_tokens):  # a row asked again keeps its seed (its prompt is longer)
-            return complete_all(texts, max_tokens, min_tokens, [seeds[i] for i in rows], ledger)
-
-        return write_through_text(args, tokenizer, guide_tokenizer, examples, prefixes, budgets, sample), ledger
-
-    def draw_seeds(examples, prefixes, budgets):
-        """The rows' seeds, in order, before any request (the stream stays exact), and the call's key."""
-        seeds = [rng.randrange(2**31) for _ in examples]
-        return seeds, repr([(e["prompt_ids"], list(p), b, s) for e, p, b, s in zip(examples, prefixes, budgets, seeds)])
-
-    def send(examples, prefixes, budgets):
-        """Start writing these rows in the background: the write that asks for the same rows, budgets and seeds
-        (the caller puts its random stream back, so the write draws the same seeds) takes the answer."""
-        seeds, key = draw_seeds(examples, prefixes, budgets)
-        ahead[key] = background.submit(write_rows, examples, prefixes, budgets, seeds)
-
-    def write(examples, prefixes, budgets):
-        seeds, key = draw_seeds(examples, prefixes, budgets)
-        sent = ahead.pop(key, None)
-        ahead.clear()  # (rows sent ahead that no write asked for are dropped)
-        rows, ledger = sent.result() if sent else write_rows(examples, prefixes, budgets, seeds)
-        with lock:
-            for name, value in ledger.items():
-                stats[name] += value
-        return rows
-
-    def transport_stats():
-        """Since the last call: the requests for rows (not the probes), retries, mean latency, and the server's own
-        tokens asked (max_tokens)."""
-        with lock:
-            out = {"guide/requests": stats["requests"], "guide/retries": stats["retries"],
-                   "timing/guide_latency_s": stats["seconds"] / max(stats["requests"], 1),
-                   "guide/server_tokens_asked": stats["tokens_asked"]}
-            stats.update(requests=0, retries=0, seconds=0.0, tokens_asked=0)
-        return out
-
-    guide = SimpleNamespace(write=write, send=send, counts_policy_tokens=False, source=f"the server {args.guide_url}",
-                            transport_stats=transport_stats, server=server)
-    return guide

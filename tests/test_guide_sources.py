@@ -18,6 +18,7 @@ import aggrevated
 import d2lols
 import ppo_plus_plus
 from common import guide as guides
+from common import guide_client, stopping
 from common import tasks
 from conftest import GUIDED_MODULES, Spy, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
 from guide_server import GuideServer
@@ -29,7 +30,7 @@ KEY = "sk-test-4f1c9a7e-key-that-must-not-leak"
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +173,12 @@ def test_a_malformed_answer_or_a_refused_request_stops_with_one_line(assets):
     args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
     with GuideServer(marker=" movie", malformed=True) as server:
         args.guide_url = server.url
-        with pytest.raises(guides.StopRun, match="answered out of the completions API's shape"):
+        with pytest.raises(stopping.StopRun, match="answered out of the completions API's shape"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
                 examples(tokenizer)[:1], [[]], [4])
     with GuideServer(marker=" movie") as server:
         args.guide_url = server.url + "/wrong"
-        with pytest.raises(guides.StopRun, match="refused the request .*NotFoundError"):
+        with pytest.raises(stopping.StopRun, match="refused the request .*NotFoundError"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
                 examples(tokenizer)[:1], [[]], [4])
 
@@ -342,6 +343,6 @@ def test_vllm_shaped_answers_and_errors(assets):
              "type": "BadRequestError", "param": None, "code": 400}
     with GuideServer(body=lambda request: (400, error)) as server:
         args.guide_url = server.url
-        with pytest.raises(guides.StopRun, match="refused the request .*maximum context length is 2048"):
+        with pytest.raises(stopping.StopRun, match="refused the request .*maximum context length is 2048"):
             guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
                 examples(tokenizer)[:1], [[]], [4])

@@ -16,6 +16,7 @@ import aggrevated
 import d2lols
 import ppo_plus_plus
 from common import guide as guides
+from common import guide_client, stopping
 from conftest import Spy, module_name, read_tensorboard, run_script_in_process, set_flags
 from guide_server import GuideServer
 from test_checkpoints import StopIn, logged
@@ -133,7 +134,7 @@ def test_a_json_answer_that_is_not_json_stops_with_one_line(assets):
     with GuideServer(body=lambda request: (200, b"<html><body>502 Bad Gateway</body></html>")) as server:
         args.guide_url = server.url
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
-        with pytest.raises(guides.StopRun, match=f"the guide server {server.url} .*"):
+        with pytest.raises(stopping.StopRun, match=f"the guide server {server.url} .*"):
             guide.write(rows(tokenizer, 2), [[], []], [4, 4])
 
 
@@ -148,7 +149,7 @@ def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_pat
     from conftest import run_script_in_process
     from test_guide_sources import http_args
 
-    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
@@ -181,7 +182,7 @@ def served_args(url, **flags):
 def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkeypatch):
     """A server that fails 8 times in a row (a restart) within --guide-retry-seconds: the request goes through (a
     fixed count of 5 retries once ended the run here)."""
-    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
     tokenizer = assets["tokenizer"]
     with GuideServer(marker=" movie", fail_first=8) as server:
         guide = guides.load_guide(served_args(server.url, guide_retry_seconds=60.0), tokenizer, "cpu", torch.float32,
@@ -192,7 +193,7 @@ def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkey
 
 def test_retry_after_is_honoured(assets, monkeypatch):
     """A 503 with Retry-After: 0.6 is retried after 0.6 s, not after the client's own (here 0.01 s) wait."""
-    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
     tokenizer = assets["tokenizer"]
     with GuideServer(marker=" movie", fail_first=1, retry_after=0.6) as server:
         guide = guides.load_guide(served_args(server.url), tokenizer, "cpu", torch.float32, random.Random(0))
@@ -201,17 +202,17 @@ def test_retry_after_is_honoured(assets, monkeypatch):
 
 
 def test_the_wait_has_jitter_and_a_ceiling():
-    waits = [guides.retry_wait(attempt) for attempt in (0, 0, 0, 0, 10)]
-    assert all(0.5 * guides.RETRY_WAIT <= w < 1.5 * guides.RETRY_WAIT for w in waits[:4]) and len(set(waits[:4])) == 4
-    assert waits[4] < 1.5 * guides.MAX_RETRY_WAIT and guides.retry_wait(3, asked=7.0) == 7.0
+    waits = [guide_client.retry_wait(attempt) for attempt in (0, 0, 0, 0, 10)]
+    assert all(0.5 * guide_client.RETRY_WAIT <= w < 1.5 * guide_client.RETRY_WAIT for w in waits[:4]) and len(set(waits[:4])) == 4
+    assert waits[4] < 1.5 * guide_client.MAX_RETRY_WAIT and guide_client.retry_wait(3, asked=7.0) == 7.0
 
 
 def test_retry_after_as_a_date():
     date = __import__("email.utils").utils.formatdate(__import__("time").time() + 100, usegmt=True)
     error = SimpleNamespace(response=SimpleNamespace(headers={"retry-after": date}))
-    assert 90 < guides.retry_after(error) <= 100
-    assert guides.retry_after(SimpleNamespace(response=SimpleNamespace(headers={"retry-after": "2.5"}))) == 2.5
-    assert guides.retry_after(SimpleNamespace()) is None
+    assert 90 < guide_client.retry_after(error) <= 100
+    assert guide_client.retry_after(SimpleNamespace(response=SimpleNamespace(headers={"retry-after": "2.5"}))) == 2.5
+    assert guide_client.retry_after(SimpleNamespace()) is None
 
 
 def test_a_stop_signal_ends_the_wait_for_a_retry(assets, monkeypatch):
@@ -222,10 +223,10 @@ def test_a_stop_signal_ends_the_wait_for_a_retry(assets, monkeypatch):
     import threading
     import time
 
-    from common import checkpoint
+    from common import stopping
 
-    monkeypatch.setattr(guides, "RETRY_WAIT", 20.0)
-    monkeypatch.setattr(guides, "JITTER", SimpleNamespace(random=lambda: 0.5))
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 20.0)
+    monkeypatch.setattr(guide_client, "JITTER", SimpleNamespace(random=lambda: 0.5))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
@@ -233,16 +234,16 @@ def test_a_stop_signal_ends_the_wait_for_a_retry(assets, monkeypatch):
     guide = guides.load_guide(served_args(url), tokenizer, "cpu", torch.float32, random.Random(0))
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        checkpoint.stop_on_signals()
+        stopping.stop_on_signals()
         threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)).start()
         started = time.monotonic()
-        with pytest.raises(guides.StopRun, match="stopped while waiting to retry"):
+        with pytest.raises(stopping.StopRun, match="stopped while waiting to retry"):
             guide.write(rows(tokenizer, 1), [[]], [1])
         assert time.monotonic() - started < 5
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        checkpoint.RECEIVED.clear()
+        stopping.RECEIVED.clear()
 
 
 # -- the key ----------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_no_secret_reaches_any_output_on_the_fault_path(assets, served, tmp_path
     from test_guide_sources import KEY, http_args
 
     password = "pw-4e9b-that-must-not-leak"
-    monkeypatch.setattr(guides, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with GuideServer(*served, fail_first=10**6) as server:
         url = server.url.replace("http://", f"http://trainer:{password}@")
@@ -315,7 +316,7 @@ def test_the_fields_a_server_takes_are_learnt_by_one_request_not_by_an_errors_wo
         args.guide_url = server.url
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
         assert len(guide.write(rows(tokenizer, 2), [[], []], [3, 3])) == 2
-        with pytest.raises(guides.StopRun, match="refused the request .*maximum context length"):
+        with pytest.raises(stopping.StopRun, match="refused the request .*maximum context length"):
             guide.write([{"prompt": "x" * 80, "prompt_ids": tokenizer("x" * 80).input_ids}], [[]], [3])
     printed = capsys.readouterr().out
     assert printed.count("does not take") == 1 and f"guide: {server.url} does not take top_k" in printed
