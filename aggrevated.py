@@ -7,7 +7,8 @@ gradient runs on the policy's k tokens only; the value loss runs on the guide's 
 critic learns V of the guide, and the policy's advantages measure how much better than the guide's
 own continuation each of its tokens does (the paper's "guide's value" feedback). With probability
 1 - beta the guide writes the whole continuation and the episode trains only the critic.
-    Args -> helpers (batching, log-probs, critic, GAE, the PPO loss, the guide, evaluation) -> the loop:
+
+Read it top to bottom: Args -> helpers (batching, log-probs, the critic, GAE, the PPO loss, the rollout) -> the loop:
     1. rollout: the policy rolls in, the guide rolls out (KV cache, no grad)
     2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
     3. update: epochs of shuffled minibatches of the clipped PPO objective
@@ -21,11 +22,10 @@ Token-level MDP: the state is prompt + tokens so far, the action is the next tok
 -kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) at every generated token.
 """
 
-import os
 import random
 import time
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -36,55 +36,17 @@ import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, distributed, memory, metrics, rewards, tasks, text
+from common import distributed, memory, rewards, stopping, tasks, text
 from common.diagnostics import mixing_logs
 from common.guide import GuideArgs, check_guide_args, load_guide
+from common.metrics import evaluate
+from common.run import RLRunArgs, Run
 
 
 @dataclass
-class Args(GuideArgs):
-    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md."""
-
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    cuda: bool = True
-    """use CUDA when it is available (otherwise the CPU)"""
-    process_group_timeout: float = 180.0
-    """torchrun: minutes a process waits in a collective for the others (rank 0 alone evaluates and checkpoints
-    meanwhile); lower it (e.g. 15) to learn of a dead rank sooner, raise it for evaluations longer than 3 h"""
-    bf16: bool = False
-    """bfloat16 autocast for forward passes; trained weights stay fp32, frozen ones are bfloat16 (log-probs in fp32)"""
-    fp16: bool = False
-    """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them (less memory, more time)"""
-    lora_r: int = 0
-    """LoRA rank (peft): policy and critic train low-rank adapters on frozen weights, which are also pi_ref; 0: off"""
-    lora_alpha: int = 64
-    """LoRA alpha: the adapters add alpha / r * B A to each weight (tril: r 8, alpha 64)"""
-    lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the layers that get adapters: module names (e.g. q_proj v_proj), or all-linear (every one but the LM head)"""
-    track: bool = False
-    """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "rlgf"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    save_model: bool = False
-    """save the trained policy (save_pretrained folder) at the end"""
-    save_path: Optional[str] = None
-    """where --save-model writes (default: models/{run_name}); an existing folder must hold a previous model"""
-    save_every: int = 0
-    """write a checkpoint every this many iterations, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
-    checkpoint_dir: Optional[str] = None
-    """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
-    keep_checkpoints: int = 1
-    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.iteration_K"""
-    resume: Optional[str] = None
-    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
-    --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
+class Args(GuideArgs, RLRunArgs):
+    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md. The run's own flags
+    (seed, device and precision, checkpoints, resume, saving, tracking, LoRA): RLRunArgs, common/run.py."""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -137,7 +99,7 @@ class Args(GuideArgs):
     eval_num_beams: Optional[int] = None
     """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
 
     # PPO
     total_episodes: Optional[int] = None
@@ -450,34 +412,6 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
             value_mask.long().to(device), logprobs.to(device))
 
 
-@torch.inference_mode()
-def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
-    """Generate for held-out prompts: the task's metrics (eval/<metric>) and every generation with its score."""
-    prompts, continuations, references, scores = [], [], [], []
-    for start in range(0, len(examples), args.rollout_batch_size):
-        batch = examples[start : start + args.rollout_batch_size]
-        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
-        with autocast:
-            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
-        responses = out[:, prompt_ids.shape[1] :]
-        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
-                                          tokenizer.pad_token_id)
-        texts = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
-        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
-        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
-        prompts += batch_prompts
-        continuations += texts
-        references += batch_refs
-    result = {"score": torch.cat(scores).mean().item()}
-    result.update(metrics.task_metrics(args.task, prompts, continuations, references))
-    if args.task == "imdb":
-        lm, lm_tokenizer = perplexity_lm
-        result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
-    generations = [dict(prompt=p, continuation=c, references=r, score=s)
-                   for p, c, r, s in zip(prompts, continuations, references, torch.cat(scores).tolist())]
-    return result, generations
-
-
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
@@ -491,12 +425,10 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams", "lora_alpha", "process_group_timeout",
-                                       "keep_checkpoints"),
+                                       "eval_num_beams"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
-                                     "num_sample_generations", "min_new_tokens", "target_coef", "save_every",
-                                     "critic_warmup_iterations",
-                                     "lora_r"),
+                                     "num_sample_generations", "min_new_tokens", "target_coef",
+                                     "critic_warmup_iterations"),
                        fraction=("gae_lambda", "beta"),
                        unit=("gamma", "top_p"))
     args.num_iterations = tasks.exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
@@ -508,8 +440,6 @@ if __name__ == "__main__":
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
     args.gradient_accumulation_steps = tasks.exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
-    if args.bf16 and args.fp16:
-        raise SystemExit("error: --bf16 and --fp16: choose one")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
@@ -518,24 +448,8 @@ if __name__ == "__main__":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     check_guide_args(args, continues_prefixes=True)
-    tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
-    resumed = checkpoint.read_state(args, os.path.basename(__file__), len(train_rows),
-                                      same=("task", "total_episodes", "batch_size", "world_size"))
-
-    run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
-    save_path = (args.save_path or f"models/{run_name}") if args.save_model else None
-    checkpoint.check_outputs(run_name, checkpoint_dir, save_path)  # every folder it writes, before training
-    if args.track and master:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
-    if master:
-        writer = checkpoint.Log(f"runs/{run_name}", purge_step=resumed["global_episodes"] + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s"
-                        % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+    # the run: --resume's checkpoint (checked against these flags), its name, its folders, TensorBoard
+    run = Run(args, __file__, len(train_rows), device, same=("task", "total_episodes", "batch_size", "world_size"))
 
     # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
     random.seed(args.seed + rank)
@@ -600,55 +514,32 @@ if __name__ == "__main__":
     generation_config = GenerationConfig(**lengths, **sampling, return_dict_in_generate=True, output_logits=True)
     deterministic = dict(do_sample=False, num_beams=args.eval_num_beams)
     eval_generation_config = GenerationConfig(**lengths, **(deterministic if args.eval_greedy else sampling))
-    kl_coef = args.kl_coef
     if master:
-        print(f"{run_name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
+        print(f"{run.name}: {len(train_examples)} training prompts, {args.num_iterations} iterations of "
               f"{args.batch_size} episodes on {args.world_size} x {device}, "
-              f"{sum(p.numel() for p in trained_parameters):,} trained parameters; TensorBoard: runs/{run_name}")
+              f"{sum(p.numel() for p in trained_parameters):,} trained parameters; TensorBoard: runs/{run.name}")
 
     def run_eval(iteration):
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
             result, generations = evaluate(policy, tokenizer, eval_examples, eval_generation_config, reward_fn,
-                                       perplexity_lm, args, device, autocast)
-        for name, value in result.items():
-            writer.add_scalar(f"eval/{name}", value, global_episodes)
-        tasks.write_jsonl(f"runs/{run_name}/generations/iteration_{iteration:04d}.jsonl", generations)
-        writer.add_text("eval/samples", tasks.samples_table(generations[: args.num_sample_generations]), global_episodes)
-        print(f"eval @ iteration {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
+                                       perplexity_lm, args.task, args.rollout_batch_size, device, autocast)
+        run.log_eval(iteration, global_episodes, result, generations)  # TensorBoard, runs/{run_name}/generations/
 
     trained_models = {"policy": policy, "critic": critic}
-    if checkpoint_dir and master:
-        checkpoint.check_room(checkpoint_dir, trained_models.values(), args.keep_checkpoints)  # (one line if not)
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 
-    def save_checkpoint(iteration, rng_state=None, order=None):  # everything to continue exactly (rank 0 writes)
-        rng_states = distributed.gather(rng_state or checkpoint.rng_state(rng))  # every rank's
-        with distributed.together():  # no rank leaves before it is complete, nor waits for a rank whose save failed
-            if master:
-                writer.flush()  # TensorBoard up to this iteration is on disk with it
-                checkpoint.save(checkpoint_dir, trained_models, optimizer, dict(
-                    script=os.path.basename(__file__), run_name=run_name, args=asdict(args), iteration=iteration,
-                    global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
-                    prompt_order=prompt_order if order is None else order, num_rows=len(train_rows), rng=rng_states,
-                    scaler=scaler.state_dict()), keep=args.keep_checkpoints)
-
-    global_episodes, train_seconds, first_iteration = 0, 0.0, 1
-    prompt_order = distributed.broadcast(torch.randperm(len(train_examples)).tolist())  # rank 0's, on every rank
-    if resumed:  # nanoGPT's init_from="resume": weights, optimizer, counters, KL coefficient, prompts, RNGs
-        checkpoint.load(resumed, trained_models, optimizer, scaler, device)
-        first_iteration = resumed["iteration"] + 1
-        global_episodes, train_seconds = resumed["global_episodes"], resumed["train_seconds"]
-        kl_coef, prompt_order = resumed["kl_coef"], resumed["prompt_order"]
-        checkpoint.set_rng_state(resumed["rng"][rank], rng)
-    elif args.eval_every and master:
+    # the loop's state, with --resume the checkpoint's (nanoGPT's init_from="resume", with the weights, the
+    # optimizer and every random stream)
+    global_episodes, train_seconds, kl_coef, prompt_order = run.resume(
+        trained_models, optimizer, scaler, rng, global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
+        prompt_order=distributed.broadcast(torch.randperm(len(train_examples)).tolist()))  # rank 0's, on every rank
+    if master and args.eval_every and not run.resumed:
         run_eval(0)
-    stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the iteration, checkpoint, exit
-    for iteration in range(first_iteration, args.num_iterations + 1):
+    for iteration in run.iterations():  # Ctrl-C, SIGTERM: the iteration ends, end_iteration checkpoints and stops
         iteration_start = time.perf_counter()
-        resume_point = (checkpoint.rng_state(rng), list(prompt_order))  # (where the iteration starts from)
         for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
                                           (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
             group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
@@ -660,20 +551,9 @@ if __name__ == "__main__":
         del prompt_order[: args.batch_size]
 
         # 1. rollout: with probability beta the policy rolls in k tokens, then the guide rolls out to H
-        failure = None
-        try:
-            with autocast:
-                prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
-                    policy, guide, tokenizer, batch, generation_config, args, device, rng)
-        except checkpoint.StopRun as e:  # a black box that stays down (the guide's server): the iteration cannot end
-            failure = str(e)
-        failures = [f for f in distributed.gather(failure) if f]  # on any rank: every rank stops as on Ctrl-C,
-        if failures:  # (the weights are the last completed iteration's: kept, under --save-every 0 too)
-            checkpoint_dir = checkpoint_dir or (f"checkpoints/{run_name}" if args.guide_failure_checkpoint else None)
-            if checkpoint_dir:  # at the last completed iteration, with the random state of then
-                save_checkpoint(iteration - 1, *resume_point)
-            raise SystemExit(f"error: {failures[0]}\n" + checkpoint.stopped_message(
-                "that error", f"iteration {iteration - 1}/{args.num_iterations}", checkpoint_dir) if master else 1)
+        with run.stop_on_failure(), autocast:  # a guide that stays down: every rank stops, at the last iteration
+            prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
+                policy, guide, tokenizer, batch, generation_config, args, device, rng)
         response_masks = policy_masks + value_masks  # the episode: the policy's k tokens, then the guide's
         generate_seconds = time.perf_counter() - iteration_start
         num_tokens = int(response_masks.sum(1).max())  # drop the columns that no episode reached
@@ -698,9 +578,7 @@ if __name__ == "__main__":
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
                 scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
-        if distributed.mean(~torch.isfinite(scores)) > 0:  # on any rank
-            raise SystemExit(f"error: iteration {iteration}: the reward is not finite (nan or inf); stopped before "
-                             "any update")
+        stopping.check_reward(scores, f"iteration {iteration}")  # a nan or inf on any rank: stop before any update
         mask, episode_mask, value_mask = policy_masks.float(), response_masks.float(), value_masks.float()
         logprobs = torch.cat(full_pass_logprobs) * mask if args.bf16 or args.fp16 else logprobs
 
@@ -759,13 +637,7 @@ if __name__ == "__main__":
                 scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
                 grad_norm = (nn.utils.clip_grad_norm_(trained_parameters, args.max_grad_norm) if args.max_grad_norm else
                              nn.utils.get_total_norm([p.grad for p in trained_parameters if p.grad is not None]))
-                if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
-                    # the loss on any rank (all ranks decide alike: none is left waiting in a collective)
-                    nan_loss = distributed.mean(~torch.isfinite(stats["loss"][epoch, minibatch])) > 0
-                    quantity = "loss" if nan_loss else "gradient"
-                    if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
-                        raise SystemExit(f"error: iteration {iteration}: the {quantity} is not finite (nan or inf); "
-                                         "stopped before the optimizer step")
+                stopping.check_update(grad_norm, stats["loss"][epoch, minibatch], f"iteration {iteration}", args.fp16)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -811,7 +683,7 @@ if __name__ == "__main__":
         }
         if master:
             for name, value in logs.items():
-                writer.add_scalar(name, value, global_episodes)
+                run.writer.add_scalar(name, value, global_episodes)
             print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
                   f"kl {mean_kl:.4f} mixed {logs['guide/mixed_fraction']:.2f} eps {logs['charts/eps']:.2f} "
                   f"(generate {generate_seconds:.2f}s, "
@@ -821,23 +693,8 @@ if __name__ == "__main__":
             kl_coef *= 1 + error * args.batch_size / args.kl_horizon
         if master and args.eval_every and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
             run_eval(iteration)
-        stopping = distributed.mean(torch.tensor([len(stop)], device=device)) > 0  # a signal reached any rank
-        if checkpoint_dir and (iteration % args.save_every == 0 or iteration == args.num_iterations or stopping):
-            save_checkpoint(iteration)
-        if stopping and iteration < args.num_iterations:  # (stopped in the last one: the run ends as usual)
-            checkpoint.exit_stopped(stop, f"iteration {iteration}/{args.num_iterations}", checkpoint_dir, master)
-        if iteration == first_iteration and master:  # torchrun's time for a stop: one line if it cannot hold one
-            checkpoint.check_stop_time(time.perf_counter() - iteration_start)
+        # the iteration's checkpoint when due, and the clean stop after Ctrl-C or SIGTERM (common/run.py)
+        run.end_iteration(iteration, global_episodes=global_episodes, train_seconds=train_seconds, kl_coef=kl_coef,
+                          prompt_order=prompt_order)
 
-    if args.save_model and master:
-        if args.lora_r:  # the adapters merged into the weights: a plain checkpoint of the model's own class
-            policy = policy.merge_and_unload()
-        policy.generation_config = checkpoint_generation_config
-        policy.config.update(dropout)  # the checkpoint's own dropout, as it came
-        with checkpoint.writing("the policy to", save_path) as folder:  # (a full disk: one line, nothing half-written)
-            policy.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        print(f"saved the policy to {save_path}")
-    if master:
-        writer.close()
-    distributed.cleanup()
+    run.finish(policy, tokenizer, checkpoint_generation_config, dropout)  # --save-model (LoRA: merged); TensorBoard

@@ -11,11 +11,9 @@ loads with AutoModelForCausalLM.from_pretrained, as --model-name-or-path or --gu
 RL scripts. Read it top to bottom: Args -> helpers -> the loop (batches, loss, eval, checkpoint).
 """
 
-import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -25,42 +23,15 @@ import transformers
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import checkpoint, metrics, rewards, tasks, text
+from common import rewards, stopping, tasks
+from common.metrics import evaluate
+from common.run import Run, RunArgs
 
 
 @dataclass
-class Args:
-    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md."""
-
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    cuda: bool = True
-    """use CUDA when it is available (otherwise the CPU)"""
-    bf16: bool = False
-    """bfloat16 autocast for forward passes (weights stay fp32; the loss is computed in fp32)"""
-    fp16: bool = False
-    """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
-    track: bool = False
-    """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "rlgf"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    save_model: bool = False
-    """save the fine-tuned model (save_pretrained folder) at the end"""
-    save_path: Optional[str] = None
-    """where --save-model writes (default: models/{run_name}); an existing folder must hold a previous model"""
-    save_every: int = 0
-    """write a checkpoint every this many steps, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
-    checkpoint_dir: Optional[str] = None
-    """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
-    keep_checkpoints: int = 1
-    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.step_K"""
-    resume: Optional[str] = None
-    """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
-    --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
+class Args(RunArgs):
+    """Flags shown with (default: None) take their task's value: the table in docs/tasks.md. The run's own flags
+    (seed, device and precision, checkpoints, resume, saving, tracking): RunArgs, common/run.py."""
 
     # task, models, data (None = the task's default, see common/tasks.py)
     task: str = "imdb"
@@ -125,7 +96,7 @@ class Args:
     eval_batch_size: int = 64
     """prompts per generate/scoring call in evaluation"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
     eval_only: bool = False
     """evaluate --model-name-or-path on the held-out prompts and stop (no training): any checkpoint's task metrics"""
 
@@ -195,55 +166,18 @@ def sft_loss(model, input_ids, attention_mask, loss_mask, num_tokens=None, longe
     return (token_nll * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 
-def mask_after_eos(responses, eos_token_id):
-    """1 on generated tokens up to and including the first EOS, 0 after it."""
-    is_eos = (responses == eos_token_id).long()
-    return ((is_eos.cumsum(1) - is_eos) == 0).long()
-
-
-@torch.inference_mode()
-def evaluate(model, tokenizer, examples, generation_config, reward_fn, perplexity_lm, args, device, autocast):
-    """Generate for held-out prompts: the task's metrics (eval/<metric>) and every generation with its score, as
-    the RL scripts do."""
-    prompts, continuations, references, scores = [], [], [], []
-    for start in range(0, len(examples), args.eval_batch_size):
-        batch = examples[start : start + args.eval_batch_size]
-        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
-        with autocast:
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
-        responses = out[:, prompt_ids.shape[1] :]
-        responses = responses.masked_fill(mask_after_eos(responses, tokenizer.eos_token_id) == 0,
-                                          tokenizer.pad_token_id)
-        texts = text.decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
-        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
-        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
-        prompts += batch_prompts
-        continuations += texts
-        references += batch_refs
-    result = {"score": torch.cat(scores).mean().item()}
-    result.update(metrics.task_metrics(args.task, prompts, continuations, references))
-    if args.task == "imdb":
-        lm, lm_tokenizer = perplexity_lm
-        result["perplexity"] = metrics.output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
-    generations = [dict(prompt=p, continuation=c, references=r, score=s)
-                   for p, c, r, s in zip(prompts, continuations, references, torch.cat(scores).tolist())]
-    return result, generations
-
-
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args), warn_placeholders=False)  # (gpt2 is where SFT starts)
     transformers.logging.disable_progress_bar()
     args.max_target_length = args.max_target_length or args.max_new_tokens
     tasks.check_ranges(args, positive=("batch_size", "micro_batch_size", "learning_rate", "adam_eps", "max_prompt_length",
                                        "max_new_tokens", "max_target_length", "eval_batch_size", "num_eval_prompts",
-                                       "eval_num_beams", "keep_checkpoints"),
+                                       "eval_num_beams"),
                        non_negative=("num_epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
-                                     "eval_every", "top_k", "num_sample_generations", "save_every", "min_new_tokens"))
+                                     "eval_every", "top_k", "num_sample_generations", "min_new_tokens"))
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.gradient_accumulation_steps = tasks.exact_div(args.batch_size, args.micro_batch_size,
                                                  "--batch-size / --micro-batch-size")
-    if args.bf16 and args.fp16:
-        raise SystemExit("error: --bf16 and --fp16: choose one")
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise SystemExit("error: --num-epochs or --max-steps must be positive")
     if args.eval_only and args.resume:
@@ -257,29 +191,15 @@ if __name__ == "__main__":
     if args.task in rewards.MODEL_REWARDS and evaluating:
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
-    tasks.check_save_path(args.save_path if args.save_model else None, args.model_name_or_path)
-    resumed = checkpoint.read_state(args, os.path.basename(__file__), len(train_rows),
-                                      same=("task", "batch_size", "num_epochs", "max_steps"), computed=("num_steps",))
-
-    run_name = resumed["run_name"] if resumed else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_dir = (args.checkpoint_dir or args.resume or f"checkpoints/{run_name}") if args.save_every else None
-    save_path = (args.save_path or f"models/{run_name}") if args.save_model else None
-    checkpoint.check_outputs(run_name, checkpoint_dir, save_path)  # every folder it writes, before training
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # resumed: TensorBoard hides what the run logged after its checkpoint (it is logged again)
-    writer = checkpoint.Log(f"runs/{run_name}", purge_step=resumed["step"] * args.batch_size + 1 if resumed else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()))
+    # the run: --resume's checkpoint (checked against these flags), its name, its folders, TensorBoard
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    run = Run(args, __file__, len(train_rows), device, same=("task", "batch_size", "num_epochs", "max_steps"),
+              computed=("num_steps",), unit="step", what="model")
 
     # seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast(device.type, dtype=torch.float16 if args.fp16 else torch.bfloat16,
                               enabled=args.bf16 or args.fp16)
     scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)  # --fp16: small gradients survive float16
@@ -302,8 +222,6 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True,
                                   weight_decay=args.weight_decay)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.num_steps)
-    if checkpoint_dir and not args.eval_only:
-        checkpoint.check_room(checkpoint_dir, [model], args.keep_checkpoints)  # (one line if they do not fit)
 
     if evaluating:
         eval_examples = tasks.make_examples(args.task, eval_rows, tokenizer, args.max_prompt_length)
@@ -325,43 +243,29 @@ if __name__ == "__main__":
                                                   **(deterministic if args.eval_greedy else sampling))
     plan = (f"evaluating {args.model_name_or_path} on {len(eval_examples)} {args.eval_split} prompts" if args.eval_only
             else f"{len(train_pairs)} training examples, {args.num_steps} steps of {args.batch_size}")
-    print(f"{run_name}: {plan} on {device}; TensorBoard: runs/{run_name}")
+    print(f"{run.name}: {plan} on {device}; TensorBoard: runs/{run.name}")
 
     def run_eval(step):
         # every evaluation samples with the same noise (its own seed), and leaves training's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
             result, generations = evaluate(model, tokenizer, eval_examples, eval_generation_config, reward_fn,
-                                       perplexity_lm, args, device, autocast)
-        for name, value in result.items():
-            writer.add_scalar(f"eval/{name}", value, step * args.batch_size)
-        tasks.write_jsonl(f"runs/{run_name}/generations/step_{step:06d}.jsonl", generations)
-        writer.add_text("eval/samples", tasks.samples_table(generations[: args.num_sample_generations]),
-                        step * args.batch_size)
-        print(f"eval @ step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
+                                       perplexity_lm, args.task, args.eval_batch_size, device, autocast)
+        run.log_eval(step, step * args.batch_size, result, generations)  # TensorBoard, runs/{run_name}/generations/
 
-    def save_checkpoint(step):  # everything the loop needs to continue exactly
-        writer.flush()  # TensorBoard up to this step is on disk with it
-        checkpoint.save(checkpoint_dir, {"model": model}, optimizer, dict(
-            script=os.path.basename(__file__), run_name=run_name, args=asdict(args), step=step,
-            train_seconds=train_seconds + time.perf_counter() - train_start, scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            order=order, num_rows=len(train_rows), rng=checkpoint.rng_state()), keep=args.keep_checkpoints)
-
-    first_step, train_seconds, order = 1, 0.0, []
-    if resumed:  # nanoGPT's init_from="resume": weights, optimizer, schedule, counters, example order, RNGs
-        checkpoint.load(resumed, {"model": model}, optimizer, scaler, device)
-        scheduler.load_state_dict(resumed["scheduler"])
-        first_step, train_seconds, order = resumed["step"] + 1, resumed["train_seconds"], resumed["order"]
-        checkpoint.set_rng_state(resumed["rng"])
-    elif evaluating:
+    if args.eval_only:  # the model's task metrics, and no training
         run_eval(0)
-    if args.eval_only:
-        writer.close()
+        run.writer.close()
         raise SystemExit(0)
-    stop = checkpoint.stop_on_signals()  # Ctrl-C, SIGTERM: end the step, checkpoint, exit
+    # the loop's state, with --resume the checkpoint's (nanoGPT's init_from="resume", with the weights, the
+    # optimizer and every random stream)
+    train_seconds, order, scheduler_state = run.resume({"model": model}, optimizer, scaler, train_seconds=0.0,
+                                                       order=[], scheduler=scheduler.state_dict())
+    scheduler.load_state_dict(scheduler_state)
+    if evaluating and not run.resumed:
+        run_eval(0)
     train_start = time.perf_counter()
-    for step in range(first_step, args.num_steps + 1):
+    for step in run.iterations():  # Ctrl-C, SIGTERM: the step ends, end_iteration checkpoints and stops
         if len(order) < args.batch_size:  # a new epoch, reshuffled
             order += torch.randperm(len(train_pairs)).tolist()
         batch = [train_pairs[i] for i in order[: args.batch_size]]
@@ -380,11 +284,7 @@ if __name__ == "__main__":
         step_loss = step_loss.item()
         scaler.unscale_(optimizer)  # (--fp16) the true gradients, to clip them
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        if not torch.isfinite(grad_norm):  # stop before a nan or inf reaches the weights
-            quantity = "loss" if not math.isfinite(step_loss) else "gradient"
-            if not (args.fp16 and quantity == "gradient"):  # (an --fp16 overflow: the scaler skips the step)
-                raise SystemExit(f"error: step {step}: the {quantity} is not finite (nan or inf); stopped before "
-                                 "the optimizer step")
+        stopping.check_update(grad_norm, torch.tensor(step_loss), f"step {step}", args.fp16)  # a nan or inf: stop
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -396,21 +296,14 @@ if __name__ == "__main__":
         logs = {"loss/sft": step_loss, "loss/grad_norm": grad_norm.item(), "charts/episodes": examples_seen,
                 "charts/eps": examples_seen / elapsed, "charts/lr": scheduler.get_last_lr()[0]}
         for name, value in logs.items():
-            writer.add_scalar(name, value, examples_seen)
+            run.writer.add_scalar(name, value, examples_seen)
         if step % 10 == 0 or step == 1 or step == args.num_steps:
             print(f"step {step}/{args.num_steps} examples {examples_seen} loss {step_loss:.4f} "
                   f"eps {logs['charts/eps']:.2f}", flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.num_steps):
             run_eval(step)
-        if checkpoint_dir and (step % args.save_every == 0 or step == args.num_steps or stop):
-            save_checkpoint(step)
-        if stop and step < args.num_steps:  # (stopped in the last one: the run ends as usual)
-            checkpoint.exit_stopped(stop, f"step {step}/{args.num_steps}", checkpoint_dir, True)
+        # the step's checkpoint when due, and the clean stop after Ctrl-C or SIGTERM (common/run.py)
+        run.end_iteration(step, train_seconds=train_seconds + time.perf_counter() - train_start, order=order,
+                          scheduler=scheduler.state_dict())
 
-    if args.save_model:
-        model.generation_config = checkpoint_generation_config
-        with checkpoint.writing("the model to", save_path) as folder:  # (a full disk: one line, nothing half-written)
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        print(f"saved the model to {save_path}")
-    writer.close()
+    run.finish(model, tokenizer, checkpoint_generation_config)  # --save-model; TensorBoard closed

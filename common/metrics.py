@@ -1,4 +1,5 @@
-"""Evaluation metrics: distinct-n, BLEU-4, CIDEr-D, ROUGE, output perplexity.
+"""Evaluation: a policy's held-out generations scored (evaluate), and the metrics: distinct-n, BLEU-4,
+CIDEr-D, ROUGE, output perplexity.
 
 BLEU-4 reproduces NLTK's `corpus_bleu` (no smoothing) and CIDEr-D reproduces pycocoevalcap's
 `Cider` scorer (the COCO / CommonGen convention), both on the words of `ptb_tokenize`, which matches the
@@ -13,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from common.text import encode_in_context
+from common.text import decode_continuations, encode_in_context
 
 
 def tokenize_words(text):
@@ -190,3 +191,38 @@ def task_metrics(task, prompts, continuations, references):
         result["bleu_4"] = bleu_4(continuations, references)
         result["cider_d"] = sum(cider_d(continuations, references)) / max(1, len(continuations))
     return result
+
+
+@torch.inference_mode()
+def evaluate(policy, tokenizer, examples, generation_config, reward_fn, perplexity_lm, task, batch_size, device,
+             autocast):
+    """Generate for held-out prompts (`batch_size` a call, left-padded): the task's metrics (the reward's mean as
+    "score", task_metrics, IMDB's perplexity under perplexity_lm = (model, tokenizer)) and every generation with its
+    score. A continuation ends at its first EOS and is read in context (common/text.py), as the RL scripts read it."""
+    prompts, continuations, references, scores = [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        width = max(len(e["prompt_ids"]) for e in batch)
+        prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e["prompt_ids"])) + e["prompt_ids"]
+                                   for e in batch], device=device)
+        prompt_mask = torch.tensor([[0] * (width - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in batch],
+                                   device=device)
+        with autocast:
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        responses = out[:, width:]
+        is_eos = (responses == tokenizer.eos_token_id).long()
+        responses = responses.masked_fill(is_eos.cumsum(1) - is_eos > 0, tokenizer.pad_token_id)  # after the first EOS
+        texts = decode_continuations(tokenizer, [e["prompt_ids"] for e in batch], responses)  # in context
+        batch_prompts, batch_refs = [e["prompt"] for e in batch], [e["references"] for e in batch]
+        scores.append(reward_fn(batch_prompts, texts, batch_refs).float().cpu())
+        prompts += batch_prompts
+        continuations += texts
+        references += batch_refs
+    result = {"score": torch.cat(scores).mean().item()}
+    result.update(task_metrics(task, prompts, continuations, references))
+    if task == "imdb":
+        lm, lm_tokenizer = perplexity_lm
+        result["perplexity"] = output_perplexity(lm, lm_tokenizer, prompts, continuations, device)
+    generations = [dict(prompt=p, continuation=c, references=r, score=s)
+                   for p, c, r, s in zip(prompts, continuations, references, torch.cat(scores).tolist())]
+    return result, generations

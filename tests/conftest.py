@@ -258,8 +258,9 @@ def run_script_in_process(script, args, cwd, spies=None):
         return module.__dict__
     except BaseException as e:  # SystemExit included: the test may look at the state the script stopped in
         e.script_globals = module.__dict__
-        if hasattr(module.__dict__.get("writer"), "close"):  # its events, on disk in the run's folder (a relative path)
-            module.writer.close()
+        writer = getattr(module.__dict__.get("run"), "writer", None)
+        if hasattr(writer, "close"):  # its events, on disk in the run's folder (a relative path)
+            writer.close()
         raise
     finally:
         sys.argv = old_argv

@@ -8,7 +8,7 @@ is killed (SIGKILL) during iteration n of the first launch (torchrun --max-resta
 seconds more, and the times of its end (saved.txt) and of each rank's exit (exit_rank{RANK}.txt) are written
 (EXIT_TIMES=1: the exits' alone).
 With NAN_LOSS_ON_RANK=r, rank r's first loss is nan. With FILE_SIZE_LIMIT_AT_SAVE=n, no file of rank 0's may
-grow past n bytes from its first checkpoint on (RLIMIT_FSIZE). With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (checkpoint.StopRun) at its first call. With
+grow past n bytes from its first checkpoint on (RLIMIT_FSIZE). With GUIDE_FAILS_ON_RANK=r, rank r's guide fails for good (stopping.StopRun) at its first call. With
 REPLAY_EPISODES=file (torch.save'd {helper name: [its results, one per
 call]}), each named helper of the script returns its next recorded result, cut to this rank's share of the batch
 (tests/test_split.py: the same episodes as a one-process run).
@@ -97,11 +97,11 @@ if __name__ == "__main__":
 
         checkpoint.save = limited_save
     if os.environ.get("GUIDE_FAILS_ON_RANK") == os.environ["RANK"]:  # this rank's guide server is down for good
-        from common import checkpoint, guide
+        from common import guide, stopping
 
         def failing_load_guide(*args, **kwargs):
             loaded = load_guide(*args, **kwargs)
-            loaded.write = lambda *a: (_ for _ in ()).throw(checkpoint.StopRun("the guide server X failed 6 times"))
+            loaded.write = lambda *a: (_ for _ in ()).throw(stopping.StopRun("the guide server X failed 6 times"))
             return loaded
 
         load_guide = guide.load_guide

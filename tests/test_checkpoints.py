@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import checkpoint, tasks
+from common import checkpoint, stopping, tasks
 from conftest import (RL_SCRIPTS, ROOT, Spy, read_tensorboard, run_script_in_process, save_tiny_causal_lm, set_flags,
                       sft_args, task_args, write_jsonl)
 
@@ -443,10 +443,10 @@ def test_a_signal_passed_on_by_a_launcher_is_the_same_stop_and_a_later_one_stops
     at once."""
     import time
 
-    monkeypatch.setattr(checkpoint, "SAME_STOP_SECONDS", 0.5)
+    monkeypatch.setattr(stopping, "SAME_STOP_SECONDS", 0.5)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        received = checkpoint.stop_on_signals()
+        received = stopping.stop_on_signals()
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)

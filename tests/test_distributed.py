@@ -176,15 +176,15 @@ def test_the_process_group_waits_long_for_rank_0s_evaluation_and_saves(monkeypat
 def test_the_resume_command_names_torchrun_and_its_process_count(monkeypatch):
     """Under torchrun the printed command is a torchrun command (its own options where the parent process shows
     them, as in the 2-process test above; else the process count, and the node count when there are several)."""
-    from common import checkpoint
+    from common import stopping
 
     monkeypatch.setattr(sys, "argv", ["ppo.py", "--task", "imdb"])
-    assert "resume with: python ppo.py --task imdb --resume ck" in checkpoint.stopped_message(["SIGINT"], "x", "ck")
+    assert "resume with: python ppo.py --task imdb --resume ck" in stopping.stopped_message(["SIGINT"], "x", "ck")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setattr(os, "getppid", os.getpid)  # a parent that is not torchrun: the fallback
     assert ("resume with: torchrun --nnodes 2 --nproc_per_node 2 ppo.py --task imdb --resume ck"
-            in checkpoint.stopped_message(["SIGINT"], "x", "ck"))
+            in stopping.stopped_message(["SIGINT"], "x", "ck"))
 
 
 def test_a_guide_that_fails_on_one_rank_stops_every_rank_at_the_last_completed_iteration(assets, tmp_path):
@@ -228,9 +228,9 @@ def test_a_torchrun_that_would_kill_a_stopping_run_before_it_saves_is_named(monk
     """After the first iteration (`seconds`), one line when torchrun's shutdown timeout (its flag, else its
     environment variable, else 30 s), read from the real parent process's command line, is shorter than an
     iteration and its save: a Ctrl-C on torchrun would then kill the workers before they checkpoint."""
-    from common import checkpoint
+    from common import stopping
 
-    checkpoint.check_stop_time(1000)  # outside torchrun: nothing to say
+    stopping.check_stop_time(1000)  # outside torchrun: nothing to say
     assert capsys.readouterr().out == ""
     monkeypatch.setattr(sys, "argv", ["ppo.py", "--task", "imdb"])
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -243,7 +243,7 @@ def test_a_torchrun_that_would_kill_a_stopping_run_before_it_saves_is_named(monk
         while b"torchrun" not in open(f"/proc/{launcher.pid}/cmdline", "rb").read():  # (until it has started)
             time.sleep(0.01)
         monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
-        checkpoint.check_stop_time(seconds)
+        stopping.check_stop_time(seconds)
     finally:
         launcher.kill()
         launcher.wait()

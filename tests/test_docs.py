@@ -200,7 +200,7 @@ def backticked(text):
 
 def known_flags():
     flags = set()
-    for path in PYTHON_FILES + ["common/guide.py"]:
+    for path in PYTHON_FILES + ["common/guide.py", "common/run.py"]:
         source = open(os.path.join(ROOT, path)).read()
         flags |= set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
         for field in re.findall(r"^    (\w+): [\w\[\], .\"'-]+(?: = .*)?$", source, re.M):
@@ -287,7 +287,7 @@ OTHERS = {"pi_ref", "pi_g", "None", "__main__", "KillWait", "min_length", "quant
           "PolicyAndValueWrapper", "PPOTrainer", "common_gen"}  # (sfd's, TRL's, the hub's CommonGen)
 LIBRARIES = ("torch", "torch.amp", "torch.distributed", "transformers", "random", "gc", "safetensors.torch")
 OUR_MODULES = ("common.tasks", "common.rewards", "common.metrics", "common.guide", "common.text", "common.checkpoint",
-               "common.distributed", "common.memory")
+               "common.distributed", "common.memory", "common.run", "common.stopping", "common.guide_client")
 
 
 def resolves(token, names):

@@ -1,4 +1,5 @@
-"""evaluate() end to end, in every script's own copy, on every task: what is generated, cut and scored."""
+"""evaluate() (common/metrics.py, which every script calls) end to end on every task: what is generated, cut
+and scored."""
 
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2LMHeadModel
 
 from common import metrics, rewards, tasks
-from conftest import RL_MODULES, module_name, sft, tiny_gpt2_config
+from conftest import tiny_gpt2_config
 
 H = 8
 
@@ -28,8 +29,7 @@ def greedy_alone(policy, prompt_ids, eos_token_id):
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
-@pytest.mark.parametrize("module", RL_MODULES + [sft], ids=module_name)
-def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
+def test_evaluate_scores_what_the_policy_wrote(assets, policy, task):
     tokenizer = assets["tokenizer"]
     rows = tasks.load_rows(task, "validation", dataset_path=assets["data"][task])
     examples = tasks.make_examples(task, rows, tokenizer, max_prompt_length=24)[:5]
@@ -52,8 +52,6 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
         scored.append((continuations, reward_fn(prompts, continuations, refs)))
         return scored[-1][1]
 
-    batch_size = {"eval_batch_size": 3} if module is sft else {"rollout_batch_size": 3}  # two generate calls
-    args = module.Args(task=task, num_sample_generations=2, **batch_size)
     policy_tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode)
     perplexity_lm = (AutoModelForCausalLM.from_pretrained(assets["toy_guide"]).eval(),
                      AutoTokenizer.from_pretrained(assets["toy_guide"]))
@@ -61,8 +59,8 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
 
     def evaluate(config):
         scored.clear()
-        return module.evaluate(policy, policy_tokenizer, examples, config, recorded_reward_fn, perplexity_lm, args,
-                               "cpu", no_autocast)
+        return metrics.evaluate(policy, policy_tokenizer, examples, config, recorded_reward_fn, perplexity_lm, task,
+                                3, "cpu", no_autocast)  # (3 a call: two generate calls)
 
     lengths = dict(max_new_tokens=H, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     result, generations = evaluate(GenerationConfig(do_sample=False, **lengths))
@@ -85,8 +83,8 @@ def test_evaluate_scores_what_the_policy_wrote(assets, policy, module, task):
     real_eos = tokenizer.eos_token_id
     pad_is_eos = SimpleNamespace(eos_token_id=real_eos, pad_token_id=real_eos, decode=tokenizer.decode)
     scored.clear()
-    module.evaluate(policy, pad_is_eos, examples, GenerationConfig(do_sample=False, max_new_tokens=H, eos_token_id=real_eos,
-                    pad_token_id=real_eos), recorded_reward_fn, perplexity_lm, args, "cpu", no_autocast)
+    metrics.evaluate(policy, pad_is_eos, examples, GenerationConfig(do_sample=False, max_new_tokens=H, eos_token_id=real_eos,
+                     pad_token_id=real_eos), recorded_reward_fn, perplexity_lm, task, 3, "cpu", no_autocast)
     assert [text for texts, _ in scored for text in texts] == [
         tokenizer.decode(greedy_alone(policy, e["prompt_ids"], real_eos), skip_special_tokens=True) for e in examples]
 

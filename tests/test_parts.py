@@ -80,7 +80,7 @@ def test_kl_only_on_the_policys_tokens_and_the_score_on_the_episodes_last(module
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.1, 1.1], [-0.1, -0.05, 2.0]]))
 
 
-@pytest.mark.parametrize("module", WITH_SFT, ids=module_name)
+@pytest.mark.parametrize("module", RL_MODULES, ids=module_name)
 def test_mask_after_eos_keeps_the_eos_and_drops_what_follows(module):
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from common import metrics, rewards, tasks, text
-from conftest import RL_MODULES, RL_SCRIPTS, Spy, module_name, run_script_in_process, set_flags, sft, task_args
+from conftest import RL_SCRIPTS, Spy, run_script_in_process, set_flags, task_args
 
 # the function whose result holds each script's episodes: (left-padded prompt ids, mask, responses, ...)
 EPISODES = {"ppo.py": "rollout", "ppo_plus_plus.py": "rollout", "aggrevated.py": "guide_roll_out",
@@ -105,9 +105,8 @@ def test_the_reward_scores_the_whole_episodes_text(assets, metaspace, tmp_path, 
     assert differs > 0, "want episodes whose continuation decoded alone reads otherwise"
 
 
-@pytest.mark.parametrize("module", RL_MODULES + [sft], ids=module_name)
-def test_evaluation_scores_and_saves_the_whole_generations_text(metaspace, module):
-    """evaluate(), in every script's copy: the text scored and written to the generations file is the prompt +
+def test_evaluation_scores_and_saves_the_whole_generations_text(metaspace):
+    """evaluate() (common/metrics.py, which every script calls): the text scored and written to the generations file is the prompt +
     continuation of the generated sequence decoded whole."""
     tokenizer, path = metaspace
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -126,13 +125,11 @@ def test_evaluation_scores_and_saves_the_whole_generations_text(metaspace, modul
         scored.extend(p + c for p, c in zip(batch_prompts, continuations))
         return torch.zeros(len(continuations))
 
-    batch_size = {"eval_batch_size": 3} if module is sft else {"rollout_batch_size": 3}
-    args = module.Args(task="commongen", **batch_size)
     config = GenerationConfig(max_new_tokens=6, do_sample=True, top_k=0, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    _, generations = module.evaluate(SimpleNamespace(generate=generate), tokenizer, examples, config, reward_fn,
-                                     None, args, "cpu", torch.autocast("cpu", enabled=False))
+    _, generations = metrics.evaluate(SimpleNamespace(generate=generate), tokenizer, examples, config, reward_fn,
+                                      None, "commongen", 3, "cpu", torch.autocast("cpu", enabled=False))
     whole = [tokenizer.decode(row, skip_special_tokens=True) for out in outputs for row in out.tolist()]
     assert scored == whole == [g["prompt"] + g["continuation"] for g in generations]
     assert any(g["continuation"].startswith(" ") for g in generations), "want a continuation that opens a word"
