@@ -99,7 +99,7 @@ class Args(GuideArgs, RLRunArgs):
     eval_num_beams: Optional[int] = None
     """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
 
     # PPO
     total_episodes: Optional[int] = None
@@ -145,9 +145,12 @@ class Args(GuideArgs, RLRunArgs):
     """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
     none = raw GAE (tril)"""
     roll_in_advantage: Literal["one-step", "gae"] = "one-step"
-    """AggreVaTeD: a roll-in token's advantage A^g(s_t, a_t), one-step or gae (tril), as aggrevated.py's"""
+    """AggreVaTeD: a roll-in token's advantage A^g(s_t, a_t). one-step: r_t + gamma V^g(s_t+1) - V^g(s_t) where the
+    policy writes the next token too, GAE's on the roll-in's last token; gae: GAE through the whole episode, the
+    policy's later tokens and the guide's roll-out (tril)"""
     norm_per_group: bool = True
-    """normalise the mixed episodes' advantages and the others' each on its own, as ppo_plus_plus.py's (False: not)"""
+    """normalise the mixed episodes' advantages and the policy's own episodes' each on its own, so that the guide's
+    reward cannot shift or rescale the advantages of the policy's own episodes (False: over the whole batch)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -406,7 +409,8 @@ def draw_roll_ins(batch, args, rng):
 
 
 def send_roll_ins_ahead(guide, batch, args, rng):
-    """After tau, as in ppo_plus_plus.py: a server guide writes the next batch's roll-ins during the update."""
+    """After tau the next batch's roll-ins do not depend on this iteration's update: a server guide starts writing
+    them now. The draws are put back, so the next rollout draws the same rows, k and seeds, and takes the answer."""
     state = rng.getstate()
     mixed, k_draw = draw_roll_ins(batch, args, rng)
     guide.send([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
@@ -581,11 +585,12 @@ if __name__ == "__main__":
     # the loop's state, with --resume the checkpoint's (nanoGPT's init_from="resume", with the weights, the
     # optimizer and every random stream)
     global_episodes, train_seconds, kl_coef, prompt_order = run.resume(
-        trained_models, optimizer, scaler, rng, global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
+        trained_models, optimizer, scaler, mixing_rng=rng,  # (mixing and k: the guided scripts' own stream)
+        global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
         prompt_order=distributed.broadcast(torch.randperm(len(train_examples)).tolist()))  # rank 0's, on every rank
     if master and args.eval_every and not run.resumed:
         run_eval(0)
-    for iteration in run.iterations():  # Ctrl-C, SIGTERM: the iteration ends, end_iteration checkpoints and stops
+    for iteration in run.iterations(args.num_iterations):  # (Ctrl-C, SIGTERM: see run.end_iteration)
         iteration_start = time.perf_counter()
         for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
                                           (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
@@ -596,11 +601,10 @@ if __name__ == "__main__":
         batch = [train_examples[i] for i in local_prompts]  # this rank's share of the batch
         del prompt_order[: args.batch_size]
 
-        # D2LOLS: AggreVaTeD with the guide critic up to tau, then PPO++ with the policy's critic (each one's warm-up
-        # from its phase's first iteration: the policy waits)
+        # D2LOLS: AggreVaTeD with the guide critic up to tau, then PPO++ with the policy's critic
         aggrevated_phase = iteration <= args.tau
         value_model, model = (guide_critic, phase_models[0]) if aggrevated_phase else (critic, phase_models[1])
-        critic_only = iteration - (1 if aggrevated_phase else args.tau + 1) < args.critic_warmup_iterations
+        critic_only = iteration - (1 if aggrevated_phase else args.tau + 1) < args.critic_warmup_iterations  # per phase
 
         # 1. rollout: the phase's episodes, both laid out as prompt | k roll-in tokens + the rest
         with run.stop_on_failure(), autocast:  # a guide that stays down: every rank stops, at the last iteration
@@ -749,8 +753,9 @@ if __name__ == "__main__":
             for name, value in logs.items():
                 run.writer.add_scalar(name, value, global_episodes)
             print(f"iteration {iteration}/{args.num_iterations} episodes {global_episodes} score {mean_score:.4f} "
-                  f"kl {mean_kl:.4f} {'aggrevated' if aggrevated_phase else 'ppo++'} mixed {logs['guide/mixed_fraction']:.2f} "
-                  f"eps {logs['charts/eps']:.2f} (generate {generate_seconds:.2f}s, "
+                  f"kl {mean_kl:.4f} {'aggrevated' if aggrevated_phase else 'ppo++'} "
+                  f"mixed {logs['guide/mixed_fraction']:.2f} eps {logs['charts/eps']:.2f} "
+                  f"(generate {generate_seconds:.2f}s, "
                   f"score {rollout_seconds - generate_seconds:.2f}s, update {update_seconds:.2f}s)", flush=True)
         if args.kl_target is not None:  # Ziegler et al.'s proportional controller
             error = float(np.clip(mean_kl / args.kl_target - 1, -0.2, 0.2))

@@ -89,7 +89,7 @@ class Args(RLRunArgs):
     eval_num_beams: Optional[int] = None
     """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
 
     # PPO
     total_episodes: Optional[int] = None
@@ -245,8 +245,8 @@ def normalize_advantages(advantages, mask, how, eps=1e-8):
 
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every generated token (k1 estimator),
-    plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
+    """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every token the policy generated (k1
+    estimator), plus the task score on the episode's last token. Returns (kl, rewards), both (batch, tokens)."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last_token = (mask.sum(1).long() - 1).clamp(min=0)
@@ -450,11 +450,12 @@ if __name__ == "__main__":
     # the loop's state, with --resume the checkpoint's (nanoGPT's init_from="resume", with the weights, the
     # optimizer and every random stream)
     global_episodes, train_seconds, kl_coef, prompt_order = run.resume(
-        trained_models, optimizer, scaler, global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
+        trained_models, optimizer, scaler,
+        global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
         prompt_order=distributed.broadcast(torch.randperm(len(train_examples)).tolist()))  # rank 0's, on every rank
     if master and args.eval_every and not run.resumed:
         run_eval(0)
-    for iteration in run.iterations():  # Ctrl-C, SIGTERM: the iteration ends, end_iteration checkpoints and stops
+    for iteration in run.iterations(args.num_iterations):  # (Ctrl-C, SIGTERM: see run.end_iteration)
         iteration_start = time.perf_counter()
         for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
                                           (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)

@@ -99,7 +99,7 @@ class Args(GuideArgs, RLRunArgs):
     eval_num_beams: Optional[int] = None
     """beams when --eval-greedy (1 = greedy) (None: commongen 5, as tril; imdb and tldr 1)"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
 
     # PPO
     total_episodes: Optional[int] = None
@@ -527,11 +527,12 @@ if __name__ == "__main__":
     # the loop's state, with --resume the checkpoint's (nanoGPT's init_from="resume", with the weights, the
     # optimizer and every random stream)
     global_episodes, train_seconds, kl_coef, prompt_order = run.resume(
-        trained_models, optimizer, scaler, rng, global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
+        trained_models, optimizer, scaler, mixing_rng=rng,  # (mixing and k: the guided scripts' own stream)
+        global_episodes=0, train_seconds=0.0, kl_coef=args.kl_coef,
         prompt_order=distributed.broadcast(torch.randperm(len(train_examples)).tolist()))  # rank 0's, on every rank
     if master and args.eval_every and not run.resumed:
         run_eval(0)
-    for iteration in run.iterations():  # Ctrl-C, SIGTERM: the iteration ends, end_iteration checkpoints and stops
+    for iteration in run.iterations(args.num_iterations):  # (Ctrl-C, SIGTERM: see run.end_iteration)
         iteration_start = time.perf_counter()
         for group, base_lr, anneal in zip(optimizer.param_groups, (args.learning_rate, args.critic_learning_rate),
                                           (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)

@@ -96,7 +96,7 @@ class Args(RunArgs):
     eval_batch_size: int = 64
     """prompts per generate/scoring call in evaluation"""
     num_sample_generations: int = 8
-    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run.name}/generations/)"""
+    """generations shown as a text table in TensorBoard at each evaluation (all go to runs/{run_name}/generations/)"""
     eval_only: bool = False
     """evaluate --model-name-or-path on the held-out prompts and stop (no training): any checkpoint's task metrics"""
 
@@ -265,7 +265,7 @@ if __name__ == "__main__":
     if evaluating and not run.resumed:
         run_eval(0)
     train_start = time.perf_counter()
-    for step in run.iterations():  # Ctrl-C, SIGTERM: the step ends, end_iteration checkpoints and stops
+    for step in run.iterations(args.num_steps):  # (Ctrl-C, SIGTERM: see run.end_iteration)
         if len(order) < args.batch_size:  # a new epoch, reshuffled
             order += torch.randperm(len(train_pairs)).tolist()
         batch = [train_pairs[i] for i in order[: args.batch_size]]

@@ -98,8 +98,9 @@ class ServerGuide:
     shape, StopRun (the other requests give up with it).
 
     Threads: the pool's requests (and send's background write) share `counts` (the requests, retries, latency and
-    server tokens since the last stats), `failure` (the first request that failed for good) and the probe's
-    findings, each under its lock; `ahead` belongs to the loop's thread."""
+    server tokens since the last stats) and `failure` (the first request that failed for good), each under its
+    lock; the probe's findings are written once, under probe_lock, which every write takes before it reads them;
+    `ahead` belongs to the loop's thread."""
 
     def __init__(self, args, tokenizer, rng):
         import openai

@@ -5,14 +5,16 @@ scripts count iterations), and nothing between the algorithm's steps:
 
     run = Run(args, __file__, len(train_rows), device, same=...)  # checks, resume state, run name, TensorBoard
     kl_coef, ... = run.resume(models, optimizer, scaler, kl_coef=...)  # the checkpoint's state, or these
-    for iteration in run.iterations():                              # from the first (or resumed) iteration
+    for iteration in run.iterations(args.num_iterations):          # from the first (or resumed) iteration
         ...                                                         # the algorithm
         run.end_iteration(iteration, kl_coef=kl_coef, ...)          # checkpoint when due; a clean stop
     run.finish(policy, tokenizer, ...)                              # --save-model, TensorBoard closed
 
-and the guided scripts wrap their rollout in `with run.stop_on_failure():` (a guide that stays
-down). A checkpoint holds the trained models, the optimizer, --fp16's loss scale, every rank's
-random streams and what the script passes as the loop's state (common/checkpoint.py writes it).
+The guided scripts wrap their rollout in `with run.stop_on_failure():` (a guide that stays down);
+logging goes to `run.writer` (TensorBoard, rank 0's) and `run.log_eval`. A checkpoint holds the
+trained models, the optimizer, --fp16's loss scale, every rank's random streams and the loop's own
+state: the names given to resume, given again (the same names) to end_iteration. A fork that adds a
+variable the loop carries from one iteration to the next adds it to both.
 """
 
 import contextlib
@@ -29,7 +31,7 @@ from common import checkpoint, distributed, stopping, tasks
 
 @dataclass
 class RunArgs:
-    """The run's infrastructure, shared by every script (sft.py's flags; the RL scripts add RLRunArgs')."""
+    """The run's infrastructure, shared by every script: sft.py's flags (the RL scripts': RLRunArgs)."""
 
     exp_name: str = field(default_factory=lambda: os.path.basename(sys.argv[0]).removesuffix(".py"))
     """the name of this experiment"""
@@ -38,8 +40,7 @@ class RunArgs:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU)"""
     bf16: bool = False
-    """bfloat16 autocast for forward passes; trained weights stay fp32, frozen ones are bfloat16 (sft.py: none is
-    frozen), log-probs and losses in fp32"""
+    """bfloat16 autocast for forward passes (weights stay fp32; the loss is computed in fp32)"""
     fp16: bool = False
     """float16 autocast with a gradient scaler, for GPUs without bfloat16 (T4, V100); weights stay fp32"""
     track: bool = False
@@ -49,17 +50,15 @@ class RunArgs:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save the trained policy (sft.py: the fine-tuned model) as a save_pretrained folder at the end"""
+    """save the fine-tuned model (save_pretrained folder) at the end"""
     save_path: Optional[str] = None
     """where --save-model writes (default: models/{run_name}); an existing folder must hold a previous model"""
     save_every: int = 0
-    """write a checkpoint every this many iterations (sft.py: steps), at the end, and on Ctrl-C or SIGTERM
-    (0 = never)"""
+    """write a checkpoint every this many steps, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
     checkpoint_dir: Optional[str] = None
     """the checkpoint folder, the latest replacing the last (default: checkpoints/{run_name}; resumed: --resume)"""
     keep_checkpoints: int = 1
-    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.iteration_K
-    (sft.py: .step_K)"""
+    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.step_K"""
     resume: Optional[str] = None
     """a checkpoint folder: continue its run exactly, with the same flags, TensorBoard folder and step numbers; auto:
     --checkpoint-dir's checkpoint, or a fresh start where there is none (one command for every torchrun restart)"""
@@ -72,8 +71,17 @@ class RunArgs:
 
 @dataclass
 class RLRunArgs(RunArgs):
-    """The RL scripts' infrastructure: RunArgs, several processes, and the memory savers (common/memory.py)."""
+    """The RL scripts' infrastructure: RunArgs (counting iterations, saving the policy), several processes, and the
+    memory savers (common/memory.py)."""
 
+    bf16: bool = False
+    """bfloat16 autocast for forward passes; trained weights stay fp32, frozen ones are bfloat16 (log-probs in fp32)"""
+    save_model: bool = False
+    """save the trained policy (save_pretrained folder) at the end"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations, at the end, and on Ctrl-C or SIGTERM (0 = never)"""
+    keep_checkpoints: int = 1
+    """checkpoints kept: the newest in --checkpoint-dir and the N - 1 before it beside it, as {dir}.iteration_K"""
     process_group_timeout: float = 180.0
     """torchrun: minutes a process waits in a collective for the others (rank 0 alone evaluates and checkpoints
     meanwhile); lower it (e.g. 15) to learn of a dead rank sooner, raise it for evaluations longer than 3 h"""
@@ -133,16 +141,15 @@ class Run:
         self.writer.add_text("eval/samples", tasks.samples_table(generations[: self.args.num_sample_generations]), step)
         print(f"eval @ {self.unit} {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
-    @property
-    def total(self):  # (sft.py counts its steps once its data is tokenized)
-        return getattr(self.args, f"num_{self.unit}s")
-
     def resume(self, models, optimizer, scaler, mixing_rng=None, **loop_state):
         """The state the loop starts from (nanoGPT's init_from="resume"): resumed, the models' weights, the optimizer,
         the loss scale and this rank's random streams (`mixing_rng`: a guided script's own) are the checkpoint's,
         and the values of `loop_state`'s names are returned from it; otherwise `loop_state`'s values, in its order.
         These are what a checkpoint saves (end_iteration). Also: one line if the disk cannot hold the checkpoints."""
         self.models, self.optimizer, self.scaler, self.mixing_rng = models, optimizer, scaler, mixing_rng
+        reserved = {"script", "run_name", "args", "num_rows", "rng", "scaler", self.unit} & set(loop_state)
+        if reserved:
+            raise ValueError(f"run.resume: {', '.join(sorted(reserved))}: a checkpoint's own names, not the loop's")
         if self.checkpoint_dir and self.master:
             checkpoint.check_room(self.checkpoint_dir, models.values(), self.args.keep_checkpoints)
         self.first = 1
@@ -160,10 +167,10 @@ class Run:
     def copy(loop_state):
         return {name: list(value) if isinstance(value, list) else value for name, value in loop_state.items()}
 
-    def iterations(self):
-        """The iterations to run: from 1, or from the one after the checkpoint's. From here on Ctrl-C and SIGTERM
-        end the iteration in flight, checkpoint and exit (end_iteration); a second one stops at once."""
-        self.stop = stopping.stop_on_signals()
+    def iterations(self, total):
+        """The iterations to run, up to `total`: from 1, or from the one after the checkpoint's. From here on Ctrl-C
+        and SIGTERM end the iteration in flight, checkpoint and exit (end_iteration); a second one stops at once."""
+        self.total, self.stop = total, stopping.stop_on_signals()
         for iteration in range(self.first, self.total + 1):
             self.iteration_start = time.perf_counter()
             self.random_state = checkpoint.rng_state(self.mixing_rng)  # where the iteration starts from
@@ -173,6 +180,9 @@ class Run:
         """After the iteration's logging and evaluation: the checkpoint, every --save-every iterations, at the last
         and on a stop (a signal or a failed log on any rank); after a stop, exit with the command that continues the
         run. After the first iteration, one line if torchrun would kill a stopping run before it checkpoints."""
+        if loop_state.keys() != self.completed[1].keys():  # (what is saved is what resume restores)
+            raise ValueError(f"run.end_iteration: the loop's state is {', '.join(self.completed[1])} (run.resume's), "
+                             f"not {', '.join(loop_state)}")
         self.completed = (iteration, self.copy(loop_state))
         stop_now = distributed.mean(torch.tensor([len(self.stop)], device=self.device)) > 0  # on any rank
         if self.checkpoint_dir and (iteration % self.args.save_every == 0 or iteration == self.total or stop_now):

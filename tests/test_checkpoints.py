@@ -1,8 +1,8 @@
 """Long runs: checkpoints, --resume, a clean stop on SIGINT / SIGTERM, and save paths that lose nothing.
 
-Every script (the four RL loops and sft.py) carries its own copy of the checkpoint block, so every
-script is run: a run stopped (by a signal, or a crash) and resumed logs exactly what a run that was
-never stopped logs, and ends with the same weights.
+Every script (the four RL loops and sft.py) reaches the run's lifecycle (common/run.py) through its own
+calls and hands it its own loop state, so every script is run: a run stopped (by a signal, or a crash) and
+resumed logs exactly what a run that was never stopped logs, and ends with the same weights.
 """
 
 import errno
@@ -616,3 +616,42 @@ def test_a_kept_checkpoint_resumes_its_run(assets, tmp_path, capsys, script):
     model = "model" if script == "sft.py" else "policy"
     for a, b in zip(whole[model].parameters(), resumed[model].parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_sft_checkpoint_of_the_old_format_resumes_exactly(assets, tmp_path, capsys):
+    """sft.py's checkpoints before common/run.py held one random state (a dict, the only process's), where they now
+    hold every rank's in a list: such a checkpoint still resumes, and the run ends as the whole run did."""
+    args = set_flags(four_step_args(assets, "sft.py"), "--save-every", 1, "--checkpoint-dir", "ck",
+                     "--keep-checkpoints", 2)
+    whole = run_script_in_process("sft.py", args, tmp_path)
+    with open(tmp_path / "ck.step_000003" / "state.json") as f:
+        state = json.load(f)
+    [state["rng"]] = state["rng"]  # the old format: the dict itself
+    with open(tmp_path / "ck.step_000003" / "state.json", "w") as f:
+        json.dump(state, f)
+    resumed = run_script_in_process("sft.py", set_flags(args, "--checkpoint-dir", "ck2") + [
+        "--resume", "ck.step_000003"], tmp_path)
+    assert " at step 3 from ck.step_000003" in capsys.readouterr().out
+    for a, b in zip(whole["model"].parameters(), resumed["model"].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_loop_state_a_checkpoint_saves_is_the_one_resume_restores(tmp_path):
+    """run.end_iteration saves what the loop hands it and run.resume restores the names it was given: a name given
+    to one and not the other (a fork that adds a variable to one call) fails at once, not at the next resume; a
+    checkpoint's own names are refused as loop state."""
+    from types import SimpleNamespace
+
+    from common.run import Run
+
+    run = Run.__new__(Run)
+    run.unit, run.checkpoint_dir, run.master = "iteration", None, True
+    run.args = SimpleNamespace(keep_checkpoints=1)
+    with pytest.raises(ValueError, match="rng"):
+        run.resume({}, None, None, rng=1)
+    run.resumed = None
+    assert run.resume({}, None, None, kl_coef=0.1, prompt_order=[3, 1]) == (0.1, [3, 1])
+    run.stop, run.first, run.total, run.device, run.iteration_start = [], 1, 3, torch.device("cpu"), 0.0
+    with pytest.raises(ValueError, match="kl_coef, prompt_order"):
+        run.end_iteration(1, kl_coef=0.1, prompt_order=[1], extra=2)
+    run.end_iteration(1, kl_coef=0.1, prompt_order=[1])  # (the same names: no checkpoint is due, nothing happens)
