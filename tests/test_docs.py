@@ -326,9 +326,10 @@ def test_every_function_the_docs_name_exists():
 
 
 def logged_tags():
-    """The tags the scripts log: their own, and what common/guide.py's guide.stats() and common/diagnostics.py's
-    mixing_logs() return (logged by each guided script)."""
-    source = "".join(open(os.path.join(ROOT, s)).read() for s in [*SCRIPTS, "common/guide.py", "common/diagnostics.py"])
+    """The tags the scripts log: their own, and what common/guide.py's guide.stats() (with a server's, from
+    common/guide_client.py) and common/diagnostics.py's mixing_logs() return (logged by each guided script)."""
+    modules = ["common/guide.py", "common/guide_client.py", "common/diagnostics.py"]
+    source = "".join(open(os.path.join(ROOT, s)).read() for s in [*SCRIPTS, *modules])
     return set(re.findall(r"\"((?:objective|policy|loss|val|charts|timing|guide|eval)/\w+)\"", source))
 
 
