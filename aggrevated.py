@@ -7,7 +7,6 @@ gradient runs on the policy's k tokens only; the value loss runs on the guide's 
 critic learns V of the guide, and the policy's advantages measure how much better than the guide's
 own continuation each of its tokens does (the paper's "guide's value" feedback). With probability
 1 - beta the guide writes the whole continuation and the episode trains only the critic.
-
 Read it top to bottom: Args -> helpers (batching, log-probs, the critic, GAE, the PPO loss, the rollout) -> the loop:
     1. rollout: the policy rolls in, the guide rolls out (KV cache, no grad)
     2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
@@ -222,8 +221,9 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state.float()
-        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32 (autocast: a bf16 Linear)
+            return self.value_head(hidden[:, -num_response_tokens - 1 : -1].float()).squeeze(-1)
 
 
 class PolicyAndCritic(nn.Module):
@@ -258,7 +258,8 @@ def normalize_advantages(advantages, mask, how, eps=1e-8):
     if how == "none":
         return advantages * mask
     mean = distributed.masked_mean(advantages, mask)
-    std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, mask) + eps)
+    var = distributed.masked_mean((advantages - mean) ** 2, mask)
+    std = torch.where(var > eps, torch.sqrt(var + eps), 1.0)  # (all equal, no spread: not rescaled)
     return (advantages - mean * (how == "whiten")) / std * mask
 
 
@@ -385,13 +386,13 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
         roll_in_config.min_new_tokens = min(roll_in_config.min_new_tokens or 0, roll_in_config.max_new_tokens)
         _, _, samples, sample_mask, sample_logprobs = rollout(
             policy, tokenizer, [batch[i]["prompt_ids"] for i in mixed], roll_in_config, args, device)
-        for row, i in enumerate(mixed):
-            length = int(sample_mask[row].sum())
-            if samples[row, length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
+        lengths, samples, sample_logprobs = sample_mask.sum(1).tolist(), samples.tolist(), sample_logprobs.tolist()
+        for row, (i, length) in enumerate(zip(mixed, lengths)):  # (one copy of the samples: no row waits for them)
+            if samples[row][length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
                 k = rng.randint(1, length - 1) if length > 1 else 1
             else:
                 k = k_draw[i]
-            prefixes[i], prefix_logprobs[i] = samples[row, :k].tolist(), sample_logprobs[row, :k].tolist()
+            prefixes[i], prefix_logprobs[i] = samples[row][:k], sample_logprobs[row][:k]
     # roll-out: the guide completes every episode the policy did not end
     open_rows = [i for i in range(len(batch)) if not prefixes[i] or prefixes[i][-1] != tokenizer.eos_token_id]
     suffixes = [[] for _ in batch]
@@ -408,18 +409,15 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
         policy_mask[i, :k], value_mask[i, k:n] = 1, 1
         logprobs[i, :k] = torch.tensor(prefix_logprobs[i])
     prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
-    return (prompt_ids, prompt_mask, responses.to(device), policy_mask.long().to(device),
-            value_mask.long().to(device), logprobs.to(device))
+    return prompt_ids, prompt_mask, *(x.to(device) for x in (responses, policy_mask.long(), value_mask.long(), logprobs))
 
 
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
     transformers.logging.disable_progress_bar()
-    if args.critic_learning_rate is None:
-        args.critic_learning_rate = args.learning_rate
-    if args.critic_anneal_lr is None:
-        args.critic_anneal_lr = args.anneal_lr
+    args.critic_learning_rate = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    args.critic_anneal_lr = args.anneal_lr if args.critic_anneal_lr is None else args.critic_anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -572,7 +570,9 @@ if __name__ == "__main__":
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
-                if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's
+            if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's, in the
+                for start in range(0, len(batch), args.micro_batch_size):  # update's shapes (a GPU rounds by shape)
+                    chunk = slice(start, start + args.micro_batch_size)
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                     full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)

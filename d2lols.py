@@ -1,11 +1,9 @@
 """D2LOLS: AggreVaTeD first, then PPO++ (Chang et al., 2023, arXiv 2306.11816, Alg. 4).
 
-A copy of ppo.py: `diff ppo.py d2lols.py` is the algorithm. For the first --tau iterations, AggreVaTeD
-(aggrevated.py: the policy rolls in, the guide pi_g rolls out; a separate *guide critic* learns V of the
-guide); from iteration tau + 1 on, PPO++ (ppo_plus_plus.py: the guide rolls in k tokens as a restart
-state, the policy rolls out; the policy's own critic learns V of the policy). With probability beta per
-prompt an episode is mixed; otherwise the guide writes everything (AggreVaTeD), or a plain PPO episode.
-
+A copy of ppo.py: `diff ppo.py d2lols.py` is the algorithm. For the first --tau iterations AggreVaTeD (aggrevated.py:
+the policy rolls in, the guide pi_g rolls out, a separate *guide critic* learns V of the guide), then PPO++
+(ppo_plus_plus.py: the guide rolls in k tokens as a restart state, the policy rolls out, its own critic learns V of
+the policy). Per prompt an episode is mixed with probability beta; else the guide writes all (AggreVaTeD) or none.
 Read it top to bottom: Args -> helpers (batching, log-probs, the critic, GAE, the PPO loss, the rollout) -> the loop:
     1. rollout: AggreVaTeD's or PPO++'s episodes, by phase (KV cache, no grad)
     2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
@@ -226,8 +224,9 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state.float()
-        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32 (autocast: a bf16 Linear)
+            return self.value_head(hidden[:, -num_response_tokens - 1 : -1].float()).squeeze(-1)
 
 
 class PolicyAndCritic(nn.Module):
@@ -256,17 +255,19 @@ def token_mean(x, mask, num_tokens):
     return (x * mask).sum() / num_tokens
 
 
-def normalize_advantages(advantages, mask, how, mixed, eps=1e-8):
+def normalize_advantages(advantages, mask, how, mixed, min_episodes=4, eps=1e-8):
     """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
     (each advantage keeps its sign); none: the raw GAE advantages (tril). Per group, as in ppo_plus_plus.py: the
-    mixed episodes (`mixed` 1) and the others (0) each over their own tokens. All zeros: one group."""
+    mixed episodes (1) and the others (0) apart, where each has min_episodes (else the batch's). All zeros: one group."""
     if how == "none":
         return advantages * mask
     normalized = torch.zeros_like(advantages)
-    for group_mask in (mask * mixed[:, None], mask * (1 - mixed[:, None])):
-        mean = distributed.masked_mean(advantages, group_mask)
-        std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, group_mask) + eps)
-        normalized += (advantages - mean * (how == "whiten")) / std * group_mask
+    for group in (mixed[:, None], 1 - mixed[:, None]):
+        stats_mask = mask * group if distributed.total(group) >= min_episodes else mask  # (too few: the batch's)
+        mean = distributed.masked_mean(advantages, stats_mask)
+        var = distributed.masked_mean((advantages - mean) ** 2, stats_mask)
+        std = torch.where(var > eps, torch.sqrt(var + eps), 1.0)  # (all equal, no spread: not rescaled)
+        normalized += (advantages - mean * (how == "whiten")) / std * mask * group
     return normalized
 
 
@@ -375,28 +376,28 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
             logprobs[i] = nn.functional.pad(logprob[row], (0, pad))
     responses, logprobs = torch.stack(responses), torch.stack(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    # lay the episodes out as prompt | roll-in + policy tokens: every row is prompt + H tokens, as in PPO
+    # lay the episodes out as prompt | roll-in + policy tokens, as PPO's (on the host, from one copy: no row waits)
+    lengths, responses, logprobs = response_mask.sum(1).tolist(), responses.cpu(), logprobs.cpu()
     episodes, episode_logprobs = torch.full_like(responses, tokenizer.pad_token_id), torch.zeros_like(logprobs)
-    episode_mask, policy_mask = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
+    episode_mask, policy_mask = torch.zeros_like(responses), torch.zeros_like(responses)
     for i, roll_in in enumerate(roll_ins):
-        k, n = len(roll_in), min(int(response_mask[i].sum()), args.max_new_tokens - len(roll_in))
+        k, n = len(roll_in), min(lengths[i], args.max_new_tokens - len(roll_in))
         episodes[i, :k] = torch.tensor(roll_in, dtype=torch.long)
         episodes[i, k : k + n], episode_logprobs[i, k : k + n] = responses[i, :n], logprobs[i, :n]
         episode_mask[i, : k + n], policy_mask[i, k : k + n] = 1, 1
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
+    return prompt_ids, prompt_mask, *(x.to(device) for x in (episodes, episode_mask, episode_logprobs, policy_mask))
 
 
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     """PPO++'s restarts, as in ppo_plus_plus.py: with probability beta the guide writes the first k ~ U{1..L-1} tokens
     of its sample of L (k drawn first; where its sample is shorter, again within it). Returns them per row."""
-    H = args.max_new_tokens
     mixed, k_draw = draw_roll_ins(batch, args, rng)
     roll_ins = [[] for _ in batch]
     if mixed:  # the guide writes k + 1 tokens: a sample longer than k (or the whole of a shorter one)
         samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
         for i, (tokens, ended) in zip(mixed, samples):
-            n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1
+            n = min(len(tokens) - 1, args.max_new_tokens - 1)  # the roll-in points: k <= L - 1
             k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n > 0 else 0  # shorter: drawn again within
             roll_ins[i] = tokens[:k]
     return roll_ins
@@ -429,13 +430,13 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
         roll_in_config.min_new_tokens = min(roll_in_config.min_new_tokens or 0, roll_in_config.max_new_tokens)
         _, _, samples, sample_mask, sample_logprobs, _ = rollout(
             policy, tokenizer, [batch[i]["prompt_ids"] for i in mixed], roll_in_config, args, device, [[]] * len(mixed))
-        for row, i in enumerate(mixed):
-            length = int(sample_mask[row].sum())
-            if samples[row, length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
+        lengths, samples, sample_logprobs = sample_mask.sum(1).tolist(), samples.tolist(), sample_logprobs.tolist()
+        for row, (i, length) in enumerate(zip(mixed, lengths)):  # (one copy of the samples: no row waits for them)
+            if samples[row][length - 1] == tokenizer.eos_token_id and length <= k_draw[i]:
                 k = rng.randint(1, length - 1) if length > 1 else 1
             else:
                 k = k_draw[i]
-            prefixes[i], prefix_logprobs[i] = samples[row, :k].tolist(), sample_logprobs[row, :k].tolist()
+            prefixes[i], prefix_logprobs[i] = samples[row][:k], sample_logprobs[row][:k]
     # roll-out: the guide completes every episode the policy did not end
     open_rows = [i for i in range(len(batch)) if not prefixes[i] or prefixes[i][-1] != tokenizer.eos_token_id]
     suffixes = [[] for _ in batch]
@@ -452,8 +453,7 @@ def guide_roll_out(policy, guide, tokenizer, batch, generation_config, args, dev
         policy_mask[i, :k], value_mask[i, k:n] = 1, 1
         logprobs[i, :k] = torch.tensor(prefix_logprobs[i])
     prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in batch], tokenizer.pad_token_id, device)
-    return (prompt_ids, prompt_mask, responses.to(device), policy_mask.long().to(device),
-            value_mask.long().to(device), logprobs.to(device))
+    return prompt_ids, prompt_mask, *(x.to(device) for x in (responses, policy_mask.long(), value_mask.long(), logprobs))
 
 
 if __name__ == "__main__":
@@ -461,10 +461,8 @@ if __name__ == "__main__":
     args.beta = BETA_DEFAULTS[args.task] if args.beta is None else args.beta
     args.tau = TAU_DEFAULTS[args.task] if args.tau is None else args.tau
     transformers.logging.disable_progress_bar()
-    if args.critic_learning_rate is None:
-        args.critic_learning_rate = args.learning_rate
-    if args.critic_anneal_lr is None:
-        args.critic_anneal_lr = args.anneal_lr
+    args.critic_learning_rate = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    args.critic_anneal_lr = args.anneal_lr if args.critic_anneal_lr is None else args.critic_anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -521,7 +519,7 @@ if __name__ == "__main__":
         ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
         ref_policy.requires_grad_(False)
     critic = Critic(args.model_name_or_path, policy_dtype, **no_dropout).to(device).eval()  # PPO++'s: V of the policy
-    with torch.random.fork_rng():  # AggreVaTeD's, V of the guide (no draw: each phase samples as its own script)
+    with torch.random.fork_rng(devices=[]):  # AggreVaTeD's, V of the guide (built on the host: its draws undone)
         guide_critic = Critic(args.model_name_or_path, policy_dtype, **no_dropout).to(device).eval()
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
     # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
@@ -530,7 +528,7 @@ if __name__ == "__main__":
     if args.lora_r:  # LoRA: adapters train on frozen weights; pi_ref is the policy with its adapters off (one copy)
         policy = memory.add_lora(policy, args, "CAUSAL_LM")
         critic.backbone = memory.add_lora(critic.backbone, args, "FEATURE_EXTRACTION")  # its own; the value head trains
-        with torch.random.fork_rng():  # (as the guide critic itself: each phase samples as its own script)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # (its draws undone)
             guide_critic.backbone = memory.add_lora(guide_critic.backbone, args, "FEATURE_EXTRACTION")
         ref_policy = memory.AdaptersOff(policy)
     guide = load_guide(args, tokenizer, device, frozen_dtype, rng)  # a local model, a server, or the dataset
@@ -611,8 +609,7 @@ if __name__ == "__main__":
             if aggrevated_phase:  # with probability beta the policy rolls in k tokens, the guide rolls out to H
                 prompt_ids, prompt_mask, responses, policy_masks, value_masks, logprobs = guide_roll_out(
                     policy, guide, tokenizer, batch, generation_config, args, device, rng)
-                response_masks = policy_masks + value_masks
-                k = policy_masks.sum(1)
+                response_masks, k = policy_masks + value_masks, policy_masks.sum(1)
             else:  # with probability beta the guide rolls in k tokens (state), the policy rolls out to H
                 roll_ins = guide_roll_in(guide, tokenizer, batch, args, device, rng)
                 prompt_ids, prompt_mask, responses, response_masks, logprobs, policy_masks = rollout(
@@ -638,7 +635,9 @@ if __name__ == "__main__":
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(value_model(query_responses[chunk], attention_masks[chunk], num_tokens))
-                if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's
+            if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's, in the
+                for start in range(0, len(batch), args.micro_batch_size):  # update's shapes (a GPU rounds by shape)
+                    chunk = slice(start, start + args.micro_batch_size)
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                     full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)

@@ -3,7 +3,6 @@
 The baseline of "Learning to Generate Better Than Your LLM" (Chang et al., 2023, arXiv 2306.11816)
 and the file that ppo_plus_plus.py, aggrevated.py and d2lols.py copy: `diff ppo.py <algorithm>.py`
 shows what each guided algorithm changes.
-
 Read it top to bottom: Args -> helpers (batching, log-probs, the critic, GAE, the PPO loss, the rollout) -> the loop:
     1. rollout: the policy samples continuations of a batch of prompts (KV cache, no grad)
     2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
@@ -204,8 +203,9 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state.float()
-        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32 (autocast: a bf16 Linear)
+            return self.value_head(hidden[:, -num_response_tokens - 1 : -1].float()).squeeze(-1)
 
 
 class PolicyAndCritic(nn.Module):
@@ -240,7 +240,8 @@ def normalize_advantages(advantages, mask, how, eps=1e-8):
     if how == "none":
         return advantages * mask
     mean = distributed.masked_mean(advantages, mask)
-    std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, mask) + eps)
+    var = distributed.masked_mean((advantages - mean) ** 2, mask)
+    std = torch.where(var > eps, torch.sqrt(var + eps), 1.0)  # (all equal, no spread: not rescaled)
     return (advantages - mean * (how == "whiten")) / std * mask
 
 
@@ -335,10 +336,8 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device):
 if __name__ == "__main__":
     args = tasks.fill_task_defaults(tyro.cli(Args))
     transformers.logging.disable_progress_bar()
-    if args.critic_learning_rate is None:
-        args.critic_learning_rate = args.learning_rate
-    if args.critic_anneal_lr is None:
-        args.critic_anneal_lr = args.anneal_lr
+    args.critic_learning_rate = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    args.critic_anneal_lr = args.anneal_lr if args.critic_anneal_lr is None else args.critic_anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -486,7 +485,9 @@ if __name__ == "__main__":
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
-                if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's
+            if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's, in the
+                for start in range(0, len(batch), args.micro_batch_size):  # update's shapes (a GPU rounds by shape)
+                    chunk = slice(start, start + args.micro_batch_size)
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                     full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)

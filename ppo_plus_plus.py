@@ -1,12 +1,10 @@
 """PPO++: PPO with restarts from the guide's states (Chang et al., 2023, arXiv 2306.11816, Alg. 2).
 
-A copy of ppo.py: `diff ppo.py ppo_plus_plus.py` is the algorithm. With probability beta per prompt
-the guide pi_g (a frozen LLM) *rolls in*: it samples a continuation of length L, its first
-k ~ U{1..L-1} tokens become part of the state, and the policy *rolls out* from there to the horizon
-(k + policy tokens = H). The roll-in tokens get no policy, value or KL loss: the policy only learns
-from its own tokens, but it starts from states a better model reaches, which is the exploration
-the paper's "restart distribution" buys. With probability 1 - beta a plain PPO episode.
-
+A copy of ppo.py: `diff ppo.py ppo_plus_plus.py` is the algorithm. With probability beta per prompt the guide pi_g
+(a frozen LLM) *rolls in*: it samples a continuation of length L, its first k ~ U{1..L-1} tokens become part of the
+state, and the policy *rolls out* from there to the horizon (k + policy tokens = H). The roll-in tokens get no
+policy, value or KL loss: the policy learns from its own tokens only, from states a better model reaches (the
+exploration the paper's "restart distribution" buys). With probability 1 - beta, a plain PPO episode.
 Read it top to bottom: Args -> helpers (batching, log-probs, the critic, GAE, the PPO loss, the rollout) -> the loop:
     1. rollout: the guide rolls in, the policy samples continuations (KV cache, no grad)
     2. scoring: reference log-probs, values, the task reward, the KL penalty, GAE
@@ -221,8 +219,9 @@ class Critic(nn.Module):
     def forward(self, input_ids, attention_mask, num_response_tokens):
         """Values of the states before each of the last `num_response_tokens` tokens, (batch, tokens) fp32."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state.float()
-        return self.value_head(hidden[:, -num_response_tokens - 1 : -1]).squeeze(-1).float()
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32 (autocast: a bf16 Linear)
+            return self.value_head(hidden[:, -num_response_tokens - 1 : -1].float()).squeeze(-1)
 
 
 class PolicyAndCritic(nn.Module):
@@ -251,18 +250,22 @@ def token_mean(x, mask, num_tokens):
     return (x * mask).sum() / num_tokens
 
 
-def normalize_advantages(advantages, mask, how, mixed, eps=1e-8):
+def normalize_advantages(advantages, mask, how, mixed, min_episodes=4, eps=1e-8):
     """whiten: (A - mean) / std over the masked tokens of the whole batch (every rank's); scale: A / std
     (each advantage keeps its sign); none: the raw GAE advantages (tril). Per group: the mixed episodes (`mixed` 1)
     and the policy's own (0) each over their own tokens, so that the mixed episodes' returns (mostly the guide's
-    prefix) set neither the offset nor the scale of the policy's own episodes' advantages. All zeros: one group."""
+    prefix) set neither the offset nor the scale of the policy's own episodes' advantages. All zeros: one group. A
+    group of fewer than min_episodes (every rank's) takes the batch's mean and spread: centred on its own, a lone
+    episode's first tokens would take the opposite sign of its return (its own mean is 1/n of a group's baseline)."""
     if how == "none":
         return advantages * mask
     normalized = torch.zeros_like(advantages)
-    for group_mask in (mask * mixed[:, None], mask * (1 - mixed[:, None])):
-        mean = distributed.masked_mean(advantages, group_mask)
-        std = torch.sqrt(distributed.masked_mean((advantages - mean) ** 2, group_mask) + eps)
-        normalized += (advantages - mean * (how == "whiten")) / std * group_mask
+    for group in (mixed[:, None], 1 - mixed[:, None]):
+        stats_mask = mask * group if distributed.total(group) >= min_episodes else mask  # (too few: the batch's)
+        mean = distributed.masked_mean(advantages, stats_mask)
+        var = distributed.masked_mean((advantages - mean) ** 2, stats_mask)
+        std = torch.where(var > eps, torch.sqrt(var + eps), 1.0)  # (all equal, no spread: not rescaled)
+        normalized += (advantages - mean * (how == "whiten")) / std * mask * group
     return normalized
 
 
@@ -359,16 +362,17 @@ def rollout(policy, tokenizer, prompts, generation_config, args, device, roll_in
             logprobs[i] = nn.functional.pad(logprob[row], (0, pad))
     responses, logprobs = torch.stack(responses), torch.stack(logprobs)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)  # what follows EOS is not in the episode
-    # lay the episodes out as prompt | roll-in + policy tokens: every row is prompt + H tokens, as in PPO
+    # lay the episodes out as prompt | roll-in + policy tokens, as PPO's (on the host, from one copy: no row waits)
+    lengths, responses, logprobs = response_mask.sum(1).tolist(), responses.cpu(), logprobs.cpu()
     episodes, episode_logprobs = torch.full_like(responses, tokenizer.pad_token_id), torch.zeros_like(logprobs)
-    episode_mask, policy_mask = torch.zeros_like(response_mask), torch.zeros_like(response_mask)
+    episode_mask, policy_mask = torch.zeros_like(responses), torch.zeros_like(responses)
     for i, roll_in in enumerate(roll_ins):
-        k, n = len(roll_in), min(int(response_mask[i].sum()), args.max_new_tokens - len(roll_in))
+        k, n = len(roll_in), min(lengths[i], args.max_new_tokens - len(roll_in))
         episodes[i, :k] = torch.tensor(roll_in, dtype=torch.long)
         episodes[i, k : k + n], episode_logprobs[i, k : k + n] = responses[i, :n], logprobs[i, :n]
         episode_mask[i, : k + n], policy_mask[i, k : k + n] = 1, 1
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    return prompt_ids, prompt_mask, episodes, episode_mask, episode_logprobs, policy_mask
+    return prompt_ids, prompt_mask, *(x.to(device) for x in (episodes, episode_mask, episode_logprobs, policy_mask))
 
 
 def guide_roll_in(guide, tokenizer, batch, args, device, rng):
@@ -377,13 +381,12 @@ def guide_roll_in(guide, tokenizer, batch, args, device, rng):
     guide writes only k + 1 tokens; where its sample is shorter (n < k), k is drawn again within it:
     P(k = j) = 1/(H-1) + (H-1-n)/(H-1) * 1/n = 1/n, exactly U{1..n}. Returns the roll-in tokens per row (none: a
     plain PPO episode, also where n = 0)."""
-    H = args.max_new_tokens
     mixed, k_draw = draw_roll_ins(batch, args, rng)
     roll_ins = [[] for _ in batch]
     if mixed:  # the guide writes k + 1 tokens: a sample longer than k (or the whole of a shorter one)
         samples = guide.write([batch[i] for i in mixed], [[] for _ in mixed], [k_draw[i] + 1 for i in mixed])
         for i, (tokens, ended) in zip(mixed, samples):
-            n = min(len(tokens) - 1, H - 1)  # the roll-in points: k <= L - 1
+            n = min(len(tokens) - 1, args.max_new_tokens - 1)  # the roll-in points: k <= L - 1
             k = k_draw[i] if k_draw[i] <= n else rng.randint(1, n) if n > 0 else 0  # shorter: drawn again within
             roll_ins[i] = tokens[:k]
     return roll_ins
@@ -409,10 +412,8 @@ if __name__ == "__main__":
     if args.beta is None:  # DR-PO's authors restart every episode from a reference prefix (beta 1)
         args.beta = 1.0 if args.guide_references else BETA_DEFAULTS[args.task]
     transformers.logging.disable_progress_bar()
-    if args.critic_learning_rate is None:
-        args.critic_learning_rate = args.learning_rate
-    if args.critic_anneal_lr is None:
-        args.critic_anneal_lr = args.anneal_lr
+    args.critic_learning_rate = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    args.critic_anneal_lr = args.anneal_lr if args.critic_anneal_lr is None else args.critic_anneal_lr
     # numeric flags and derived sizes, checked before anything loads
     tasks.check_ranges(args, positive=("total_episodes", "batch_size", "num_minibatches", "micro_batch_size",
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
@@ -570,7 +571,9 @@ if __name__ == "__main__":
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
                 values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
-                if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's
+            if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's, in the
+                for start in range(0, len(batch), args.micro_batch_size):  # update's shapes (a GPU rounds by shape)
+                    chunk = slice(start, start + args.micro_batch_size)
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                     full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
             ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)

@@ -271,9 +271,10 @@ if __name__ == "__main__":
         batch = [train_pairs[i] for i in order[: args.batch_size]]
         del order[: args.batch_size]
 
-        # one optimizer step: the batch's loss (a mean over its target tokens), accumulated over micro-batches
+        # one optimizer step: the batch's loss (a mean over its target tokens), accumulated over micro-batches (no
+        # read from the device here; on CUDA each micro-batch's copy to it, from pageable memory, waits for itself)
         step_loss, num_target_tokens = 0.0, sum(len(target) for _, target in batch)
-        for start in range(0, args.batch_size, args.micro_batch_size):  # (nothing here waits for the device)
+        for start in range(0, args.batch_size, args.micro_batch_size):
             micro_batch = batch[start : start + args.micro_batch_size]
             input_ids, attention_mask, loss_mask = sft_batch(micro_batch, tokenizer.pad_token_id, device)
             with autocast:

@@ -26,28 +26,36 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 CHECKPOINT_FILES = ("state.json", "optimizer.pt")  # and one <model>.safetensors per trained model
 
 
-def rng_state(mixing_rng=None):
-    """Every random stream the loop draws from, as JSON: python, numpy, torch (CPU, CUDA) and the guided
-    scripts' own mixing stream."""
+def rng_state(mixing_rng=None, device=None):
+    """Every random stream the loop draws from, as JSON: python, numpy, torch's CPU generator, this process's own
+    CUDA device's (`device`; never CUDA where the run is on the CPU) and the guided scripts' own mixing stream."""
     numpy_state = np.random.get_state()
+    cuda = device is not None and torch.device(device).type == "cuda"
     return {
         "python": random.getstate(),
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device).tolist() if cuda else None,
         "mixing": mixing_rng.getstate() if mixing_rng is not None else None,
     }
 
 
-def set_rng_state(state, mixing_rng=None):
+def set_rng_state(state, mixing_rng=None, device=None):
+    """rng_state's streams put back. A checkpoint from before 2026-12 holds every visible CUDA device's state (a list
+    of them): this process takes its own device's, where the list has it."""
     def python_state(saved):  # JSON made the tuples lists
         return (saved[0], tuple(saved[1]), saved[2])
 
     random.setstate(python_state(state["python"]))
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    cuda = state["cuda"]
+    if cuda and device is not None and torch.device(device).type == "cuda":
+        if isinstance(cuda[0], list):  # (one state per visible device)
+            index = torch.device(device).index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
     if mixing_rng is not None:
         mixing_rng.setstate(python_state(state["mixing"]))
 

@@ -28,11 +28,12 @@ def setup(use_cuda, timeout_minutes=180.0):
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = dist.PrefixStore(f"launch_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, store=store,
-                            **({"rank": rank, "world_size": world_size} if store else {}))
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-    if cuda:
+    if cuda:  # this rank's GPU before the process group, which NCCL then binds to it (device_id) at once
         torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, store=store,
+                            **({"rank": rank, "world_size": world_size} if store else {}),
+                            **({"device_id": device} if cuda else {}))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -42,6 +43,14 @@ def mean(x):
     if dist.is_initialized():
         dist.all_reduce(x)
         x = x / dist.get_world_size()
+    return x
+
+
+def total(x):
+    """x.sum() over every rank's x, on the device (no read from it)."""
+    x = x.float().sum()
+    if dist.is_initialized():
+        dist.all_reduce(x)
     return x
 
 

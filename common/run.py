@@ -158,7 +158,7 @@ class Run:
             loop_state = {name: self.resumed[name] for name in loop_state}
             rng = self.resumed["rng"]  # every rank's (sft.py's before 2026-12: its one, not in a list)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            checkpoint.set_rng_state(rng[rank] if isinstance(rng, list) else rng, mixing_rng)
+            checkpoint.set_rng_state(rng[rank] if isinstance(rng, list) else rng, mixing_rng, self.device)
             self.first = self.resumed[self.unit] + 1
         self.completed = (self.first - 1, self.copy(loop_state))  # the iteration a failure stops at
         return tuple(loop_state.values())
@@ -173,7 +173,7 @@ class Run:
         self.total, self.stop = total, stopping.stop_on_signals()
         for iteration in range(self.first, self.total + 1):
             self.iteration_start = time.perf_counter()
-            self.random_state = checkpoint.rng_state(self.mixing_rng)  # where the iteration starts from
+            self.random_state = checkpoint.rng_state(self.mixing_rng, self.device)  # where the iteration starts from
             yield iteration
 
     def end_iteration(self, iteration, **loop_state):
@@ -186,7 +186,7 @@ class Run:
         self.completed = (iteration, self.copy(loop_state))
         stop_now = distributed.mean(torch.tensor([len(self.stop)], device=self.device)) > 0  # on any rank
         if self.checkpoint_dir and (iteration % self.args.save_every == 0 or iteration == self.total or stop_now):
-            self.save(iteration, checkpoint.rng_state(self.mixing_rng), loop_state)
+            self.save(iteration, checkpoint.rng_state(self.mixing_rng, self.device), loop_state)
         if stop_now and iteration < self.total:  # (stopped in the last one: the run ends as usual)
             stopping.exit_stopped(self.stop, f"{self.unit} {iteration}/{self.total}", self.checkpoint_dir, self.master)
         if iteration == self.first and self.master:
@@ -226,12 +226,13 @@ class Run:
                     keep=self.args.keep_checkpoints)
 
     def finish(self, model, tokenizer, generation_config, config=None):
-        """After the loop: --save-model writes the model (LoRA: its adapters merged into the weights, a plain
-        checkpoint of the model's own class) with the checkpoint's own generation settings and `config` (its dropout)
-        put back; a full disk ends the run with one line and nothing half-written. TensorBoard is closed."""
+        """After the loop: --save-model writes the model (LoRA: its adapters merged into the weights in float32, a
+        plain float32 checkpoint of the model's own class, twice a bfloat16 one) with the checkpoint's own generation
+        settings and `config` (its dropout) put back; a full disk ends the run with one line and nothing
+        half-written. TensorBoard is closed."""
         if self.save_path and self.master:
-            if getattr(self.args, "lora_r", 0):
-                model = model.merge_and_unload()
+            if getattr(self.args, "lora_r", 0):  # merged in fp32 (bf16 weights round most of a small delta away)
+                model = model.to(device="cpu", dtype=torch.float32).merge_and_unload()  # on the host: saved in fp32
             model.generation_config = generation_config
             model.config.update(config or {})
             with checkpoint.writing(f"the {self.what} to", self.save_path) as folder:

@@ -18,9 +18,10 @@ def decode_in_context(tokenizer, context_ids, ids):
 
 
 def decode_continuations(tokenizer, prompt_ids, responses):
-    """Each row's continuation text, decoded in context: prompt_ids[i] (a list of ids) then responses[i] (a list
-    or a tensor row; padding and EOS are special tokens and vanish)."""
-    return [decode_in_context(tokenizer, list(p), [int(t) for t in r]) for p, r in zip(prompt_ids, responses)]
+    """Each row's continuation text, decoded in context: prompt_ids[i] (a list of ids) then responses[i] (lists, or a
+    tensor: read from the device once, never a token at a time; padding and EOS are special tokens and vanish)."""
+    rows = responses.tolist() if hasattr(responses, "tolist") else responses
+    return [decode_in_context(tokenizer, list(p), list(r)) for p, r in zip(prompt_ids, rows)]
 
 
 def encode_in_context(tokenizer, context, text):

@@ -252,3 +252,46 @@ def test_roll_in_advantages_by_hand(module):
     one_step = module.roll_in_advantages(gae, rewards, values, policy_mask, 0.9, "one-step")
     torch.testing.assert_close(one_step[0, :2], torch.tensor([0.16, 0.1895]))
     assert torch.equal(module.roll_in_advantages(gae, rewards, values, policy_mask, 0.9, "gae"), gae)
+
+
+def lone_unmixed_episode(score):
+    """A batch of 8 10-token episodes, values 0, gamma 0.99, lambda 0.95: 7 mixed ones that score 0 and one of the
+    policy's own that scores `score` (the issue's example). Returns (advantages, mask, mixed)."""
+    rewards, mask = torch.zeros(8, 10), torch.ones(8, 10)
+    rewards[7, -1] = score
+    advantages, _ = ppo.compute_gae(rewards, torch.zeros(8, 10), mask, gamma=0.99, lam=0.95)
+    return advantages, mask, torch.tensor([1.0] * 7 + [0.0])
+
+
+@pytest.mark.parametrize("module", MIXING_MODULES, ids=module_name)
+@pytest.mark.parametrize("how", ["whiten", "scale"])
+def test_a_group_of_one_episode_keeps_the_sign_of_its_return(module, how):
+    """Whitened on its own, a lone unmixed episode is centred on its own mean: at +2 its first tokens got -1.44 and
+    its last +1.70 (credit inverted along the episode), at -2 the reverse. A group of fewer than 4 episodes (every
+    rank's) takes the batch's mean and spread: every token of a +2 episode is positive, of a -2 one negative; the
+    mixed group (7 episodes) keeps its own."""
+    for score, sign in ((2.0, 1), (-2.0, -1)):
+        advantages, mask, mixed = lone_unmixed_episode(score)
+        own = module.normalize_advantages(advantages, mask, how, mixed, min_episodes=1)  # (the old rule)
+        if how == "whiten":
+            assert own[7, 0] == pytest.approx(-1.44 * sign, abs=0.01) and own[7, -1] == pytest.approx(1.70 * sign,
+                                                                                                     abs=0.01)
+        fixed = module.normalize_advantages(advantages, mask, how, mixed)
+        assert (torch.sign(fixed[7]) == sign).all(), fixed[7]
+        batch = ppo.normalize_advantages(advantages, mask, how)
+        torch.testing.assert_close(fixed[7], batch[7])  # the batch's statistics
+        torch.testing.assert_close(fixed[:7], torch.zeros(7, 10))  # (the mixed: all 0, their own, not rescaled)
+
+
+@pytest.mark.parametrize("module", RL_MODULES, ids=module_name)
+def test_scale_leaves_a_group_without_spread_as_it_is(module):
+    """scale divides by the spread; where every advantage of a group is the same, it used to divide by sqrt(eps)
+    (0.5 became 5000): a group without spread is not rescaled."""
+    advantages, mask = torch.full((8, 10), 0.5), torch.ones(8, 10)
+    if module in MIXING_MODULES:
+        advantages[:4] = torch.randn(4, 10)  # a mixed group with a spread; the policy's own (4) without
+        scaled = module.normalize_advantages(advantages, mask, "scale", torch.tensor([1.0] * 4 + [0.0] * 4))
+        torch.testing.assert_close(scaled[4:], torch.full((4, 10), 0.5))
+        assert scaled[:4].std() == pytest.approx(1.0, rel=0.1)
+    else:
+        torch.testing.assert_close(module.normalize_advantages(advantages, mask, "scale"), advantages)
