@@ -142,9 +142,12 @@ def test_one_update_per_iteration_starts_at_ratio_one_with_the_algorithms_masks(
             mixed = torch.tensor([float(bool(r)) for r in built["roll_ins"]]) if "roll_ins" in built else (
                 (policy.sum(1) > 0).float())
         expected = torch.zeros_like(raw)
-        for group in (policy * mixed[:, None], policy * (1 - mixed[:, None])):
-            mean = (raw * group).sum() / group.sum().clamp(min=1)
-            std = (((raw - mean) ** 2 * group).sum() / group.sum().clamp(min=1) + 1e-8).sqrt()
+        for rows in (mixed, 1 - mixed):  # a group of fewer than 4 episodes: the batch's mean and spread
+            group = policy * rows[:, None]
+            stats = group if rows.sum() >= 4 else policy
+            mean = (raw * stats).sum() / stats.sum().clamp(min=1)
+            var = ((raw - mean) ** 2 * stats).sum() / stats.sum().clamp(min=1)
+            std = (var + 1e-8).sqrt() if var > 1e-8 else 1.0  # (no spread: not rescaled)
             expected += raw * group if how == "none" else (raw - mean * (how == "whiten")) / std * group
         torch.testing.assert_close(loss_call.advantages, expected[order])
         assert torch.equal(value_mask, built["value"].float()[order])
