@@ -83,8 +83,9 @@ def load_weights(model, file, device):
     model.load_state_dict(tensors, strict=False)
 
 
-WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # a full disk: OSError; safetensors' SafetensorError;
-# torch.save's RuntimeError ("unexpected pos ...")
+WRITE_ERRORS = (OSError, SafetensorError)  # what the OS refused: OSError (its strerror: "No space left on device",
+# "File too large"; torch.save writes through a Python file, so its failures are these too); safetensors' own error,
+# the OS's message inside. Any other error is a bug, not the disk: it is raised as it is.
 
 
 @contextlib.contextmanager
@@ -99,10 +100,14 @@ def writing(what, path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"error: cannot write {what} {path}: {getattr(e, 'strerror', None) or e}; nothing was "
                          "written there") from None
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    os.rmdir(tmp)
+    if os.path.exists(path):  # the new folder replaces the old whole (its own files, none of the old's)
+        replaced = path.rstrip("/") + ".replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(path, replaced)
+        os.replace(tmp, path)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(tmp, path)
 
 
 def nearest_existing(path):
@@ -134,11 +139,14 @@ def save(path, models, optimizer, state, keep=1):
     start = time.perf_counter()
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short (check_dir: only a checkpoint's files)
+    if keep > 1 and os.path.isdir(old):  # one cut short between its renames left the previous checkpoint here
+        keep_aside(old, path)
     try:
         os.makedirs(tmp)
         for name, model in models.items():
             save_weights(model, os.path.join(tmp, f"{name}.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "optimizer.pt"), "wb") as f:  # (a Python file: the OS's error, not iostream's)
+            torch.save(optimizer.state_dict(), f)
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
     except WRITE_ERRORS as e:
@@ -150,15 +158,27 @@ def save(path, models, optimizer, state, keep=1):
         os.replace(path, old)
     os.replace(tmp, path)
     if keep > 1 and os.path.isdir(old):  # the previous checkpoint, named by its own iteration (or step)
-        with open(os.path.join(old, "state.json")) as f:
-            previous = json.load(f)
-        unit = "iteration" if "iteration" in previous else "step"
-        os.replace(old, f"{path.rstrip('/')}.{unit}_{previous[unit]:06d}")
+        keep_aside(old, path)
+    unit = "iteration" if "iteration" in state else "step"
+    for kept in kept_checkpoints(path):  # resumed from a kept one: those at or after this one are another future's
+        if int(kept.rpartition("_")[2]) >= state[unit]:
+            shutil.rmtree(kept)
+    if keep > 1:
         for kept in kept_checkpoints(path)[: -(keep - 1)]:  # (the oldest beyond keep - 1)
             shutil.rmtree(kept)
     shutil.rmtree(old, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
     print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def keep_aside(old, path):
+    """--keep-checkpoints: the previous checkpoint (in `old`) goes beside `path` as `{path}.iteration_K`."""
+    with open(os.path.join(old, "state.json")) as f:
+        previous = json.load(f)
+    unit = "iteration" if "iteration" in previous else "step"
+    kept = f"{path.rstrip('/')}.{unit}_{previous[unit]:06d}"
+    shutil.rmtree(kept, ignore_errors=True)  # (another future's, of a run resumed from before it)
+    os.replace(old, kept)
 
 
 def check_room(path, models, keep=1):

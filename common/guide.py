@@ -58,8 +58,8 @@ class GuideArgs:
     guide_temperature: float = 1.0
     """the guide's sampling temperature"""
     guide_top_k: Optional[int] = None
-    """the guide's top-k (0 = off; a server gets it only where set: vLLM, SGLang, llama.cpp take it, OpenAI does
-    not) (None: the task's default)"""
+    """the guide's top-k (0 = off; a server that takes it gets it either way, -1 when off: vLLM, SGLang take it,
+    OpenAI does not) (None: the task's default)"""
     guide_top_p: float = 0.92
     """the guide's nucleus sampling"""
     guide_max_new_tokens: Optional[int] = None
@@ -69,8 +69,8 @@ class GuideArgs:
     """no EOS from the guide before the whole response has this many tokens, a prefix it continues included (tril's
     min_length; a server gets it as min_tokens where set: vLLM, SGLang) (None: imdb 48, commongen and tldr 5)"""
     guide_concurrency: int = 64
-    """--guide-url: requests in flight at once, per rank (a server that takes lists of prompts, as vLLM and SGLang
-    do, gets the rows that ask for the same lengths in one request)"""
+    """--guide-url: requests in flight at once, per rank (with --no-guide-seed, a server that takes lists of prompts,
+    as vLLM and SGLang do, gets the rows that ask for the same lengths in one request)"""
     guide_seed: bool = True
     """--guide-url: send each request a seed drawn from the run's checkpointed stream, so a resumed run asks for the
     same samples (vLLM honours it, at some cost in speed: docs/guides.md); False: the server's own randomness"""

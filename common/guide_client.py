@@ -7,6 +7,7 @@ the routines that turn a continuation into the policy's tokens.
 """
 
 import concurrent.futures
+import copy
 import email.utils
 import ipaddress
 import os
@@ -16,7 +17,7 @@ import time
 import urllib.parse
 
 from common.guide import CREDENTIALS, uses_template, write_policy_tokens, write_through_text
-from common.stopping import RECEIVED, StopRun
+from common.stopping import ON_STOP, RECEIVED, StopRun
 
 RETRY_WAIT = 1.0  # seconds before a server's first retry, doubled each time up to MAX_RETRY_WAIT, with jitter
 MAX_RETRY_WAIT = 30.0
@@ -85,11 +86,15 @@ class Refused(Exception):
     """The server refused a request (400, 422): its message."""
 
 
+class Aborted(Exception):
+    """The server aborted a request (finish_reason "abort": vLLM under pressure): retried as a 503 is."""
+
+
 class ServerGuide:
     """write(examples, prefixes, budgets) as common/guide.py's guides, through a server. What the server takes is learnt
-    before the first request (probe): the optional sampling fields (top_k, min_tokens: vLLM and SGLang take them;
-    transformers serve and OpenAI do not: printed once), a list of prompts in one request (vLLM, SGLang: rows that
-    ask for the same lengths share a request), and, where the served model's tokenizer is the policy's, token-id
+    before the first request (probe): the optional sampling fields (top_k, repetition_penalty, min_tokens: vLLM and
+    SGLang take them; transformers serve and OpenAI do not: printed once), a list of prompts in one request (vLLM,
+    SGLang: unseeded, rows that ask for the same lengths share a request), and, where the served model's tokenizer is the policy's, token-id
     prompts answered with token ids (vLLM's return_token_ids: no text round trip, budgets in policy tokens);
     otherwise through text. Sampling: temperature, top_p, max_tokens, a seed per request where --guide-seed (drawn
     from `rng`: a resume is exact where the server honours it). finish_reason "stop" = the guide ended. A request
@@ -105,7 +110,9 @@ class ServerGuide:
     def __init__(self, args, tokenizer, rng):
         import openai
 
-        self.args, self.tokenizer, self.rng, self.openai = args, tokenizer, rng, openai
+        # the policy's tokenizer, a copy of its own: the fetch-ahead thread encodes while the loop's thread encodes
+        # with the original (transformers flips a flag of a shared tokenizer around split_special_tokens)
+        self.args, self.tokenizer, self.rng, self.openai = args, copy.deepcopy(tokenizer), rng, openai
         credentials = CREDENTIALS.get(args.guide_url)  # (user, password) from the URL: HTTP basic auth
         if (os.environ.get("OPENAI_API_KEY") or credentials) and not key_stays_private(args.guide_url):
             what = "the password in --guide-url" if credentials else "the key in OPENAI_API_KEY"
@@ -115,13 +122,15 @@ class ServerGuide:
                                     http_client=openai.DefaultHttpxClient(auth=credentials) if credentials else None,
                                     timeout=args.guide_timeout, max_retries=0)  # (our retries: printed, then StopRun)
         self.retried = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
-        # the optional sampling fields, as far as the server takes them (probe)
-        self.extra = {**({"top_k": args.guide_top_k} if args.guide_top_k else {}),
+        # the optional sampling fields, as far as the server takes them (probe), sent even where they are off: vLLM
+        # applies the served model's own generation_config (a top-k, a repetition penalty) to what a request leaves out
+        self.extra = {"top_k": args.guide_top_k or -1, "repetition_penalty": 1.0,
                       **({"min_tokens": args.guide_min_new_tokens} if args.guide_min_new_tokens else {})}
         self.guide_tokenizer = served_tokenizer(args)
         self.same_tokenizer = (self.guide_tokenizer is not None and not uses_template(args)
                                and self.guide_tokenizer.get_vocab() == tokenizer.get_vocab())
         self.takes_lists = self.counts_policy_tokens = self.probed = False  # what the server takes: probe()
+        self.stop_ids = {self.tokenizer.eos_token_id, *self.tokenizer.all_special_ids}  # (token ids: the same vocab)
         self.probe_lock = threading.Lock()
         self.counts = dict.fromkeys(("requests", "retries", "seconds", "tokens_asked"), 0)  # since stats()
         self.counts_lock = threading.Lock()
@@ -130,6 +139,7 @@ class ServerGuide:
         self.pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
         self.background, self.ahead = concurrent.futures.ThreadPoolExecutor(1), {}  # send(): the next rows
         self.source = f"the server {args.guide_url}"
+        ON_STOP.append(self.let_go)
 
     def give_up(self, message):
         """The StopRun that ends the run: the first failure's message, whichever request raises it."""
@@ -154,14 +164,16 @@ class ServerGuide:
                     model=self.args.guide_model, prompt=prompts, max_tokens=max_tokens,
                     temperature=self.args.guide_temperature, top_p=self.args.guide_top_p,
                     **({} if seed is None else {"seed": seed}), extra_body=fields or None)
+                if any(getattr(c, "finish_reason", None) == "abort" for c in getattr(response, "choices", None) or []):
+                    raise Aborted("the server aborted the request (finish_reason abort)")
                 break
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 if probing:
                     return None
                 raise Refused(f"({type(e).__name__}: {str(e).splitlines()[0][:100]} {str(e.body)[:200]})")
-            except self.retried as e:  # (openai.APITimeoutError is an APIConnectionError)
+            except (*self.retried, Aborted) as e:  # (openai.APITimeoutError is an APIConnectionError)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                first_failure = first_failure or time.monotonic()
+                first_failure = time.monotonic() if first_failure is None else first_failure
                 waited, wait = time.monotonic() - first_failure, retry_wait(attempt, retry_after(e))
                 if attempt == self.args.guide_max_retries or waited + wait > self.args.guide_retry_seconds:
                     raise self.give_up(f"the guide server {url} failed {attempt + 1} times in {waited:.0f} s ({error})")
@@ -207,7 +219,8 @@ class ServerGuide:
         """Before the first request: one small request with every optional field (each alone where it is refused):
         a field the server refuses is dropped, with one line; later refusals are errors (never matched against an
         error's words). Then two prompts in one request (token ids asking for token ids back, where the tokenizers
-        are the same), and where that is not taken and the tokenizers are the same, one."""
+        are the same), and where that is not taken and the tokenizers are the same, one; where token ids come back,
+        a text whose token ids as the server returns them must be the policy tokenizer's."""
         extra, url = self.extra, self.args.guide_url
         if extra and self.refused({**extra, **({"min_tokens": 1} if "min_tokens" in extra else {})}):
             for name in list(extra):
@@ -224,6 +237,13 @@ class ServerGuide:
             answer = self.request(hello[0], 1, 0, fields, probing=True)
         self.counts_policy_tokens = answer is not None and self.same_tokenizer and all(
             isinstance(getattr(c, "token_ids", None), list) for c in answer)
+        if self.counts_policy_tokens:  # the same vocabulary is not the same tokenizer: the server's encoding of a text
+            text = "Hello, guide: 12 tokens / 3 words?"
+            check = self.request(text, 1, 0, fields, probing=True)
+            if getattr((check or [None])[0], "prompt_token_ids", None) != self.tokenizer(text).input_ids:
+                self.counts_policy_tokens = False
+                print(f"guide: {url} encodes text otherwise than the policy's tokenizer (or does not say how): the "
+                      "guide's text is re-encoded", flush=True)
         self.probed = True
 
     def complete_all(self, prompts, max_tokens, min_tokens, seeds, ledger):
@@ -240,16 +260,20 @@ class ServerGuide:
             except Refused as e:
                 raise self.give_up(f"the guide server {self.args.guide_url} refused the request {e}")
 
-        groups = {}
+        groups = {}  # (seeded, each row its own request: vLLM seeds every prompt of a list with the request's seed)
         for i in range(len(prompts)):
-            groups.setdefault((max_tokens[i], min_tokens[i]) if self.takes_lists else i, []).append(i)
+            groups.setdefault((max_tokens[i], min_tokens[i]) if self.takes_lists and not self.args.guide_seed else i,
+                              []).append(i)
         results = [None] * len(prompts)
         for rows, choices in zip(groups.values(), self.pool.map(answer, groups.values())):
             for i, choice in zip(rows, choices):
                 ended = choice.finish_reason == "stop"
                 if self.counts_policy_tokens:
-                    tokens = list(choice.token_ids)
-                    tokens = tokens[:-1] if ended and tokens and tokens[-1] == self.tokenizer.eos_token_id else tokens
+                    if not isinstance(getattr(choice, "token_ids", None), list):  # (a restarted older server, a pool)
+                        raise self.give_up(f"the guide server {self.args.guide_url} no longer returns token_ids, as it "
+                                           "did when the run started: restart the run (it probes the server again)")
+                    tokens = list(choice.token_ids)  # (a stop token of the server's, its EOS or another, is not text)
+                    tokens = tokens[:-1] if ended and tokens and tokens[-1] in self.stop_ids else tokens
                     results[i] = (tokens, ended)
                 else:
                     results[i] = (choice.text, ended)
@@ -277,7 +301,10 @@ class ServerGuide:
 
     def send(self, examples, prefixes, budgets):
         """Start writing these rows in the background: the write that asks for the same rows, budgets and seeds
-        (the caller puts its random stream back, so the write draws the same seeds) takes the answer."""
+        (the caller puts its random stream back, so the write draws the same seeds) takes the answer. After a stop
+        (Ctrl-C, SIGTERM) nothing is sent: the run ends with this iteration."""
+        if RECEIVED:
+            return
         seeds, key = self.draw_seeds(examples, prefixes, budgets)
         self.ahead[key] = self.background.submit(self.write_rows, examples, prefixes, budgets, seeds)
 
@@ -286,10 +313,21 @@ class ServerGuide:
         sent = self.ahead.pop(key, None)
         self.ahead.clear()  # (rows sent ahead that no write asked for are dropped)
         rows, ledger = sent.result() if sent else self.write_rows(examples, prefixes, budgets, seeds)
+        if any(budgets) and not any(tokens for tokens, _ in rows):  # (not one token for any row: no guide at all)
+            raise self.give_up(f"the guide server {self.args.guide_url} returned nothing for any of the {len(rows)} "
+                               "rows it was asked for: the run would go on as plain PPO")
         with self.counts_lock:
             for name, value in ledger.items():
                 self.counts[name] += value
         return rows
+
+    def let_go(self):
+        """The run stops: requests not yet sent are dropped, those in flight give up (the process does not wait for
+        answers it will not use), and nothing new is sent."""
+        self.failed.set()
+        for executor in (self.background, self.pool):
+            executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
 
     def transport_stats(self):
         """Since the last call: the requests for rows (not the probes), retries, mean latency, and the server's own

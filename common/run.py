@@ -137,7 +137,10 @@ class Run:
         for name, value in result.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
         file = f"{self.unit}_{iteration:04d}" if self.unit == "iteration" else f"{self.unit}_{iteration:06d}"
-        tasks.write_jsonl(f"runs/{self.name}/generations/{file}.jsonl", generations)
+        try:  # (rank 0 alone writes: a failure here is a stop every rank makes at this iteration's end)
+            tasks.write_jsonl(f"runs/{self.name}/generations/{file}.jsonl", generations)
+        except OSError as e:
+            stopping.RECEIVED.append(f"an error writing runs/{self.name}/generations/ ({e.strerror or e})")
         self.writer.add_text("eval/samples", tasks.samples_table(generations[: self.args.num_sample_generations]), step)
         print(f"eval @ {self.unit} {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
@@ -210,6 +213,7 @@ class Run:
             if checkpoint_dir:  # the weights are still the last completed iteration's: saved with its random state
                 self.checkpoint_dir = checkpoint_dir
                 self.save(iteration, self.random_state, loop_state)
+            stopping.let_go()
             raise SystemExit(f"error: {failures[0]}\n" + stopping.stopped_message(
                 "that error", f"{self.unit} {iteration}/{self.total}", checkpoint_dir) if self.master else 1)
 

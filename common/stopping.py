@@ -44,6 +44,13 @@ class StopRun(Exception):
 # Ctrl-C a terminal may also have sent to every process): only a later one stops at once
 SAME_STOP_SECONDS = 3.0
 RECEIVED = []  # the signals the running loop received (a guide waiting to retry reads it: a stop ends the wait)
+ON_STOP = []  # what a black box does on a stop before the process exits (a server guide: drop its queued requests)
+
+
+def let_go():
+    """A stop: every black box lets go of the work it will not finish (ON_STOP), so the exit waits for none of it."""
+    for release in ON_STOP:
+        release()
 
 
 class Log:
@@ -88,6 +95,9 @@ def stop_on_signals():
 
     def handler(signum, frame):
         if first and time.monotonic() - first[0] > SAME_STOP_SECONDS:
+            if signum == signal.SIGTERM:  # killed by it, as without the handler: the shell sees 143, not Ctrl-C's 130
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}: stopped at once")
         if first:
             return
@@ -147,6 +157,7 @@ def exit_stopped(received, progress, checkpoint_dir, master):
     names = [name for rank_received in distributed.gather(list(received)) for name in rank_received]
     if master:
         print(stopped_message(received or names, progress, checkpoint_dir), file=sys.stderr, flush=True)
+    let_go()
     raise SystemExit(128 + signal.Signals[names[0]] if names and names[0] in ("SIGINT", "SIGTERM") else 1)
 
 

@@ -16,6 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -655,3 +657,100 @@ def test_the_loop_state_a_checkpoint_saves_is_the_one_resume_restores(tmp_path):
     with pytest.raises(ValueError, match="kl_coef, prompt_order"):
         run.end_iteration(1, kl_coef=0.1, prompt_order=[1], extra=2)
     run.end_iteration(1, kl_coef=0.1, prompt_order=[1])  # (the same names: no checkpoint is due, nothing happens)
+
+
+def test_a_run_resumed_from_a_kept_checkpoint_into_its_own_folder_goes_on(assets, tmp_path):
+    """6 iterations with --keep-checkpoints 3, resumed from the oldest kept one (iteration 4) into the run's own
+    --checkpoint-dir: a later save once renamed ck.old onto the existing ck.iteration_000005 (OSError: Directory not
+    empty, a traceback). The kept checkpoints at or after a save's iteration belong to the future the run left: they
+    go; the run ends as the uninterrupted one did."""
+    args = set_flags(task_args(assets, "imdb", "ppo.py"), "--total-episodes", 24, "--eval-every", 0, "--save-every", 1,
+                     "--checkpoint-dir", "ck", "--keep-checkpoints", 3)
+    whole = run_script_in_process("ppo.py", args, tmp_path)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ck")) == [
+        "ck", "ck.iteration_000004", "ck.iteration_000005"]
+    resumed = run_script_in_process("ppo.py", args + ["--resume", "ck.iteration_000004"], tmp_path)
+    kept = {name: json.load(open(tmp_path / name / "state.json"))["iteration"]
+            for name in os.listdir(tmp_path) if name.startswith("ck")}
+    assert kept == {"ck": 6, "ck.iteration_000005": 5, "ck.iteration_000004": 4}
+    for a, b in zip(whole["policy"].parameters(), resumed["policy"].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_save_cut_short_between_its_renames_loses_no_kept_checkpoint(tmp_path):
+    """A crash after the new checkpoint took `ck` but before the previous one was named ck.iteration_K leaves it in
+    ck.old: the next save keeps it (as ck.iteration_K) where it once deleted it."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = str(tmp_path / "ck")
+    for iteration in (1, 2):
+        checkpoint.save(path, {"policy": model}, optimizer, {"iteration": iteration}, keep=3)
+    os.replace(path + ".iteration_000001", path + ".old")  # (where the crash left it)
+    checkpoint.save(path, {"policy": model}, optimizer, {"iteration": 3}, keep=3)
+    kept = {name: json.load(open(tmp_path / name / "state.json"))["iteration"] for name in os.listdir(tmp_path)}
+    assert kept == {"ck": 3, "ck.iteration_000002": 2, "ck.iteration_000001": 1}
+
+
+def test_a_saved_model_replaces_the_folder_whole(tmp_path):
+    """--save-model onto a previous model's folder: the new folder replaces it whole (the old one's other files do
+    not stay, and no crash can leave old and new files mixed in it)."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for name in ("model.safetensors", "training_args.bin"):
+        (folder / name).write_text("old")
+    with checkpoint.writing("the policy to", str(folder)) as tmp:
+        os.makedirs(tmp)
+        (Path(tmp) / "model.safetensors").write_text("new")
+    assert sorted(os.listdir(folder)) == ["model.safetensors"] and (folder / "model.safetensors").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+def test_an_error_that_is_not_the_disks_is_raised_as_it_is(tmp_path):
+    """Only what the OS refused (no space, a file too large, no permission) is reported as a failed write; another
+    error while saving (a bug) is raised with its traceback, not dressed as a full disk."""
+    class Broken(nn.Module):
+        def named_parameters(self, *args, **kwargs):
+            raise RuntimeError("a bug, not the disk")
+
+        def parameters(self, *args, **kwargs):
+            return iter([nn.Parameter(torch.zeros(1), requires_grad=False)])
+
+    model = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="a bug, not the disk"):
+        checkpoint.save(str(tmp_path / "ck"), {"policy": Broken()}, torch.optim.AdamW(model.parameters()),
+                        {"iteration": 1})
+
+
+def test_a_second_sigterm_kills_the_process_as_sigterm(tmp_path):
+    """The first SIGTERM asks for a clean stop; a second, later one stops at once, with SIGTERM's own status (143
+    in a shell), where it once read as a Ctrl-C (130)."""
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        sys.path.insert(0, %r)
+        from common import stopping
+        stopping.SAME_STOP_SECONDS = 0.2
+        stopping.stop_on_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    """ % ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-500:])
+
+
+def test_a_failed_write_of_an_evaluations_generations_is_a_clean_stop(assets, tmp_path, monkeypatch, capsys):
+    """Rank 0 writes the evaluation's generations while the other ranks wait in a collective: a write that fails
+    there (a full disk) is noted as a stop, so every rank ends the iteration, checkpoints and exits with one line,
+    instead of rank 0 dying alone."""
+    def full(path, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tasks, "write_jsonl", full)
+    args = set_flags(task_args(assets, "imdb", "ppo.py"), "--save-every", 5, "--checkpoint-dir", "ck")
+    with pytest.raises(SystemExit) as stopped:
+        run_script_in_process("ppo.py", args, tmp_path)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "stopped by an error writing runs/" in err and "(No space left on device)" in err
+    assert json.load(open(tmp_path / "ck" / "state.json"))["iteration"] == 1

@@ -162,8 +162,8 @@ def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, cap
         args.guide_url, args.guide_concurrency = server.url, 1
         results = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0)).write(
             examples(tokenizer)[:2], [[]] * 2, [1] * 2)
-    assert len(results) == 2 and len(server.requests) == 5 and len(server.rows()) == 2  # the first (the probe of
-    # what the server takes) failed twice, was retried, then 2 rows answered
+    assert len(results) == 2 and len(server.requests) == 6 and len(server.rows()) == 2  # the first (the probe of
+    # the fields the server takes) failed twice, was retried, then the probe of a list, then 2 rows answered
     out = capsys.readouterr().out
     assert f"guide: {server.url}: InternalServerError" in out and "retry 1 in " in out and "retry 2 in " in out
 

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import threading
 import time
 from types import SimpleNamespace
 
@@ -104,13 +105,15 @@ def test_an_empty_sample_is_a_plain_episode(assets, module, sample):
 
 def test_an_empty_answer_through_text_is_not_asked_again(assets):
     """A served guide that answers "" with finish_reason "length": nothing to continue, so no second request (it
-    would answer "" again, for ever)."""
+    would answer "" again, for ever); and a guide that returned nothing for any row of the iteration stops the run
+    with one line, where it once ran on as plain PPO."""
     tokenizer = assets["tokenizer"]
     args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0)
     with GuideServer(marker="") as server:
         args.guide_url = server.url
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
-        assert guide.write(rows(tokenizer, 2), [[], []], [4, 4]) == [([], False), ([], False)]
+        with pytest.raises(stopping.StopRun, match=f"the guide server {server.url} returned nothing for any of the 2"):
+            guide.write(rows(tokenizer, 2), [[], []], [4, 4])
     assert len(server.rows()) == 2
 
 
@@ -188,7 +191,7 @@ def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkey
         guide = guides.load_guide(served_args(server.url, guide_retry_seconds=60.0), tokenizer, "cpu", torch.float32,
                                   random.Random(0))
         assert len(guide.write(rows(tokenizer, 1), [[]], [1])) == 1
-    assert len(server.requests) == 10  # 8 failures, the probe of what the server takes, the row
+    assert len(server.requests) == 11  # 8 failures, the probe of what the server takes (its fields, a list), the row
 
 
 def test_retry_after_is_honoured(assets, monkeypatch):
@@ -198,7 +201,7 @@ def test_retry_after_is_honoured(assets, monkeypatch):
     with GuideServer(marker=" movie", fail_first=1, retry_after=0.6) as server:
         guide = guides.load_guide(served_args(server.url), tokenizer, "cpu", torch.float32, random.Random(0))
         guide.write(rows(tokenizer, 1), [[]], [1])
-    assert len(server.times) == 3 and server.times[1] - server.times[0] >= 0.6  # (the first: the probe; the row)
+    assert len(server.times) == 4 and server.times[1] - server.times[0] >= 0.6  # (the probe's two; the row)
 
 
 def test_the_wait_has_jitter_and_a_ceiling():
@@ -321,7 +324,7 @@ def test_the_fields_a_server_takes_are_learnt_by_one_request_not_by_an_errors_wo
     printed = capsys.readouterr().out
     assert printed.count("does not take") == 1 and f"guide: {server.url} does not take top_k" in printed
     probes = [r for r in server.requests if r["max_tokens"] == 1 and r["prompt"] == "Hello"]
-    assert len(probes) == 3  # all fields, then each alone
+    assert len(probes) == 4  # all fields (top_k, repetition_penalty, min_tokens), then each alone
     later = server.rows()
     assert all("top_k" not in r and r["min_tokens"] >= 0 for r in later) and len(later) == 3
 
@@ -367,7 +370,7 @@ def test_a_vllm_guide_with_the_policys_tokenizer_gets_lists_of_token_ids_and_ans
     expected = [((e["prompt_ids"] + p)[::-1][:b], False) for e, p, b in zip(batch, prefixes, budgets)]
     assert len({tuple(t) for t, _ in expected}) == 6
     args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_tokenizer=assets["policy"], guide_top_k=0,
-                     guide_min_new_tokens=4)
+                     guide_min_new_tokens=4, guide_seed=False)  # (seeded, each row is a request of its own)
     with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
         args.guide_url = server.url
         guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
@@ -390,7 +393,7 @@ def test_a_vllm_guide_with_another_tokenizer_gets_lists_of_text(assets):
     batch, (prefixes, budgets) = rows(tokenizer, 6), budgets_and_prefixes(tokenizer)
     results = []
     for vllm in (False, True):
-        args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_min_new_tokens=4)
+        args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_min_new_tokens=4, guide_seed=False)
         with GuideServer(tokenizer=tokenizer, vllm=vllm, reverse=True) as server:
             args.guide_url = server.url
             guide = guides.load_guide(args, tokenizer, "cpu", torch.float32, random.Random(0))
@@ -545,3 +548,201 @@ def test_a_run_stopped_with_roll_ins_sent_ahead_resumes_exactly(assets, served, 
         [folder] = glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))
         run_script_in_process(script, set_flags(args, "--resume", folder), tmp_path / "stopped")
     assert logged(read_tensorboard(tmp_path / "stopped")) == logged(read_tensorboard(tmp_path / "whole"))
+
+
+# -- the second read (issue 41): a server that changes, a stop during fetch-ahead, seeds, shared tokenizers --------
+
+def vllm_body(server, drop_token_ids_after_probe=False, stop_id=None, abort_first=0):
+    """A vLLM-shaped answer (tests/guide_server.py's), changed: token_ids gone once the probe is done (a restarted
+    older server), a last token `stop_id` that the server stopped on, or finish_reason "abort" on the first rows."""
+    aborted = []
+
+    def body(request):
+        status, payload = server.vllm_answer(request)
+        probe = request["max_tokens"] == 1 and request.get("seed") == 0
+        for choice in payload.get("choices", []):
+            if drop_token_ids_after_probe and not probe:
+                choice.pop("token_ids")
+            if stop_id is not None and not probe:
+                choice["token_ids"] = [5, 6, stop_id]
+                choice["finish_reason"] = "stop"
+            if not probe and len(aborted) < abort_first:
+                aborted.append(1)
+                choice["finish_reason"] = "abort"
+        return status, payload
+
+    return body
+
+
+def vllm_guide(assets, server, **flags):
+    args = make_args(ppo_plus_plus, 1.0, **({"guide_model": "toy", "guide_tokenizer": assets["policy"],
+                                             "guide_top_k": 0} | flags))
+    args.guide_url = server.url
+    return guides.load_guide(args, assets["tokenizer"], "cpu", torch.float32, random.Random(0))
+
+
+def test_a_server_that_stops_returning_token_ids_stops_the_run_with_one_line(assets):
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, reverse=True) as server:
+        server.body = vllm_body(server, drop_token_ids_after_probe=True)
+        guide = vllm_guide(assets, server)
+        with pytest.raises(stopping.StopRun, match="no longer returns token_ids, as it did when the run started"):
+            guide.write(rows(tokenizer, 2), [[], []], [3, 3])
+
+
+def test_each_seeded_row_is_a_request_with_its_own_seed(assets):
+    """vLLM seeds every prompt of a list request with the request's one seed: rows of a list shared their sampling
+    noise (identical prompts, identical samples). Seeded, each row is its own request with its own seed; lists of
+    rows are for --no-guide-seed."""
+    tokenizer = assets["tokenizer"]
+    for seeded in (True, False):
+        with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+            vllm_guide(assets, server, guide_seed=seeded).write(rows(tokenizer, 4), [[]] * 4, [3] * 4)
+        asked = server.rows()
+        if seeded:
+            assert len(asked) == 4 and len({r["seed"] for r in asked}) == 4
+            assert all(len(r["prompt"]) == 1 for r in asked if isinstance(r["prompt"][0], list))  # one prompt each
+        else:
+            assert len(asked) == 1 and len(asked[0]["prompt"]) == 4 and "seed" not in asked[0]
+
+
+def test_the_guide_encodes_with_a_tokenizer_of_its_own(assets):
+    """The fetch-ahead thread encodes while the loop's thread does: transformers flips a flag of a tokenizer around
+    split_special_tokens, so a shared one turned the EOS string into a real EOS now and then. The server guide
+    encodes with its own copy."""
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+        guide = vllm_guide(assets, server)
+    assert guide.tokenizer is not tokenizer and guide.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_the_guides_sampling_fields_are_sent_even_where_off(assets):
+    """vLLM applies the served model's own generation_config (a top-k, a repetition penalty) to what a request leaves
+    out: top_k (-1: off) and repetition_penalty (1.0) go with every request of a server that takes them."""
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+        vllm_guide(assets, server).write(rows(tokenizer, 2), [[], []], [3, 3])
+    assert server.rows() and all(r["top_k"] == -1 and r["repetition_penalty"] == 1.0 for r in server.rows())
+
+
+def test_token_ids_only_where_the_server_tokenizes_as_the_policy(assets, capsys):
+    """The same vocabulary is not the same tokenizer: the probe compares the server's encoding of a text (its
+    prompt_token_ids) with the policy's; where they differ, the guide's text is re-encoded."""
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+        def body(request):
+            status, payload = server.vllm_answer(request)
+            for choice in payload["choices"]:
+                if choice.get("prompt_token_ids") is not None and isinstance(request["prompt"], str):
+                    choice["prompt_token_ids"] = choice["prompt_token_ids"][1:]  # (a BOS the other way)
+            return status, payload
+
+        server.body = body
+        guide = vllm_guide(assets, server)
+        guide.write(rows(tokenizer, 1), [[]], [3])
+    assert not guide.counts_policy_tokens
+    assert "encodes text otherwise than the policy's tokenizer" in capsys.readouterr().out
+
+
+def test_a_stop_token_of_the_servers_own_never_stays_in_a_roll_in(assets):
+    """A served model that stops on a token other than the policy's EOS (its generation_config's) returns it as the
+    last token id: it is not text, so it is cut; the row ended."""
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, reverse=True) as server:
+        server.body = vllm_body(server, stop_id=tokenizer.pad_token_id)
+        samples = vllm_guide(assets, server).write(rows(tokenizer, 1), [[]], [5])
+    assert samples == [([5, 6, tokenizer.eos_token_id], True)]
+
+
+def test_an_aborted_request_is_retried(assets, monkeypatch):
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, reverse=True) as server:
+        server.body = vllm_body(server, abort_first=1)
+        samples = vllm_guide(assets, server).write(rows(tokenizer, 1), [[]], [3])
+    assert len(server.rows()) == 2 and samples[0][0]
+
+
+def test_after_a_stop_nothing_is_sent_ahead_and_nothing_queued_is_waited_for(assets, monkeypatch):
+    """Ctrl-C during an iteration: the roll-ins of the next one (which will not run) are not sent; on the way out
+    the guide drops what is queued and the requests in flight give up."""
+    tokenizer = assets["tokenizer"]
+    with GuideServer(tokenizer=tokenizer, vllm=True, reverse=True) as server:
+        guide = vllm_guide(assets, server, guide_concurrency=1)
+        guide.write(rows(tokenizer, 1), [[]], [3])
+        before = len(server.requests)
+        monkeypatch.setattr(stopping, "RECEIVED", ["SIGINT"])
+        monkeypatch.setattr(guide_client, "RECEIVED", stopping.RECEIVED)
+        guide.send(rows(tokenizer, 3), [[]] * 3, [3] * 3)
+        assert len(server.requests) == before and not guide.ahead
+        server.delay = 2.0
+        monkeypatch.setattr(guide_client, "RECEIVED", [])
+        guide.send(rows(tokenizer, 4), [[]] * 4, [3] * 4)  # (sent before the stop: one in flight, three queued)
+        time.sleep(0.3)
+        started = time.monotonic()
+        stopping.let_go()
+        [future] = guide.ahead.values()
+        with pytest.raises((stopping.StopRun, Exception)):
+            future.result(timeout=10)
+        assert time.monotonic() - started < 3  # the one in flight gives up; the queued three never go out
+    assert len(server.requests) == before + 1
+
+
+def test_the_retry_schedule(assets, monkeypatch):
+    """Every part of it: the wait doubles from RETRY_WAIT, is capped at MAX_RETRY_WAIT, takes a jitter of 0.5-1.5x,
+    gives way to the server's Retry-After, and the retries end when the next wait would pass --guide-retry-seconds
+    (or at --guide-max-retries); the message says how many tries and how long."""
+    clock, waits = [0.0], []
+
+    def wait(seconds, failed):
+        waits.append(round(seconds, 6))
+        clock[0] += seconds
+        return False
+
+    monkeypatch.setattr(guide_client, "wait_unless_stopped", wait)
+    monkeypatch.setattr(guide_client.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(guide_client, "RETRY_WAIT", 1.0)
+    monkeypatch.setattr(guide_client, "MAX_RETRY_WAIT", 30.0)
+
+    def guide_failing(retry_after=None, **flags):
+        guide = guide_client.ServerGuide.__new__(guide_client.ServerGuide)
+        args = served_args("http://127.0.0.1:9/v1", **({"guide_retry_seconds": 100.0} | flags))
+
+        def create(**kwargs):
+            error = guide_client.Aborted("aborted")
+            if retry_after is not None:
+                error.response = SimpleNamespace(headers={"retry-after": str(retry_after)})
+            raise error
+
+        import openai
+        guide.args, guide.openai, guide.retried = args, openai, ()
+        guide.client = SimpleNamespace(completions=SimpleNamespace(create=create))
+        guide.failed, guide.failure, guide.failure_lock = threading.Event(), None, threading.Lock()
+        guide.counts, guide.counts_lock = dict.fromkeys(("requests", "retries", "seconds", "tokens_asked"), 0), \
+            threading.Lock()
+        return guide
+
+    for jitter, factor in ((0.5, 1.0), (0.0, 0.5), (0.999, 1.499)):
+        monkeypatch.setattr(guide_client, "JITTER", SimpleNamespace(random=lambda jitter=jitter: jitter))
+        waits.clear()
+        clock[0] = 0.0
+        with pytest.raises(stopping.StopRun, match=r"failed \d+ times in \d+ s"):
+            guide_failing().request("x", 1, 0, {})
+        expected, total = [], 0.0
+        for attempt in range(100):  # doubling, capped, times the jitter, within the window
+            step = min(2.0**attempt, 30.0) * factor
+            if total + step > 100.0:
+                break
+            expected.append(round(step, 6))
+            total += step
+        assert waits == expected, (jitter, waits)
+    assert [w for w in waits[:6]] == [round(x * 1.499, 6) for x in (1, 2, 4, 8, 16, 30)]
+    waits.clear()
+    clock[0] = 0.0
+    with pytest.raises(stopping.StopRun, match="failed 21 times in 100 s"):
+        guide_failing(retry_after=5).request("x", 1, 0, {})  # the server's wait, not ours
+    assert waits == [5.0] * 20
+    waits.clear()
+    with pytest.raises(stopping.StopRun, match="failed 3 times"):
+        guide_failing(guide_max_retries=2).request("x", 1, 0, {})
+    assert len(waits) == 2
