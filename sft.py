@@ -272,7 +272,7 @@ if __name__ == "__main__":
         del order[: args.batch_size]
 
         # one optimizer step: the batch's loss (a mean over its target tokens), accumulated over micro-batches (no
-        # read from the device here; on CUDA each micro-batch's copy to it, from pageable memory, waits for itself)
+        # read from the device here; on CUDA a copy to it from pageable memory waits for the work queued before it)
         step_loss, num_target_tokens = 0.0, sum(len(target) for _, target in batch)
         for start in range(0, args.batch_size, args.micro_batch_size):
             micro_batch = batch[start : start + args.micro_batch_size]

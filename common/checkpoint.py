@@ -90,8 +90,9 @@ WRITE_ERRORS = (OSError, SafetensorError)  # what the OS refused: OSError (its s
 
 @contextlib.contextmanager
 def writing(what, path):
-    """Yields a temporary sibling of the folder `path` to write into; once every write is done, the files are moved
-    into `path` (renames: no space needed). A write that fails (a full disk, no permission) ends the run with one
+    """Yields a temporary sibling of the folder `path` to write into; once every write is done, it replaces `path`
+    whole (renames: no space needed; the old folder goes aside as `{path}.replaced`, then away; a crash between
+    the two renames leaves the old one there). A write that fails (a full disk, no permission) ends the run with one
     line naming it, and leaves nothing half-written where it could be taken for a whole file (`path` as before)."""
     tmp = path.rstrip("/") + ".tmp"  # (check_outputs: nothing there at start)
     try:
@@ -105,7 +106,7 @@ def writing(what, path):
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(path, replaced)
         os.replace(tmp, path)
-        shutil.rmtree(replaced)
+        shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(tmp, path)
 
@@ -130,12 +131,13 @@ def check_writable(path, what):
         raise SystemExit(f"error: {what} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
-def save(path, models, optimizer, state, keep=1):
+def save(path, models, optimizer, state, keep=1, since=None):
     """Write the checkpoint to a temporary sibling folder, then put it in place of the previous one: a crash
     while saving leaves the last good checkpoint whole (as `path`, or as `path.old` between the renames). A
     write that fails (a full disk) ends the run with one line, the previous checkpoint kept. keep > 1
     (--keep-checkpoints): the previous one stays beside it as `{path}.iteration_K` (sft.py: `.step_K`), and the
-    newest keep - 1 of those are kept."""
+    newest keep - 1 of those are kept. `since`: the iteration (step) a resumed run continued from: this run's kept
+    checkpoints after it belong to the future it left, and go."""
     start = time.perf_counter()
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was cut short (check_dir: only a checkpoint's files)
@@ -159,10 +161,10 @@ def save(path, models, optimizer, state, keep=1):
     os.replace(tmp, path)
     if keep > 1 and os.path.isdir(old):  # the previous checkpoint, named by its own iteration (or step)
         keep_aside(old, path)
-    unit = "iteration" if "iteration" in state else "step"
-    for kept in kept_checkpoints(path):  # resumed from a kept one: those at or after this one are another future's
-        if int(kept.rpartition("_")[2]) >= state[unit]:
+    for kept in kept_checkpoints(path):  # resumed from a kept one: this run's kept ones after it are another future's
+        if since is not None and int(kept.rpartition("_")[2]) > since and run_of(kept) == state.get("run_name"):
             shutil.rmtree(kept)
+            print(f"checkpoint: {kept} removed (the run went on from {since}, not from it)", flush=True)
     if keep > 1:
         for kept in kept_checkpoints(path)[: -(keep - 1)]:  # (the oldest beyond keep - 1)
             shutil.rmtree(kept)
@@ -171,13 +173,22 @@ def save(path, models, optimizer, state, keep=1):
     print(f"checkpoint: {path} ({size / 2**30:.2f} GiB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 
+def run_of(folder):
+    """The run a checkpoint folder belongs to (its state.json's run_name; None if it has none)."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f).get("run_name")
+    except (OSError, ValueError):
+        return None
+
+
 def keep_aside(old, path):
     """--keep-checkpoints: the previous checkpoint (in `old`) goes beside `path` as `{path}.iteration_K`."""
     with open(os.path.join(old, "state.json")) as f:
         previous = json.load(f)
     unit = "iteration" if "iteration" in previous else "step"
     kept = f"{path.rstrip('/')}.{unit}_{previous[unit]:06d}"
-    shutil.rmtree(kept, ignore_errors=True)  # (another future's, of a run resumed from before it)
+    shutil.rmtree(kept, ignore_errors=True)  # (this run's own from another future: check_dir refuses another run's)
     os.replace(old, kept)
 
 
@@ -219,6 +230,10 @@ def check_dir(path, run_name):
             raise SystemExit(f"error: --checkpoint-dir {path}: {sibling} is not a checkpoint, and a save would replace "
                              "it; move it or choose another folder")
     check_writable(path, "--checkpoint-dir")
+    for kept in kept_checkpoints(path):  # (a save renames onto them, and drops a resumed run's later ones)
+        if run_of(kept) != run_name:
+            raise SystemExit(f"error: --checkpoint-dir {path}: {kept} is a checkpoint of run {run_of(kept)}; move it "
+                             "or choose another folder")
     if not os.path.isdir(path) or not os.listdir(path):
         return
     state_file = os.path.join(path, "state.json")
@@ -239,9 +254,10 @@ def check_outputs(run_name, checkpoint_dir, save_path):
         check_dir(checkpoint_dir, run_name)
     if save_path:
         check_writable(save_path, "--save-path")
-        if os.path.exists(save_path.rstrip("/") + ".tmp"):  # (where the model is written before it is moved in)
-            raise SystemExit(f"error: --save-path {save_path}: {save_path.rstrip('/')}.tmp is in the way (an "
-                             "interrupted save's, or another's): move or remove it")
+        for sibling in (".tmp", ".replaced"):  # (where the model is written, and where the old one goes aside)
+            if os.path.exists(save_path.rstrip("/") + sibling):
+                raise SystemExit(f"error: --save-path {save_path}: {save_path.rstrip('/')}{sibling} is in the way (an "
+                                 "interrupted save's, or another's): move or remove it")
 
 
 def read_state(args, script, num_rows, same, computed=()):

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import urllib.parse
+import weakref
 
 from common.guide import CREDENTIALS, uses_template, write_policy_tokens, write_through_text
 from common.stopping import ON_STOP, RECEIVED, StopRun
@@ -94,9 +95,9 @@ class ServerGuide:
     """write(examples, prefixes, budgets) as common/guide.py's guides, through a server. What the server takes is learnt
     before the first request (probe): the optional sampling fields (top_k, repetition_penalty, min_tokens: vLLM and
     SGLang take them; transformers serve and OpenAI do not: printed once), a list of prompts in one request (vLLM,
-    SGLang: unseeded, rows that ask for the same lengths share a request), and, where the served model's tokenizer is the policy's, token-id
-    prompts answered with token ids (vLLM's return_token_ids: no text round trip, budgets in policy tokens);
-    otherwise through text. Sampling: temperature, top_p, max_tokens, a seed per request where --guide-seed (drawn
+    SGLang: unseeded, rows that ask for the same lengths share a request), and, where the served model's tokenizer
+    is the policy's, token-id prompts answered with token ids (vLLM's return_token_ids: no text round trip, budgets
+    in policy tokens); otherwise through text. Sampling: temperature, top_p, max_tokens, a seed per request where --guide-seed (drawn
     from `rng`: a resume is exact where the server honours it). finish_reason "stop" = the guide ended. A request
     that fails (429, 5xx, no connection, timeout) is retried for --guide-retry-seconds (retry_wait: Retry-After, else
     1, 2, 4... s with jitter), each retry printed; then, on a stop signal, or on an answer that is not the API's
@@ -131,6 +132,8 @@ class ServerGuide:
                                and self.guide_tokenizer.get_vocab() == tokenizer.get_vocab())
         self.takes_lists = self.counts_policy_tokens = self.probed = False  # what the server takes: probe()
         self.stop_ids = {self.tokenizer.eos_token_id, *self.tokenizer.all_special_ids}  # (token ids: the same vocab)
+        if self.guide_tokenizer is not None:  # the served model's own EOS and special tokens (its instruct turn's end)
+            self.stop_ids |= {self.guide_tokenizer.eos_token_id, *self.guide_tokenizer.all_special_ids}
         self.probe_lock = threading.Lock()
         self.counts = dict.fromkeys(("requests", "retries", "seconds", "tokens_asked"), 0)  # since stats()
         self.counts_lock = threading.Lock()
@@ -139,7 +142,7 @@ class ServerGuide:
         self.pool = concurrent.futures.ThreadPoolExecutor(args.guide_concurrency)
         self.background, self.ahead = concurrent.futures.ThreadPoolExecutor(1), {}  # send(): the next rows
         self.source = f"the server {args.guide_url}"
-        ON_STOP.append(self.let_go)
+        ON_STOP.append(weakref.WeakMethod(self.let_go))
 
     def give_up(self, message):
         """The StopRun that ends the run: the first failure's message, whichever request raises it."""
@@ -273,7 +276,8 @@ class ServerGuide:
                         raise self.give_up(f"the guide server {self.args.guide_url} no longer returns token_ids, as it "
                                            "did when the run started: restart the run (it probes the server again)")
                     tokens = list(choice.token_ids)  # (a stop token of the server's, its EOS or another, is not text)
-                    tokens = tokens[:-1] if ended and tokens and tokens[-1] in self.stop_ids else tokens
+                    stop = tokens and (tokens[-1] in self.stop_ids or tokens[-1] == getattr(choice, "stop_reason", None))
+                    tokens = tokens[:-1] if ended and stop else tokens
                     results[i] = (tokens, ended)
                 else:
                     results[i] = (choice.text, ended)
@@ -322,8 +326,9 @@ class ServerGuide:
         return rows
 
     def let_go(self):
-        """The run stops: requests not yet sent are dropped, those in flight give up (the process does not wait for
-        answers it will not use), and nothing new is sent."""
+        """The run stops: requests not yet sent are dropped and nothing new is sent; the requests already in flight
+        are not interrupted (the HTTP client cannot cut a read short), so the exit waits for their answers, one
+        request's time on a healthy server, at most --guide-timeout."""
         self.failed.set()
         for executor in (self.background, self.pool):
             executor.shutdown(wait=False, cancel_futures=True)

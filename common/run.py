@@ -123,7 +123,7 @@ class Run:
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=self.name, id=self.name, resume="allow", save_code=True)
-        self.writer = None
+        self.writer, self.failures = None, []
         if self.master:  # TensorBoard's step is the episode count (sft.py: examples), resumed where it stopped
             resumed_step = (self.resumed.get("global_episodes", self.resumed.get("step", 0) * args.batch_size)
                             if self.resumed else None)
@@ -139,8 +139,9 @@ class Run:
         file = f"{self.unit}_{iteration:04d}" if self.unit == "iteration" else f"{self.unit}_{iteration:06d}"
         try:  # (rank 0 alone writes: a failure here is a stop every rank makes at this iteration's end)
             tasks.write_jsonl(f"runs/{self.name}/generations/{file}.jsonl", generations)
-        except OSError as e:
-            stopping.RECEIVED.append(f"an error writing runs/{self.name}/generations/ ({e.strerror or e})")
+        except OSError as e:  # (before the loop starts, kept for it: iterations() starts a fresh list of stops)
+            self.failures.append(f"an error writing runs/{self.name}/generations/ ({e.strerror or e})")
+            stopping.RECEIVED.append(self.failures[-1])
         self.writer.add_text("eval/samples", tasks.samples_table(generations[: self.args.num_sample_generations]), step)
         print(f"eval @ {self.unit} {iteration}: " + ", ".join(f"{name} {value:.4f}" for name, value in result.items()))
 
@@ -155,14 +156,15 @@ class Run:
             raise ValueError(f"run.resume: {', '.join(sorted(reserved))}: a checkpoint's own names, not the loop's")
         if self.checkpoint_dir and self.master:
             checkpoint.check_room(self.checkpoint_dir, models.values(), self.args.keep_checkpoints)
-        self.first = 1
+        self.first, self.since = 1, None
         if self.resumed:
             checkpoint.load(self.resumed, models, optimizer, scaler, self.device)
             loop_state = {name: self.resumed[name] for name in loop_state}
             rng = self.resumed["rng"]  # every rank's (sft.py's before 2026-12: its one, not in a list)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             checkpoint.set_rng_state(rng[rank] if isinstance(rng, list) else rng, mixing_rng, self.device)
-            self.first = self.resumed[self.unit] + 1
+            self.since = self.resumed[self.unit]  # (its kept checkpoints after this one: the future it left)
+            self.first = self.since + 1
         self.completed = (self.first - 1, self.copy(loop_state))  # the iteration a failure stops at
         return tuple(loop_state.values())
 
@@ -174,6 +176,7 @@ class Run:
         """The iterations to run, up to `total`: from 1, or from the one after the checkpoint's. From here on Ctrl-C
         and SIGTERM end the iteration in flight, checkpoint and exit (end_iteration); a second one stops at once."""
         self.total, self.stop = total, stopping.stop_on_signals()
+        self.stop += self.failures  # (a write that failed before the loop, at the first evaluation)
         for iteration in range(self.first, self.total + 1):
             self.iteration_start = time.perf_counter()
             self.random_state = checkpoint.rng_state(self.mixing_rng, self.device)  # where the iteration starts from
@@ -227,7 +230,8 @@ class Run:
                 checkpoint.save(self.checkpoint_dir, self.models, self.optimizer, dict(
                     script=self.script, run_name=self.name, args=asdict(self.args), **{self.unit: iteration},
                     **loop_state, num_rows=self.num_rows, rng=random_states, scaler=self.scaler.state_dict()),
-                    keep=self.args.keep_checkpoints)
+                    keep=self.args.keep_checkpoints, since=self.since)
+        self.since = None  # (only a resumed run's first save finds the future it left beside it)
 
     def finish(self, model, tokenizer, generation_config, config=None):
         """After the loop: --save-model writes the model (LoRA: its adapters merged into the weights in float32, a

@@ -44,13 +44,15 @@ class StopRun(Exception):
 # Ctrl-C a terminal may also have sent to every process): only a later one stops at once
 SAME_STOP_SECONDS = 3.0
 RECEIVED = []  # the signals the running loop received (a guide waiting to retry reads it: a stop ends the wait)
-ON_STOP = []  # what a black box does on a stop before the process exits (a server guide: drop its queued requests)
+ON_STOP = []  # what a black box does on a stop before the process exits (a server guide: drop its queued requests),
+# as weak references (a black box that is gone needs nothing)
 
 
 def let_go():
-    """A stop: every black box lets go of the work it will not finish (ON_STOP), so the exit waits for none of it."""
-    for release in ON_STOP:
-        release()
+    """A stop: every black box still there lets go of the work it will not finish (ON_STOP)."""
+    for release in [reference() for reference in ON_STOP]:
+        if release is not None:
+            release()
 
 
 class Log:

@@ -454,8 +454,8 @@ def test_a_signal_passed_on_by_a_launcher_is_the_same_stop_and_a_later_one_stops
         time.sleep(0.1)
         assert received == ["SIGINT"]
         time.sleep(0.6)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # (a later SIGTERM kills the process: a subprocess test below)
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
     finally:
         for signum, handler in handlers.items():
@@ -739,12 +739,17 @@ def test_a_second_sigterm_kills_the_process_as_sigterm(tmp_path):
     assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-500:])
 
 
-def test_a_failed_write_of_an_evaluations_generations_is_a_clean_stop(assets, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failing", ["every", "first"])
+def test_a_failed_write_of_an_evaluations_generations_is_a_clean_stop(assets, tmp_path, monkeypatch, capsys, failing):
     """Rank 0 writes the evaluation's generations while the other ranks wait in a collective: a write that fails
     there (a full disk) is noted as a stop, so every rank ends the iteration, checkpoints and exits with one line,
-    instead of rank 0 dying alone."""
+    instead of rank 0 dying alone; also when only the first evaluation's write fails, before the loop starts."""
+    calls = []
+
     def full(path, rows):
-        raise OSError(28, "No space left on device")
+        calls.append(path)
+        if failing == "every" or len(calls) == 1:
+            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tasks, "write_jsonl", full)
     args = set_flags(task_args(assets, "imdb", "ppo.py"), "--save-every", 5, "--checkpoint-dir", "ck")
@@ -754,3 +759,17 @@ def test_a_failed_write_of_an_evaluations_generations_is_a_clean_stop(assets, tm
     err = capsys.readouterr().err
     assert "stopped by an error writing runs/" in err and "(No space left on device)" in err
     assert json.load(open(tmp_path / "ck" / "state.json"))["iteration"] == 1
+
+
+def test_a_folder_beside_kept_checkpoints_of_another_run_is_refused(tmp_path):
+    """A save renames onto ck.iteration_K and a resumed run drops its own later ones: kept checkpoints of another
+    run beside --checkpoint-dir are refused at start, never overwritten or deleted."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = str(tmp_path / "ck")
+    for iteration in (1, 2):
+        checkpoint.save(path, {"policy": model}, optimizer, {"iteration": iteration, "run_name": "a"}, keep=2)
+    shutil.rmtree(path)
+    with pytest.raises(SystemExit, match=r"ck.iteration_000001 is a checkpoint of run a"):
+        checkpoint.check_dir(path, "b")
+    checkpoint.check_dir(path, "a")  # (its own: fine)

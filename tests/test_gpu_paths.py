@@ -190,3 +190,37 @@ def test_a_rollout_reads_from_the_device_a_fixed_number_of_times(assets, monkeyp
     counts = {(rows, horizon): rollout_reads(module, assets, monkeypatch, rows, horizon)
               for rows, horizon in [(4, 6), (8, 6), (4, 12)]}
     assert len(set(counts.values())) == 1, counts
+
+
+def test_each_rank_takes_its_gpu_before_the_process_group(monkeypatch):
+    """torchrun on GPUs: the rank's device is set before the process group, which NCCL then binds to it at once
+    (device_id): set after, every rank's first NCCL call could start on GPU 0."""
+    from common import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(
+        ("init_process_group", k.get("device_id"))))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert distributed.setup(True) == (1, 2, torch.device("cuda:1"))
+    assert calls == [("set_device", torch.device("cuda:1")), ("init_process_group", torch.device("cuda:1"))]
+
+
+def test_d2lols_forks_only_the_random_states_it_names(assets, tmp_path, monkeypatch):
+    """fork_rng() with no devices forks every visible GPU's state (and warns past one): D2LOLS's forks, around its
+    second critic, name theirs (the CPU's alone where the model is built on the host)."""
+    seen, fork_rng = [], torch.random.fork_rng
+
+    def recorded(devices=None, **kwargs):
+        seen.append(devices)
+        return fork_rng(devices=devices, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", recorded)
+    run_script_in_process("d2lols.py", set_flags(task_args(assets, "imdb", "d2lols.py"), "--eval-every", 0) + [
+        "--lora-r", "4"], tmp_path)
+    assert len(seen) >= 2 and all(devices is not None for devices in seen), seen

@@ -565,7 +565,7 @@ def vllm_body(server, drop_token_ids_after_probe=False, stop_id=None, abort_firs
                 choice.pop("token_ids")
             if stop_id is not None and not probe:
                 choice["token_ids"] = [5, 6, stop_id]
-                choice["finish_reason"] = "stop"
+                choice["finish_reason"], choice["stop_reason"] = "stop", stop_id
             if not probe and len(aborted) < abort_first:
                 aborted.append(1)
                 choice["finish_reason"] = "abort"
@@ -648,10 +648,11 @@ def test_a_stop_token_of_the_servers_own_never_stays_in_a_roll_in(assets):
     """A served model that stops on a token other than the policy's EOS (its generation_config's) returns it as the
     last token id: it is not text, so it is cut; the row ended."""
     tokenizer = assets["tokenizer"]
-    with GuideServer(tokenizer=tokenizer, reverse=True) as server:
-        server.body = vllm_body(server, stop_id=tokenizer.pad_token_id)
-        samples = vllm_guide(assets, server).write(rows(tokenizer, 1), [[]], [5])
-    assert samples == [([5, 6, tokenizer.eos_token_id], True)]
+    for stop_id in (tokenizer.pad_token_id, 42):  # a special token, and one that is text to the policy (vLLM's
+        with GuideServer(tokenizer=tokenizer, reverse=True) as server:  # stop_reason names it)
+            server.body = vllm_body(server, stop_id=stop_id)
+            samples = vllm_guide(assets, server).write(rows(tokenizer, 1), [[]], [5])
+        assert samples == [([5, 6, tokenizer.eos_token_id], True)]
 
 
 def test_an_aborted_request_is_retried(assets, monkeypatch):
