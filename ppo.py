@@ -130,9 +130,14 @@ class Args(RLRunArgs):
     scale than 0-1 needs: CommonGen's CIDEr-D is 0-10)"""
     vf_coef: Optional[float] = None
     """value-loss coefficient (None: imdb 0.5, commongen 30, tldr 0.1)"""
-    advantage_norm: Literal["whiten", "scale", "none"] = "whiten"
+    advantage_estimator: Literal["gae", "rloo"] = "gae"
+    """gae: a critic's values and GAE (tril); rloo: no critic, an episode's reward (score minus KL penalty) minus the
+    mean of its prompt's other --samples-per-prompt - 1 (Ahmadian et al. 2024), on every one of its tokens"""
+    samples_per_prompt: int = 1
+    """episodes per prompt in a batch, its N samples (--batch-size counts episodes; rloo needs 2 or more)"""
+    advantage_norm: Optional[Literal["whiten", "scale", "none"]] = None
     """advantages per batch: whiten = (A - mean) / std (CleanRL, sfd, TRL); scale = A / std, each sign kept;
-    none = raw GAE (tril)"""
+    none = raw GAE (tril) (None: whiten with gae; none with rloo, whose leave-one-out difference is the centring)"""
     target_coef: Optional[float] = None
     """tril's target regularisation: + target_coef x the NLL of the batch's reference continuations in every
     update (0 = off) (None: 0.1)"""
@@ -218,7 +223,7 @@ class PolicyAndCritic(nn.Module):
 
     def forward(self, input_ids, attention_mask, num_response_tokens):
         return (response_logits(self.policy, input_ids, attention_mask, num_response_tokens),
-                self.critic(input_ids, attention_mask, num_response_tokens))
+                None if self.critic is None else self.critic(input_ids, attention_mask, num_response_tokens))
 
 
 def mask_after_eos(responses, eos_token_id):
@@ -271,6 +276,19 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
+def repeat(rows, n):
+    """Each row n times, one after the other (a prompt's N samples: rloo's groups)."""
+    return [row for row in rows for _ in range(n)]
+
+
+def rloo_advantages(rewards, mask, samples_per_prompt):
+    """RLOO: each episode's reward (its per-token rewards summed: the score minus the KL penalty) minus the mean of
+    its prompt's other samples' (one prompt's N samples are N consecutive rows), on every one of its tokens."""
+    episode_rewards = rewards.sum(1).view(-1, samples_per_prompt)  # (prompts, N)
+    others = (episode_rewards.sum(1, keepdim=True) - episode_rewards) / (samples_per_prompt - 1)
+    return (episode_rewards - others).view(-1, 1) * mask
+
+
 def reference_batch(examples, pad_token_id, device):
     """tril's target regularisation: rows of prompt + reference continuation ("target_ids"), left-padded, and the
     target mask (batch, T), 1 on each row's reference tokens among the last T columns (T: the longest reference)."""
@@ -295,9 +313,13 @@ def ppo_loss(new_logprobs, new_values, old_logprobs, old_values, advantages, ret
     ratio = log_ratio.exp()
     pg_loss = token_mean(torch.max(-advantages * ratio,
                                    -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)), mask, num_tokens)
-    values_clipped = (new_values if args.clip_coef_value is None else
-                      old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
-    v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask, num_tokens)
+    if new_values is None:  # (rloo: no critic, no value loss)
+        v_loss = torch.zeros_like(pg_loss)
+    else:
+        values_clipped = (new_values if args.clip_coef_value is None else
+                          old_values + (new_values - old_values).clamp(-args.clip_coef_value, args.clip_coef_value))
+        v_loss = 0.5 * token_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask,
+                                  num_tokens)
     with torch.no_grad():  # sums over the tokens: the logs divide by every token the update saw (every rank's)
         stats = {
             "approxkl": 0.5 * (log_ratio**2 * mask).sum(),  # k2 estimator (sfd's; CleanRL logs k3)
@@ -343,7 +365,7 @@ if __name__ == "__main__":
                                        "update_epochs", "learning_rate", "critic_learning_rate", "max_new_tokens",
                                        "max_prompt_length", "rollout_batch_size", "temperature", "adam_eps",
                                        "clip_coef", "clip_coef_value", "kl_target", "kl_horizon", "num_eval_prompts",
-                                       "eval_num_beams"),
+                                       "eval_num_beams", "samples_per_prompt"),
                        non_negative=("top_k", "weight_decay", "max_grad_norm", "vf_coef", "kl_coef", "eval_every",
                                      "num_sample_generations", "min_new_tokens", "target_coef",
                                      "critic_warmup_iterations"),
@@ -358,6 +380,11 @@ if __name__ == "__main__":
     args.micro_batch_size = args.micro_batch_size or args.minibatch_size
     args.gradient_accumulation_steps = tasks.exact_div(args.minibatch_size, args.micro_batch_size,
                                                  "minibatch size / --micro-batch-size")
+    prompts_per_rank = tasks.exact_div(args.local_batch_size, args.samples_per_prompt,  # each rank: whole groups
+                                       f"--batch-size{' / processes' * (args.world_size > 1)} / --samples-per-prompt")
+    if args.advantage_estimator == "rloo" and args.samples_per_prompt < 2:
+        raise SystemExit("error: --advantage-estimator rloo needs --samples-per-prompt 2 or more (its baseline)")
+    args.advantage_norm = args.advantage_norm or ("none" if args.advantage_estimator == "rloo" else "whiten")
     # data and model paths, checked before any model loads: bad input fails fast with one line
     train_rows = tasks.load_rows(args.task, "train", args.dataset_name, args.dataset_path)
     eval_rows = tasks.load_rows(args.task, args.eval_split, args.dataset_name, args.dataset_path)
@@ -366,7 +393,8 @@ if __name__ == "__main__":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     # the run: --resume's checkpoint (checked against these flags), its name, its folders, TensorBoard
-    run = Run(args, __file__, len(train_rows), device, same=("task", "total_episodes", "batch_size", "world_size"))
+    run = Run(args, __file__, len(train_rows), device, same=("task", "total_episodes", "batch_size", "world_size",
+                                                                       "samples_per_prompt", "advantage_estimator"))
 
     # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
     random.seed(args.seed + rank)
@@ -391,14 +419,16 @@ if __name__ == "__main__":
     if not args.lora_r:  # pi_ref: a frozen copy of the starting policy
         ref_policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype).to(device).eval()
         ref_policy.requires_grad_(False)
-    critic = Critic(args.model_name_or_path, policy_dtype, **no_dropout).to(device).eval()
+    critic = (Critic(args.model_name_or_path, policy_dtype, **no_dropout).to(device).eval()
+              if args.advantage_estimator == "gae" else None)  # (rloo: no critic)
     # the checkpoint's own generation settings (a repetition penalty, n-gram blocking...) would change what is
     # sampled but not the log-probs of the ratio and the KL: set aside (restored for saving), the flags decide
     checkpoint_generation_config = policy.generation_config
     policy.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if args.lora_r:  # LoRA: adapters train on frozen weights; pi_ref is the policy with its adapters off (one copy)
         policy = memory.add_lora(policy, args, "CAUSAL_LM")
-        critic.backbone = memory.add_lora(critic.backbone, args, "FEATURE_EXTRACTION")  # its own; the value head trains
+        if critic is not None:  # its own adapters; the value head trains
+            critic.backbone = memory.add_lora(critic.backbone, args, "FEATURE_EXTRACTION")
         ref_policy = memory.AdaptersOff(policy)
     train_examples = tasks.make_examples(args.task, train_rows, tokenizer, args.max_prompt_length)
     if args.target_coef:  # tril's target regularisation: one reference continuation per prompt (CommonGen: a sentence)
@@ -414,7 +444,7 @@ if __name__ == "__main__":
         perplexity_lm = (AutoModelForCausalLM.from_pretrained(args.perplexity_model, dtype=frozen_dtype).to(device)
                          .eval(), AutoTokenizer.from_pretrained(args.perplexity_model))
     policy_parameters, critic_parameters = ([p for p in m.parameters() if p.requires_grad]  # (LoRA: adapters, head)
-                                            for m in (policy, critic))
+                                            for m in (policy, critic or nn.Module()))
     trained_parameters = policy_parameters + critic_parameters
     optimizer = torch.optim.AdamW([{"params": policy_parameters, "lr": args.learning_rate},  # fused: one kernel
                                    {"params": critic_parameters, "lr": args.critic_learning_rate}],
@@ -442,7 +472,7 @@ if __name__ == "__main__":
                                        perplexity_lm, args.task, args.rollout_batch_size, device, autocast)
         run.log_eval(iteration, global_episodes, result, generations)  # TensorBoard, runs/{run_name}/generations/
 
-    trained_models = {"policy": policy, "critic": critic}
+    trained_models = {"policy": policy} | ({} if critic is None else {"critic": critic})
     if args.gradient_checkpointing:  # the update recomputes activations instead of keeping them
         memory.enable_gradient_checkpointing(trained_models.values())
 
@@ -460,11 +490,12 @@ if __name__ == "__main__":
                                           (args.anneal_lr, args.critic_anneal_lr)):  # (policy, critic)
             group["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * base_lr if anneal else base_lr
         critic_only = iteration <= args.critic_warmup_iterations  # the critic's warm-up: the policy waits
-        if len(prompt_order) < args.batch_size:  # a new pass over the prompts, reshuffled
+        if len(prompt_order) < prompts_per_rank * args.world_size:  # a new pass over the prompts, reshuffled
             prompt_order += distributed.broadcast(torch.randperm(len(train_examples)).tolist())
-        local_prompts = prompt_order[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
-        batch = [train_examples[i] for i in local_prompts]  # this rank's share of the batch
-        del prompt_order[: args.batch_size]
+        local_prompts = prompt_order[rank * prompts_per_rank : (rank + 1) * prompts_per_rank]
+        prompts = [train_examples[i] for i in local_prompts]  # this rank's share of the batch
+        batch = repeat(prompts, args.samples_per_prompt)  # each prompt's N episodes, one after the other
+        del prompt_order[: prompts_per_rank * args.world_size]
 
         # 1. rollout: the policy writes the whole continuation
         with autocast:
@@ -484,13 +515,14 @@ if __name__ == "__main__":
                 chunk = slice(start, start + args.rollout_batch_size)
                 ref_logits = response_logits(ref_policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[chunk], args.temperature))
-                values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
+                if critic is not None:
+                    values.append(critic(query_responses[chunk], attention_masks[chunk], num_tokens))
             if args.bf16 or args.fp16:  # generate's cached pass rounds unlike training's: take the latter's, in the
                 for start in range(0, len(batch), args.micro_batch_size):  # update's shapes (a GPU rounds by shape)
                     chunk = slice(start, start + args.micro_batch_size)
                     logits = response_logits(policy, query_responses[chunk], attention_masks[chunk], num_tokens)
                     full_pass_logprobs.append(token_logprobs(logits, responses[chunk], args.temperature))
-            ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
+            ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values) if values else None
             scores = reward_fn([e["prompt"] for e in batch], continuations, [e["references"] for e in batch]).float()
             if args.missing_eos_penalty is not None:  # an episode that never ends loses this much
                 scores -= args.missing_eos_penalty * (responses != tokenizer.eos_token_id).all(1).float()
@@ -498,7 +530,10 @@ if __name__ == "__main__":
         mask = response_masks.float()
         logprobs = torch.cat(full_pass_logprobs) * mask if args.bf16 or args.fp16 else logprobs
         kl, rewards_per_token = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
+        if critic is None:  # RLOO: the baseline is the prompt's other samples (a Monte Carlo value, no critic)
+            advantages, returns = rloo_advantages(rewards_per_token, mask, args.samples_per_prompt), None
+        else:
+            advantages, returns = compute_gae(rewards_per_token, values, mask, args.gamma, args.gae_lambda)
         advantages = normalize_advantages(advantages, mask, args.advantage_norm)
         if args.target_coef:  # tril's target regularisation: the batch's prompts | their reference continuations
             reference_ids, reference_mask, target_mask = reference_batch(batch, tokenizer.pad_token_id, device)
@@ -524,8 +559,9 @@ if __name__ == "__main__":
                     with autocast:
                         logits, new_values = model(query_responses[idx], attention_masks[idx], num_tokens)
                     new_logprobs = token_logprobs(logits, responses[idx], args.temperature)
-                    loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], values[idx],
-                                                 advantages[idx], returns[idx], mask[idx], loss_tokens, args)
+                    old_values, old_returns = (None, None) if critic is None else (values[idx], returns[idx])
+                    loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[idx], old_values,
+                                                 advantages[idx], old_returns, mask[idx], loss_tokens, args)
                     if args.target_coef:  # tril's target regularisation, on these episodes' prompts
                         with autocast:
                             target_nll = reference_nll(policy, reference_ids[idx], reference_mask[idx],
@@ -556,7 +592,6 @@ if __name__ == "__main__":
         train_seconds += time.perf_counter() - iteration_start
         mean_kl = distributed.mean(kl.sum(1)).item()
         mean_score = distributed.mean(scores).item()
-        explained_variance = distributed.explained_variance(values, returns, mask)  # over every rank's tokens
         mask_seen = args.update_epochs * mask  # every token once an epoch: what the update's sums divide by
         logs = {
             "objective/scores": mean_score,
@@ -568,10 +603,11 @@ if __name__ == "__main__":
             "policy/clipfrac_avg": distributed.ratio_of_sums(stats["clipfrac"], mask_seen).item(),
             "policy/entropy_avg": distributed.ratio_of_sums(stats["entropy"], mask_seen).item(),
             "loss/policy_avg": distributed.ratio_of_sums(stats["policy_loss"], mask_seen).item(),
-            "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
             **({"loss/target_avg": distributed.mean(stats["target_nll"]).item()} if args.target_coef else {}),
             "val/ratio": distributed.ratio_of_sums(stats["ratio"], mask_seen).item(),
-            "val/explained_variance": explained_variance.item(),
+            **({} if critic is None else {  # (rloo: no critic: no value loss, nothing to explain)
+                "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
+                "val/explained_variance": distributed.explained_variance(values, returns, mask).item()}),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
             "charts/episodes": global_episodes,

@@ -20,7 +20,8 @@ def mixing_logs(mixed, k, scores, values, returns, restart_from, unmixed=None):
         restarts = restart_from * (1 - nn.functional.pad(restart_from[:, :-1], (1, 0))) * mixed[:, None]
         logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
         logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
-        logs["guide/explained_variance_restart"] = distributed.explained_variance(values, returns, restarts).item()
+        if values is not None:  # (rloo: no critic)
+            logs["guide/explained_variance_restart"] = distributed.explained_variance(values, returns, restarts).item()
     if logs["guide/mixed_fraction"] < 1:
         logs["guide/score_unmixed"] = distributed.masked_mean(scores, 1 - mixed).item()
         if unmixed is not None:

@@ -209,7 +209,8 @@ def known_flags():
     flags |= {"--" + field.replace("_", "-") for field in forked}
     return flags | {"--nproc_per_node", "--nnodes", "--max-restarts", "--rdzv-backend", "--rdzv-endpoint",
                     "--shutdown-timeout", "--logdir", "--port", "--continuous-batching", "--signal", "--help",
-                    "--index-url"}  # torchrun's, tensorboard's, servers', SLURM's, pip's
+                    "--index-url", "--generation-config", "--gpu-memory-utilization"}  # torchrun's, tensorboard's,
+    # servers' (transformers serve's, vLLM's), SLURM's, pip's
 
 
 def test_every_flag_the_docs_name_exists():
@@ -284,7 +285,8 @@ OTHERS = {"pi_ref", "pi_g", "None", "__main__", "KillWait", "min_length", "quant
           "state.json", "finish_reason", "max_tokens", "min_tokens", "top_p", "top_k", "OPENAI_API_KEY",
           "LOCAL_RANK", "HF_HUB_OFFLINE", "model_max_length", "logits_to_keep", "output_logits", "weights_only",
           "require_backward_grad_sync", "disable_adapter", "merge_and_unload", "save_pretrained", "from_pretrained",
-          "PolicyAndValueWrapper", "PPOTrainer", "common_gen"}  # (sfd's, TRL's, the hub's CommonGen)
+          "PolicyAndValueWrapper", "PPOTrainer", "common_gen",  # (sfd's, TRL's, the hub's CommonGen)
+          "repetition_penalty", "prompt_token_ids", "split_special_tokens"}  # (vLLM's fields, transformers')
 LIBRARIES = ("torch", "torch.amp", "torch.distributed", "transformers", "random", "gc", "safetensors.torch")
 OUR_MODULES = ("common.tasks", "common.rewards", "common.metrics", "common.guide", "common.text", "common.checkpoint",
                "common.distributed", "common.memory", "common.run", "common.stopping", "common.guide_client")

@@ -49,13 +49,17 @@ def assert_same_run(a, b, what):
                                        msg=lambda m: f"{what}: {name}.{key}: {m}")
 
 
-@pytest.mark.parametrize("script", RL_SCRIPTS)
-def test_the_update_is_the_same_however_the_batch_is_split(assets, tmp_path, script):
+@pytest.mark.parametrize("script, estimator", [(script, "gae") for script in RL_SCRIPTS] + [
+    ("ppo.py", "rloo"), ("ppo_plus_plus.py", "rloo")])
+def test_the_update_is_the_same_however_the_batch_is_split(assets, tmp_path, script, estimator):
     """One process with the minibatch in one micro-batch, in micro-batches of one episode, and two processes
     (torchrun, gloo) each given its half of the same episodes (replayed; micro-batches of one, so DDP's gradient
     sync skips all but the last): the same weights and the same logged statistics. The two ranks also stay one
-    model on disjoint shares of the batch, with the same prompt order, and rank 0 alone logs."""
+    model on disjoint shares of the batch, with the same prompt order, and rank 0 alone logs. rloo: 2 samples a
+    prompt, each rank's half holds whole groups."""
     args = split_args(assets, script)
+    if estimator == "rloo":
+        args += ["--advantage-estimator", "rloo", "--samples-per-prompt", "2"]
     runs = {}
     for micro_batch_size in (8, 1):
         cwd = tmp_path / f"micro{micro_batch_size}"
@@ -109,6 +113,7 @@ def test_the_update_is_the_same_however_the_batch_is_split(assets, tmp_path, scr
     assert len(ranks[0]["rollout_prompts"]) == (2 if script == "d2lols.py" else 4)
     for rank0, rank1 in zip(ranks[0]["rollout_prompts"], ranks[1]["rollout_prompts"]):
         assert len(rank0) == len(rank1) == 4 and not {tuple(p) for p in rank0} & {tuple(p) for p in rank1}
+        assert estimator == "gae" or all(rank[0::2] == rank[1::2] for rank in (rank0, rank1))  # (whole groups)
     assert all(result.stdout.count(f"iteration {i}/4 ") == 1 for i in range(1, 5))
     assert "episodes on 2 x cpu" in result.stdout
     assert two["logs"]["charts/episodes"] == [8, 16, 24, 32] and len(two["logs"]["eval/score"]) == 2
