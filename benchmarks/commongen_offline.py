@@ -128,6 +128,11 @@ class Args:
     before it existed ran DR-PO at --beta 0.8)"""
     norm_per_group: bool = True
     """PPO++, DR-PO and D2LOLS: whiten the mixed and the unmixed episodes' advantages apart (the scripts' default)"""
+    advantage_estimator: Literal["gae", "rloo"] = "gae"
+    """PPO's, PPO++'s and DR-PO's estimator (AggreVaTeD and D2LOLS: gae, their own): gae, a critic (tril); rloo, the
+    mean reward of a prompt's other samples (no critic); with --samples-per-prompt, the scripts' flags"""
+    samples_per_prompt: int = 1
+    """PPO's, PPO++'s and DR-PO's samples of each prompt in a batch (--batch-size counts episodes)"""
     roll_in_advantage: Literal["one-step", "gae"] = "one-step"
     """AggreVaTeD and D2LOLS: the roll-in tokens' advantage (the scripts' default; gae: tril's)"""
     tau: Optional[int] = None
@@ -233,11 +238,12 @@ def diagnostics(scalars):
     def values(tag):
         return [v for _, v in scalars.get(tag, [])]
 
-    result = {"ev_last": statistics.mean(values("val/explained_variance")[-3:]),
-              "approxkl_mean": statistics.mean(values("policy/approxkl_avg")),
+    result = {"approxkl_mean": statistics.mean(values("policy/approxkl_avg")),
               "clipfrac_mean": statistics.mean(values("policy/clipfrac_avg")),
               "kl_last": values("objective/kl")[-1],
               "train_score_first": values("objective/scores")[0], "train_score_last": values("objective/scores")[-1]}
+    if values("val/explained_variance"):  # (rloo: no critic)
+        result["ev_last"] = statistics.mean(values("val/explained_variance")[-3:])
     if values("guide/score_mixed"):
         result |= {"guide_mixed": statistics.mean(values("guide/score_mixed"))}
     if values("guide/score_unmixed"):  # the policy's own episodes (AggreVaTeD's: the guide's own)
@@ -300,7 +306,7 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                 guide = f"{cell(r, 'guide_mixed')} / {cell(r, 'guide_unmixed')}" if "guide_mixed" in r else "–"
                 unmixed = f"{cell(r, 'unmixed_first')} → {cell(r, 'unmixed_last')}" if "unmixed_first" in r else "–"
                 lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
-                             f"{r['ev_last']:.2f} | {cell(r, 'ev_restart_last', 2)} | {r['approxkl_mean']:.4f} | "
+                             f"{cell(r, 'ev_last', 2)} | {cell(r, 'ev_restart_last', 2)} | {r['approxkl_mean']:.4f} | "
                              f"{r['clipfrac_mean']:.3f} | {r['kl_last']:.3f} | {r['train_score_first']:.3f} → "
                              f"{r['train_score_last']:.3f} | {guide} | {unmixed} | "
                              f"{cell(r, 'advantage_unmixed_mean')} |")
@@ -550,6 +556,10 @@ def main(args):
                 guide += ["--norm-per-group" if args.norm_per_group else "--no-norm-per-group"]
             if method in ("aggrevated", "d2lols"):
                 guide += ["--roll-in-advantage", args.roll_in_advantage]
+            else:  # (ppo.py and ppo_plus_plus.py: the estimator and the samples a prompt; rloo: no critic to warm up)
+                guide += ["--advantage-estimator", args.advantage_estimator, "--samples-per-prompt",
+                          str(args.samples_per_prompt)] + (["--critic-warmup-iterations", "0"]
+                                                           if args.advantage_estimator == "rloo" else [])
             for seed in seeds_of(args, method):
                 jobs.append((f"{run_prefix}{start}_{method}_seed{seed}", SCRIPTS[method],
                              task + rl + guide + ["--model-name-or-path", starting_model[start], "--seed", str(seed)]))

@@ -159,6 +159,7 @@ def test_the_driver_end_to_end(assets, tmp_path):
         command = " ".join(json.load(open(folder / "done.json"))["command"])
         assert all(flag in command for flag in ("--clip-coef-value None", "--critic-anneal-lr False",
                                                 "--critic-warmup-iterations 2", "--critic-learning-rate 0.0003"))
+        assert "--advantage-estimator gae --samples-per-prompt 1" in command  # (PPO's and PPO++'s: the driver's)
     # each table row is the mean of its seeds' runs
     for start, method in (("weak", "ppo"), ("weak", "ppo_plus_plus")):
         values = [runs[f"{start}_{method}_seed{seed}"]["coverage"] for seed in (1, 2)]
@@ -215,3 +216,12 @@ def test_the_early_start_and_per_method_seeds(assets, tmp_path):
 def test_method_seeds_must_name_a_method(tmp_path):
     with pytest.raises(SystemExit, match="--method-seeds"):
         driver.main(driver.Args(method_seeds=["ppo_plus=1,2"], work_dir=str(tmp_path)))
+
+
+def test_a_run_without_a_critic_has_its_diagnostics_and_its_row():
+    """rloo runs log no explained variance: their diagnostics leave it out, and the table's cell is a dash."""
+    scalars = {"policy/approxkl_avg": [(8, 0.01)], "policy/clipfrac_avg": [(8, 0.1)], "objective/kl": [(8, 0.2)],
+               "objective/scores": [(4, 0.5), (8, 0.6)]}
+    result = driver.diagnostics(scalars)
+    assert "ev_last" not in result and result["train_score_last"] == 0.6
+    assert driver.diagnostics({**scalars, "val/explained_variance": [(4, 0.1), (8, 0.3)]})["ev_last"] == pytest.approx(0.2)
