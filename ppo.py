@@ -393,8 +393,8 @@ if __name__ == "__main__":
         tasks.check_model_path(args.reward_model, "--reward-model")
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     # the run: --resume's checkpoint (checked against these flags), its name, its folders, TensorBoard
-    run = Run(args, __file__, len(train_rows), device, same=("task", "total_episodes", "batch_size", "world_size",
-                                                                       "samples_per_prompt", "advantage_estimator"))
+    run = Run(args, __file__, len(train_rows), device,
+              same=("task", "total_episodes", "batch_size", "world_size", "samples_per_prompt", "advantage_estimator"))
 
     # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
     random.seed(args.seed + rank)

@@ -470,8 +470,8 @@ if __name__ == "__main__":
     tasks.check_model_path(args.perplexity_model, "--perplexity-model")
     check_guide_args(args, continues_prefixes=False)
     # the run: --resume's checkpoint (checked against these flags), its name, its folders, TensorBoard
-    run = Run(args, __file__, len(train_rows), device, same=("task", "total_episodes", "batch_size", "world_size",
-                                                                       "samples_per_prompt", "advantage_estimator"))
+    run = Run(args, __file__, len(train_rows), device,
+              same=("task", "total_episodes", "batch_size", "world_size", "samples_per_prompt", "advantage_estimator"))
 
     # seeding: each rank samples with its own noise (CleanRL's multi-GPU PPO: crucial); DDP starts them equal
     random.seed(args.seed + rank)
