@@ -55,7 +55,9 @@ def episodes_built(script, spies, iteration):
                     gae=episode)
     if phase == "ppo++":
         roll_ins = spies["guide_roll_in"].calls[iteration].result
-        [rollout_call] = [c for c in spies["rollout"].calls if c.roll_ins is roll_ins]  # rolls out from the roll-ins
+        calls = [c for c in spies["rollout"].calls if c.roll_ins is roll_ins]  # D2LOLS: the one from these roll-ins
+        rollout_call = calls[0] if calls else spies["rollout"].calls[iteration]  # PPO++: one a prompt's samples share
+        assert rollout_call.roll_ins == roll_ins  # (one sample a prompt: the same roll-ins)
         _, _, responses, episode, logprobs, policy = rollout_call.result
         return dict(responses=responses, episode=episode, policy=policy, value=policy, logprobs=logprobs,
                     gae=policy, roll_ins=roll_ins)
