@@ -30,7 +30,7 @@ import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import distributed, memory, rewards, stopping, tasks, text
+from common import diagnostics, distributed, memory, rewards, stopping, tasks, text
 from common.metrics import evaluate
 from common.run import RLRunArgs, Run
 
@@ -608,6 +608,7 @@ if __name__ == "__main__":
             **({} if critic is None else {  # (rloo: no critic: no value loss, nothing to explain)
                 "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
                 "val/explained_variance": distributed.explained_variance(values, returns, mask).item()}),
+            **(diagnostics.equal_score_groups(scores, args.samples_per_prompt) if args.samples_per_prompt > 1 else {}),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
             "charts/episodes": global_episodes,

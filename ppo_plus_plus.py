@@ -33,7 +33,7 @@ import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common import distributed, memory, rewards, stopping, tasks, text
+from common import diagnostics, distributed, memory, rewards, stopping, tasks, text
 from common.diagnostics import mixing_logs
 from common.guide import GuideArgs, MinNewTokensPerRow, check_guide_args, load_guide
 from common.metrics import evaluate
@@ -697,6 +697,7 @@ if __name__ == "__main__":
             **({} if critic is None else {  # (rloo: no critic: no value loss, nothing to explain)
                 "loss/value_avg": distributed.ratio_of_sums(stats["value_loss"], mask_seen).item(),
                 "val/explained_variance": distributed.explained_variance(values, returns, mask).item()}),
+            **(diagnostics.equal_score_groups(scores, args.samples_per_prompt) if args.samples_per_prompt > 1 else {}),
             "val/num_eos_tokens": round(distributed.mean((responses == tokenizer.eos_token_id).any(1)).item()
                                         * args.batch_size),  # episodes that ended
             "charts/episodes": global_episodes,
@@ -705,7 +706,8 @@ if __name__ == "__main__":
             **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
             # the mixed episodes beside the policy's own: the critic at the restart states (each mixed episode's first
             # policy token, where the roll-in ends), the advantages the policy's own tokens get
-            **mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw_advantages, mask)),
+            **mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw_advantages, mask),
+                          samples_per_prompt=args.samples_per_prompt),
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,
             "timing/update_s": update_seconds,

@@ -253,6 +253,10 @@ def diagnostics(scalars):
         result["ev_restart_last"] = statistics.mean(values("guide/explained_variance_restart")[-3:])
     if values("guide/advantage_unmixed"):  # what the loss gave the policy's own tokens
         result["advantage_unmixed_mean"] = statistics.mean(values("guide/advantage_unmixed"))
+    for tag, key in (("val/equal_score_groups", "equal_groups"), ("guide/equal_score_groups_mixed", "equal_mixed"),
+                     ("guide/equal_score_groups_unmixed", "equal_unmixed"), ("guide/k_score_correlation", "k_corr")):
+        if values(tag):  # (groups: --samples-per-prompt > 1) the groups rloo learns nothing from; k against score
+            result[key] = statistics.mean(values(tag))
     return result
 
 
@@ -296,7 +300,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
         lines += ["", "| method | seed | start | final | explained variance (last 3) | at restarts (last 3) | "
                   "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward first → last | "
                   "training reward of mixed / unmixed episodes (mean) | unmixed first → last | unmixed advantage "
-                  "(mean) |", "|-|-|-|-|-|-|-|-|-|-|-|-|-|"]
+                  "(mean) | groups of equal scores: all / mixed / unmixed (mean) | k-score correlation (mean) |",
+                  "|-|-|-|-|-|-|-|-|-|-|-|-|-|-|-|"]
 
         def cell(r, key, digits=3):
             return f"{r[key]:.{digits}f}" if key in r else "–"
@@ -305,14 +310,19 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
             for seed, r, curve in zip(seeds_of(args, method), results[(start, method)], curves[(start, method)]):
                 guide = f"{cell(r, 'guide_mixed')} / {cell(r, 'guide_unmixed')}" if "guide_mixed" in r else "–"
                 unmixed = f"{cell(r, 'unmixed_first')} → {cell(r, 'unmixed_last')}" if "unmixed_first" in r else "–"
+                equal = (f"{cell(r, 'equal_groups', 2)} / {cell(r, 'equal_mixed', 2)} / {cell(r, 'equal_unmixed', 2)}"
+                         if "equal_groups" in r else "–")
                 lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
                              f"{cell(r, 'ev_last', 2)} | {cell(r, 'ev_restart_last', 2)} | {r['approxkl_mean']:.4f} | "
                              f"{r['clipfrac_mean']:.3f} | {r['kl_last']:.3f} | {r['train_score_first']:.3f} → "
                              f"{r['train_score_last']:.3f} | {guide} | {unmixed} | "
-                             f"{cell(r, 'advantage_unmixed_mean')} |")
+                             f"{cell(r, 'advantage_unmixed_mean')} | {equal} | {cell(r, 'k_corr', 2)} |")
         lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (DR-PO: the references) wrote the first k tokens; "
                   "AggreVaTeD, the policy wrote the first k and the guide the rest (unmixed: the guide alone); "
-                  "D2LOLS, AggreVaTeD's until tau, then PPO++'s. Training reward: CIDEr-D against the set's train "
+                  "D2LOLS, AggreVaTeD's until tau, then PPO++'s. Groups of equal scores (--samples-per-prompt > 1): the share "
+                  "of a batch's groups (a prompt's samples, one state) whose scores are all equal, which rloo learns "
+                  "nothing from; k-score correlation: of the roll-in's length with the score, over the mixed "
+                  "episodes. Training reward: CIDEr-D against the set's train "
                   "references (1.5 per set on average, dev has 4), so lower than on dev.", ""]
     if sl_curve:
         lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
@@ -589,7 +599,8 @@ def main(args):
     sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; prompt \"{tasks.COMMONGEN_PREFIX}<concepts>.\"; "
              f"{args.max_new_tokens} new tokens at most (at least 5), sampled (top-k off); reward CIDEr-D against the "
              f"set's train references (idf from train). RL: {args.num_iterations} iterations of {args.batch_size} "
-             f"episodes, {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
+             f"episodes ({args.samples_per_prompt} samples of each of {args.batch_size // args.samples_per_prompt} "
+             f"prompts; PPO's, PPO++'s and DR-PO's advantages: {args.advantage_estimator}), {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
              f"policy lr {args.learning_rate}, critic lr {args.critic_learning_rate}, vf-coef {args.vf_coef}, GAE "
              f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}, value clip "
              f"{args.clip_coef_value}, critic lr annealed: {args.critic_anneal_lr}, critic warm-up "

@@ -186,7 +186,7 @@ def test_the_early_start_and_per_method_seeds(assets, tmp_path):
     work, out, argv = driver_command(assets, tmp_path, "early", "--starts", "early", "--early-methods", "ppo", "dr_po",
                                      "--seeds", "1", "--method-seeds", "dr_po=2,3", "--num-iterations", "1",
                                      "--early-steps", "1", "--sl-eval-prompts", "3", "--side-by-side", "3",
-                                     "--no-norm-per-group")
+                                     "--no-norm-per-group", "--advantage-estimator", "rloo", "--samples-per-prompt", "2")
     run_driver(argv)
     record = json.loads(out.with_suffix(".json").read_text())
     runs = record["runs"]
@@ -199,6 +199,9 @@ def test_the_early_start_and_per_method_seeds(assets, tmp_path):
         assert command[command.index("--model-name-or-path") + 1] == str(work / "early1" / "model")
         assert command[command.index("--seed") + 1] == name[-1]
         assert ("--no-norm-per-group" in command) == ("dr_po" in name)  # the driver's choice reaches the script
+        warmup = len(command) - 1 - command[::-1].index("--critic-warmup-iterations")  # (the last one given)
+        assert command[warmup + 1] == "0" and "--advantage-estimator rloo --samples-per-prompt 2" in " ".join(command)
+        assert runs[name]["equal_groups"] >= 0 and "ev_last" not in runs[name]  # 2 samples a prompt, no critic
         assert runs[name]["commit"] == record["command"].rpartition("`")[2] or runs[name]["commit"] in record["command"]
     # its row is its own evaluation; the pilot numbers it was picked on are its sft run's last evaluation
     early_rows = [json.loads(line) for line in open(out.parent / "early_generations" / "early1_eval.jsonl")]
@@ -211,6 +214,7 @@ def test_the_early_start_and_per_method_seeds(assets, tmp_path):
     assert "DR-PO (PPO++, references as guide) 2, 3" in table
     per_seed = [line for line in table.splitlines() if line.startswith("| DR-PO (PPO++, references as guide) | ")]
     assert [line.split(" | ")[1] for line in per_seed[1:]] == ["2", "3"]  # the first is the mean row
+    assert all(re.search(r"\| [\d.]+ / [\d.–]+ / [\d.–]+ \| [-\d.–]+ \|$", line) for line in per_seed[1:])  # groups
 
 
 def test_method_seeds_must_name_a_method(tmp_path):
@@ -225,3 +229,9 @@ def test_a_run_without_a_critic_has_its_diagnostics_and_its_row():
     result = driver.diagnostics(scalars)
     assert "ev_last" not in result and result["train_score_last"] == 0.6
     assert driver.diagnostics({**scalars, "val/explained_variance": [(4, 0.1), (8, 0.3)]})["ev_last"] == pytest.approx(0.2)
+    # a prompt's samples: the share of groups of equal scores and the k-score correlation, each a mean over the run
+    groups = driver.diagnostics({**scalars, "val/equal_score_groups": [(4, 0.25), (8, 0.75)],
+                                 "guide/equal_score_groups_mixed": [(4, 1.0), (8, 0.5)],
+                                 "guide/k_score_correlation": [(4, 0.2), (8, 0.4)]})
+    assert groups["equal_groups"] == 0.5 and groups["equal_mixed"] == 0.75 and "equal_unmixed" not in groups
+    assert groups["k_corr"] == pytest.approx(0.3) and "equal_groups" not in result

@@ -126,12 +126,29 @@ def test_the_mixing_logs_by_hand():
     logs = diagnostics.mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw, mask))
     assert logs == pytest.approx({"guide/mixed_fraction": 2 / 3, "guide/mean_k": 1.5, "guide/score_mixed": 2.0,
                                   "guide/explained_variance_restart": 1.0, "guide/score_unmixed": 0.5,
+                                  "guide/k_score_correlation": 1.0,
                                   "guide/advantage_unmixed": 5.0, "guide/gae_unmixed": -5.0})  # (4 + 5 + 6) / 3
     # one kind of episode only: the other kind's scalars are not logged (nor the advantages without `unmixed`)
     assert set(diagnostics.mixing_logs(torch.ones(3), k + 1, scores, values, returns, mask)) == {
-        "guide/mixed_fraction", "guide/mean_k", "guide/score_mixed", "guide/explained_variance_restart"}
+        "guide/mixed_fraction", "guide/mean_k", "guide/score_mixed", "guide/explained_variance_restart",
+        "guide/k_score_correlation"}
     assert set(diagnostics.mixing_logs(torch.zeros(3), k * 0, scores, values, returns, mask)) == {
         "guide/mixed_fraction", "guide/score_unmixed"}
+
+
+def test_the_groups_mixing_logs_by_hand():
+    """Three groups of two samples (each group one state): a mixed group whose scores are equal, an unmixed one
+    whose are not, a mixed one whose are not; over the mixed episodes k 2, 2, 4, 4 against scores 1, 1, 2, 3:
+    covariance 0.75, variances 1 and 0.6875."""
+    mixed, k = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]), torch.tensor([2, 2, 0, 0, 4, 4])
+    scores, mask = torch.tensor([1.0, 1.0, 0.5, 0.25, 2.0, 3.0]), torch.ones(6, 3)
+    logs = diagnostics.mixing_logs(mixed, k, scores, None, None, mask, samples_per_prompt=2)
+    assert logs["guide/equal_score_groups_mixed"] == pytest.approx(0.5)
+    assert logs["guide/equal_score_groups_unmixed"] == pytest.approx(0.0)
+    assert logs["guide/k_score_correlation"] == pytest.approx(0.75 / 0.6875 ** 0.5)
+    # one sample a prompt: no groups to count; a restart depth that does not vary: no correlation, 0
+    logs = diagnostics.mixing_logs(mixed, k * 0 + 3, scores, None, None, mask)
+    assert "guide/equal_score_groups_mixed" not in logs and logs["guide/k_score_correlation"] == 0.0
 
 
 # -- the minimum length counts the whole response ------------------------------------------------------------------

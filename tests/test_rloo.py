@@ -9,6 +9,7 @@ import torch
 
 import ppo
 import ppo_plus_plus
+from common import diagnostics
 from conftest import Spy, module_name, read_tensorboard, run_script_in_process, set_flags, task_args
 from test_checkpoints import logged
 
@@ -55,6 +56,17 @@ def test_rloo_builds_no_critic_and_logs_nothing_that_needs_one(assets, tmp_path,
     assert "loss/value_avg" not in tags and "val/explained_variance" not in tags and "loss/policy_avg" in tags
     assert "guide/explained_variance_restart" not in tags
     assert namespace["args"].advantage_norm == "none"
+    # the groups RLOO can teach nothing (all scores equal), logged with 2 samples a prompt, of each kind in PPO++
+    assert "val/equal_score_groups" in tags
+    assert ("guide/equal_score_groups_mixed" in tags) == (script == "ppo_plus_plus.py")
+
+
+def test_the_share_of_groups_with_equal_scores_by_hand():
+    """Groups are a prompt's samples, one after the other: 3 of 4 pairs, 1 of 2 fours, are all equal."""
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
+    assert diagnostics.equal_groups(scores, 2).tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert diagnostics.equal_score_groups(scores, 2) == {"val/equal_score_groups": 0.75}
+    assert diagnostics.equal_score_groups(scores, 4) == {"val/equal_score_groups": 0.5}
 
 
 def test_a_prompts_samples_share_its_roll_in_and_go_on_apart(assets, tmp_path):
