@@ -22,16 +22,15 @@ deterministic, at least 5 new tokens: greedy by default (tril: beam search with 
 several times slower on a CPU).
 
 Writes {out}.md (the tables, the SL curve, a few generations), {out}.json (every run's numbers), {out}.png
-(held-out CIDEr-D against episodes) and {out}_generations/ (the last evaluation's generations of every run, JSON Lines). Every run's log and
-TensorBoard events stay in {work-dir}/<run>/; a run that finished is not run again (its done.json), so an
-interrupted driver continues where it stopped.
+(held-out CIDEr-D against episodes); every run's compact file (its scalars and last generations) goes to
+{records-dir}/<run>.json, its log and TensorBoard events stay in {work-dir}/<run>/. A run whose compact file holds
+the same command is not run again, so an interrupted driver continues where it stopped, and every table
+rebuilds from the committed files.
 """
 
-import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import metrics, tasks  # noqa: E402
-from imdb_offline import mean_spread, read_scalars, run  # noqa: E402  (mean and stdev over seeds; runs; their scalars)
+import run_files  # noqa: E402  (runs side by side, and the compact file of each finished run)
+from imdb_offline import mean_spread  # noqa: E402  (mean and stdev over seeds)
 
 HUB_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -55,11 +55,15 @@ class Args:
     """a folder holding smollm2-135m/ (SmolLM2-135M-Instruct saved offline) (None: the hub's HuggingFaceTB/SmolLM2-135M-Instruct)"""
     data_dir: Optional[str] = None
     """a folder holding commongen/train.jsonl and commongen/validation.jsonl (None: the hub's common_gen)"""
-    work_dir: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline_runs")
-    """every run's log and TensorBoard events, the SL model and the data parts go here"""
+    records_dir: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline_runs")
+    """one compact file a finished run (benchmarks/run_files.py: its command, scalars and last generations),
+    committed: a run whose file holds the same command is reused, and the tables rebuild from these files"""
+    work_dir: str = os.path.join(ROOT, "benchmarks", "work", "commongen_offline")
+    """every run's folder (log, TensorBoard events, every evaluation's generations), the SL models and the data
+    parts (not committed)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "commongen_offline_early")
-    """a stem, the results' path without extension: {out}.md (the tables), {out}.json, {out}.png, {out}_generations/
-    (a trailing .md is dropped)"""
+    """a stem, the results' path without extension: {out}.md (the tables), {out}.json, {out}.png (a trailing .md is
+    dropped)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """one run of every method per seed"""
     method_seeds: List[str] = field(default_factory=lambda: ["aggrevated=1,2", "d2lols=1,2"])
@@ -335,7 +339,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
     for sample in samples:
         lines.append(f"- **{' '.join(sample['concepts'])}** (a reference: \"{sample['reference']}\")")
         lines += [f"  - {name}: `{json.dumps(text, ensure_ascii=False)}`" for name, text in sample["texts"]]
-    lines += ["", f"Every run's last generations: `{os.path.relpath(args.out, ROOT)}_generations/`.", "", NOTES]
+    lines += ["", f"Every run's scalars and last generations: `{os.path.relpath(args.records_dir, ROOT)}/<run>.json` "
+              f"(benchmarks/run_files.py).", "", NOTES]
     notes = ""  # what a reader wrote below the marker in an earlier table is kept
     if os.path.isfile(args.out + ".md"):
         with open(args.out + ".md") as f:
@@ -387,12 +392,6 @@ def seeds_of(args, method):
     return args.seeds
 
 
-def commit_of_code():
-    """`git describe --always --dirty` of the checkout the runs are made from."""
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-
-
 def prepare_data(args):
     """{work-dir}/data: train.jsonl, validation.jsonl = the pilot part of dev, test.jsonl = the held-out part."""
     source = os.path.join(args.data_dir, "commongen") if args.data_dir else None
@@ -414,57 +413,18 @@ def prepare_data(args):
 
 
 def run_once(jobs, args):
-    """Run the jobs that have not finished before (no done.json with the same command), --side-by-side at a time;
-    return every job's done.json (its command, wall time and the commit it was made at)."""
-    todo = []
-    for name, script, script_args in jobs:
-        done = os.path.join(args.work_dir, name, "done.json")
-        if os.path.isfile(done):
-            with open(done) as f:
-                record = json.load(f)
-            if record["command"] == [script, *script_args]:
-                continue
-        todo.append((name, script, script_args))
-    commit = commit_of_code()
-    for group in range(0, len(todo), args.side_by_side):
-        batch = todo[group : group + args.side_by_side]
-        for (name, script, script_args), seconds in zip(batch, run(batch, args.work_dir)):
-            with open(os.path.join(args.work_dir, name, "done.json"), "w") as f:
-                json.dump({"command": [script, *script_args], "seconds": seconds, "commit": commit}, f)
-    records = []
-    for name, _, _ in jobs:
-        with open(os.path.join(args.work_dir, name, "done.json")) as f:
-            records.append(json.load(f))
-    return records
+    """benchmarks/run_files.py's run_once with this driver's folders: every job's record, the finished reused."""
+    return run_files.run_once(jobs, args.work_dir, args.records_dir, args.side_by_side)
 
 
-def generations(args, name):
-    """Every evaluation of the run, in order: the rows of its generations JSON Lines files."""
-    files = sorted(glob.glob(os.path.join(args.work_dir, name, "runs", "*", "generations", "*.jsonl")))
-    if not files:
-        raise SystemExit(f"error: {name} wrote no generations (its log: {os.path.join(args.work_dir, name, 'log.txt')})")
-    result = []
-    for path in files:
-        with open(path) as f:
-            result.append([json.loads(line) for line in f])
-    return result
-
-
-def last_generations(args, name):
-    """The rows of the run's last evaluation, also written to {out}_generations/{name}.jsonl."""
-    rows = generations(args, name)[-1]
-    tasks.write_jsonl(os.path.join(args.out + "_generations", name + ".jsonl"), rows)
-    return rows
-
-
-def checked_metrics(args, name, scalars):
+def checked_metrics(args, record):
     """The table's metrics of the run's last evaluation, its logged CIDEr-D checked against them."""
-    rows = last_generations(args, name)
+    rows = record["generations"]
     result = generation_metrics(rows)
-    logged = scalars["eval/cider_d"][-1][1]
+    logged = record["scalars"]["eval/cider_d"][-1][1]
     if abs(logged - result["cider_d"]) > 1e-4 or len(rows) != args.num_eval_prompts:
-        raise SystemExit(f"error: {name}: its generations give CIDEr-D {result['cider_d']:.5f} on {len(rows)} "
-                         f"sets, it logged {logged:.5f}")
+        raise SystemExit(f"error: {record['name']}: its generations give CIDEr-D "
+                         f"{result['cider_d']:.5f} on {len(rows)} sets, it logged {logged:.5f}")
     return result
 
 
@@ -472,7 +432,7 @@ def main(args):
     args.out = args.out.removesuffix(".md")  # (a stem)
     if args.tau is None:
         args.tau = round(0.2 * args.num_iterations)
-    for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
+    for name in ("models_dir", "data_dir", "records_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
         if getattr(args, name):
             setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
     unknown = [s for s in args.starts if s not in START_TITLES] + [
@@ -536,17 +496,19 @@ def main(args):
     for (name, _, _), record in zip(jobs, report(run_once(jobs, args), [n for n, _, _ in jobs])):
         made_at[name] = record["commit"]
     if not args.sl_model:
-        sl_curve = read_scalars(args.work_dir, "sl")["eval/cider_d"]
+        sl_curve = run_files.load(args.records_dir, "sl")["scalars"]["eval/cider_d"]
     # the starting models' rows: each model evaluated once, as the RL runs evaluate
     models = [("zero_shot", policy), ("sl", sl_model)] + ([("early", early_model)] if "early" in args.starts else [])
     eval_name = {name: f"{eval_prefix}{name}{args.early_steps if name == 'early' else ''}_eval" for name, _ in models}
     jobs = [(eval_name[name], "sft.py", task + ["--model-name-or-path", model, "--eval-only"]) for name, model in models]
-    for (name, _, _), record in zip(jobs, report(run_once(jobs, args), [n for n, _, _ in jobs])):
+    texts = {}  # the last generations of the rows shown side by side
+    for (name, _, _), (row, _), record in zip(jobs, models, report(run_once(jobs, args), [n for n, _, _ in jobs])):
         made_at[name] = record["commit"]
-    for name, _ in models:
-        results[name] = [checked_metrics(args, eval_name[name], read_scalars(args.work_dir, eval_name[name]))]
+        results[row] = [checked_metrics(args, record)]
+        texts[row] = record["generations"]
     if "early" in args.starts:  # what the early start was picked on: the pilot part, after its steps
-        results["early"][0]["pilot"] = generation_metrics(generations(args, f"early{args.early_steps}")[-1])
+        early_run = run_files.load(args.records_dir, f"early{args.early_steps}")
+        results["early"][0]["pilot"] = generation_metrics(early_run["generations"])
     records = {name: {"start": None, "method": name, "seed": None} | results[name][0] for name, _ in models}
     starting_model = {"weak": policy, "sl": sl_model, "early": early_model}
 
@@ -575,20 +537,16 @@ def main(args):
                              task + rl + guide + ["--model-name-or-path", starting_model[start], "--seed", str(seed)]))
                 keys.append((start, method, seed))
     for (name, _, _), (start, method, seed), record in zip(jobs, keys, report(run_once(jobs, args), [n for n, _, _ in jobs])):
-        scalars = read_scalars(args.work_dir, name)
-        results.setdefault((start, method), []).append(checked_metrics(args, name, scalars) | diagnostics(scalars))
+        scalars = record["scalars"]
+        results.setdefault((start, method), []).append(checked_metrics(args, record) | diagnostics(scalars))
         records[name] = {"start": start, "method": method, "seed": seed, "seconds": record["seconds"],
                          "commit": record["commit"], "curve": scalars["eval/cider_d"]} | results[(start, method)][-1]
         curves.setdefault((start, method), []).append(scalars["eval/cider_d"])
         wall.setdefault((start, method), []).append(record["seconds"])
         made_at[name] = record["commit"]
-
-    # a few generations side by side: the first sets evaluated, the start models and each method's first seed
-    texts = {name: last_generations(args, eval_name[name]) for name, _ in models}
-    for start in args.starts:
-        for method in methods_of(args, start):
+        if seed == seeds_of(args, method)[0]:  # a few generations side by side: each method's first seed
             texts[LABELS[method] + {"weak": "", "sl": " (SL start)", "early": " (early start)"}[start]] = \
-                last_generations(args, f"{run_prefix}{start}_{method}_seed{seeds_of(args, method)[0]}")
+                record["generations"]
     samples = [{"concepts": prompt_concepts(row["prompt"]), "reference": row["references"][0],
                 "texts": [(LABELS.get(name, name), rows[i]["continuation"]) for name, rows in texts.items()]}
                for i, row in enumerate(texts["sl"][:4])]
@@ -599,8 +557,8 @@ def main(args):
     sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; prompt \"{tasks.COMMONGEN_PREFIX}<concepts>.\"; "
              f"{args.max_new_tokens} new tokens at most (at least 5), sampled (top-k off); reward CIDEr-D against the "
              f"set's train references (idf from train). RL: {args.num_iterations} iterations of {args.batch_size} "
-             f"episodes ({args.samples_per_prompt} samples of each of {args.batch_size // args.samples_per_prompt} "
-             f"prompts; PPO's, PPO++'s and DR-PO's advantages: {args.advantage_estimator}), {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
+             f"episodes ({args.samples_per_prompt} a prompt, {args.batch_size // args.samples_per_prompt} prompts; PPO's, "
+             f"PPO++'s and DR-PO's advantages: {args.advantage_estimator}), {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
              f"policy lr {args.learning_rate}, critic lr {args.critic_learning_rate}, vf-coef {args.vf_coef}, GAE "
              f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}, value clip "
              f"{args.clip_coef_value}, critic lr annealed: {args.critic_anneal_lr}, critic warm-up "

@@ -12,16 +12,15 @@ training reviews, nucleus-sampled).
 
 Writes benchmarks/results/imdb_offline.md (the table: held-out sentiment score, output perplexity
 under the starting model, distinct-1/2; mean and spread over seeds; episodes and wall time) and
-benchmarks/results/imdb_offline.png (held-out score against episodes, one line per method), and keeps
-the last evaluation's generations of every run in benchmarks/results/imdb_offline_generations/. Every
-run's log, TensorBoard events and generations stay under --work-dir. Held-out = the test split; the
-sizes below come from pilot runs of ppo.py (docs/results.md lists them and what split they were scored on).
+benchmarks/results/imdb_offline.png (held-out score against episodes, one line per method); every run's
+compact file (its scalars and last generations, benchmarks/run_files.py) goes to --records-dir, its log and
+TensorBoard events stay in --work-dir. A run whose compact file holds the same command is not run again, so an
+interrupted driver continues where it stopped, and the table rebuilds from the committed files. Held-out = the
+test split; the sizes below come from pilot runs of ppo.py (docs/results.md says what split they were scored on).
 """
 
-import glob
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_files  # noqa: E402  (runs side by side, and the compact file of each finished run)
 
 
 @dataclass
@@ -41,11 +42,14 @@ class Args:
     """where the real offline models are (built there by benchmarks/offline_assets.py if missing)"""
     data_dir: Optional[str] = None
     """local data: a folder whose imdb/ holds train.jsonl and test.jsonl (default: the hub's imdb dataset)"""
-    work_dir: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline_runs")
-    """every run's log, TensorBoard events and the SL model go here"""
+    records_dir: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline_runs")
+    """one compact file a finished run (its command, scalars and last generations), committed: a run whose file
+    holds the same command is reused, and the table rebuilds from these files"""
+    work_dir: str = os.path.join(ROOT, "benchmarks", "work", "imdb_offline")
+    """every run's folder (log, TensorBoard events, every evaluation's generations) and the SL model (not
+    committed)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "imdb_offline")
-    """a stem, the results' path without extension: {out}.md (the table), {out}.png, {out}_generations/ (a trailing
-    .md is dropped)"""
+    """a stem, the results' path without extension: {out}.md (the table), {out}.png (a trailing .md is dropped)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     """one run of every method per seed"""
     methods: List[str] = field(default_factory=lambda: ["ppo", "ppo_plus_plus", "aggrevated", "d2lols"])
@@ -103,47 +107,6 @@ METRICS = [("score", "sentiment score ↑"), ("perplexity", "perplexity ↓"), (
            ("distinct_2", "distinct-2")]
 
 
-def run(jobs, work_dir):
-    """Run (name, script, args) jobs side by side, each in its own folder (log + runs/) with an equal share of
-    the cores (OMP_NUM_THREADS, when set, is kept: two drivers side by side); return their wall times. A failure
-    stops the driver with the end of its log."""
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(jobs)))
-    processes = []
-    for name, script, script_args in jobs:
-        folder = os.path.join(work_dir, name)
-        shutil.rmtree(os.path.join(folder, "runs"), ignore_errors=True)  # a re-run replaces the old events
-        os.makedirs(folder, exist_ok=True)
-        log = open(os.path.join(folder, "log.txt"), "w")
-        processes.append((name, log, subprocess.Popen([sys.executable, os.path.join(ROOT, script), *script_args],
-                                                       cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                                       env=os.environ | {"OMP_NUM_THREADS": threads})))
-    start, seconds = time.perf_counter(), []
-    for name, log, process in processes:
-        process.wait()
-        log.close()
-        seconds.append(time.perf_counter() - start)
-        if process.returncode != 0:
-            with open(os.path.join(work_dir, name, "log.txt")) as f:
-                tail = f.read()[-2000:]
-            raise SystemExit(f"error: {name} failed (exit {process.returncode}); its log ends:\n{tail}")
-    return seconds
-
-
-def read_scalars(work_dir, name):
-    """{tag: [(step, value), ...]} of the run `name`."""
-    [events_dir] = glob.glob(os.path.join(work_dir, name, "runs", "*"))
-    events = EventAccumulator(events_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def keep_generations(args, name):
-    """Copy the run's last evaluation's generations (JSON Lines) to {out}_generations/{name}.jsonl."""
-    [last] = sorted(glob.glob(os.path.join(args.work_dir, name, "runs", "*", "generations", "*.jsonl")))[-1:]
-    os.makedirs(args.out + "_generations", exist_ok=True)
-    shutil.copyfile(last, os.path.join(args.out + "_generations", name + ".jsonl"))
-
-
 def diagnostics(scalars):
     """What says whether PPO's update was sound: the critic, the step size, the drift from pi_ref."""
     def values(tag):
@@ -160,9 +123,7 @@ def mean_spread(values):
 
 
 def provenance(args, policy, classifier):
-    """The code's commit and the models' checksums (from their BUILD.json, when offline_assets.py built them)."""
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    """The models' checksums (from their BUILD.json, when offline_assets.py built them)."""
     models = []
     for name, folder in (("policy", policy), ("classifier", classifier)):
         build = os.path.join(folder, "BUILD.json")
@@ -171,13 +132,14 @@ def provenance(args, policy, classifier):
                 info = json.load(f)
             accuracy = f", test accuracy {info['test_accuracy']}" if "test_accuracy" in info else ""
             models.append(f"{name} model.safetensors sha256 {info['files']['model.safetensors'][:12]}{accuracy}")
-    return commit, "; ".join(models)
+    return "; ".join(models)
 
 
 def write_table(args, results, seconds, episodes, sizes_line, guide_line, commit, models):
     lines = [
         "# IMDB in miniature, offline (CPU, 2 cores)", "",
-        f"Command: `{' '.join(['python benchmarks/imdb_offline.py', *sys.argv[1:]])}` at commit `{commit}`. "
+        f"Command: `{' '.join(['python benchmarks/imdb_offline.py', *sys.argv[1:]])}`; every run made at commit "
+        f"`{commit}`. "
         f"{sizes_line}" + (f" Models (benchmarks/offline_assets.py): {models}." if models else ""), "",
         guide_line, "",
         "| method | " + " | ".join(label for _, label in METRICS) + " | episodes | wall time (s) |",
@@ -204,8 +166,8 @@ def write_table(args, results, seconds, episodes, sizes_line, guide_line, commit
             cells += ([f"{r['ev_last']:.2f}", f"{r['approxkl_first']:.3f}", f"{r['clipfrac_mean']:.3f}",
                        f"{r['kl_last']:.2f}"] if "ev_last" in r else ["–"] * 4)
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Every evaluation's generations (prompt, continuation, references, score): the runs' folders; the "
-              f"last one of each run in `{os.path.relpath(args.out, ROOT)}_generations/`."]
+    lines += ["", f"Every run's scalars and last generations (prompt, continuation, references, score): "
+              f"`{os.path.relpath(args.records_dir, ROOT)}/<run>.json` (benchmarks/run_files.py)."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -237,7 +199,7 @@ def plot(args, curves, sl_scores):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.out = args.out.removesuffix(".md")  # (a stem)
-    for name in ("models_dir", "data_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
+    for name in ("models_dir", "data_dir", "records_dir", "work_dir", "out", "sl_model"):  # each run has its own cwd
         if getattr(args, name):
             setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
     policy = os.path.join(args.models_dir, "smollm2-135m")
@@ -258,7 +220,8 @@ if __name__ == "__main__":
                        + (["--data-dir", args.data_dir] if args.data_dir else []), check=True)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    commit, models = provenance(args, policy, classifier)  # before the runs: the code that makes the numbers
+    os.makedirs(args.records_dir, exist_ok=True)
+    models = provenance(args, policy, classifier)
 
     task = ["--task", "imdb", *(["--dataset-path", imdb] if imdb else []), "--reward-model", classifier,
             "--max-prompt-length", str(args.max_prompt_length), "--max-new-tokens", str(args.max_new_tokens),
@@ -271,56 +234,44 @@ if __name__ == "__main__":
           "--target-coef", str(args.target_coef), "--eval-every", str(args.eval_every)]
     results, seconds, curves = {"zero_shot": [], "sl": []}, {"sl": []}, {}
     episode_counts = {"zero_shot": 0, "sl": args.sl_steps * args.sl_batch_size}
-    total_runs, started = len(args.seeds) * (2 + len(args.methods)), time.perf_counter()
-    done = 0
+    side_by_side = len(args.seeds) if args.parallel else 1
+    started, made_at = time.perf_counter(), set()  # (the commits the runs were made at: reused ones keep theirs)
 
     def progress(name, wall):
-        global done
-        done += 1
-        elapsed = time.perf_counter() - started
-        print(f"[{done}/{total_runs}] {name} done in {wall:.0f}s; {elapsed / 60:.1f} min so far, "
-              f"~{elapsed / done * (total_runs - done) / 60:.0f} min to go", flush=True)
+        print(f"{name} done in {wall:.0f}s; {(time.perf_counter() - started) / 60:.1f} min so far", flush=True)
+
+    def run_once(jobs):  # the runs not made before (benchmarks/run_files.py), side by side; every job's record
+        records = run_files.run_once(jobs, args.work_dir, args.records_dir, side_by_side, progress)
+        made_at.update(record["commit"] for record in records)
+        return records
 
     # SL: supervised on the positive training reviews, once (seed 1); the guide of every guided run
     sl_model = args.sl_model or os.path.join(args.work_dir, "sl", "model")
     if not args.sl_model:
-        total_runs += 1
-        [wall] = run([("sl", "sft.py", task + ["--model-name-or-path", policy, "--max-steps", str(args.sl_steps),
-                                              "--batch-size", str(args.sl_batch_size), "--learning-rate",
-                                              str(args.sl_learning_rate), "--eval-every", "0", "--save-model",
-                                              "--save-path", sl_model])], args.work_dir)
-        seconds["sl"].append(wall)
-        progress("sl (training)", wall)
-    side_by_side = len(args.seeds) if args.parallel else 1
+        [record] = run_once([("sl", "sft.py", task + ["--model-name-or-path", policy, "--max-steps", str(args.sl_steps),
+                                                     "--batch-size", str(args.sl_batch_size), "--learning-rate",
+                                                     str(args.sl_learning_rate), "--eval-every", "0", "--save-model",
+                                                     "--save-path", sl_model])])
+        seconds["sl"].append(record["seconds"])
     # the starting model and the SL model, evaluated by the same code, with each seed's sampling
     for method, model in (("zero_shot", policy), ("sl", sl_model)):
-        for group in range(0, len(args.seeds), side_by_side):
-            seeds = args.seeds[group : group + side_by_side]
-            jobs = [(f"{method}_seed{seed}", "sft.py", task + ["--model-name-or-path", model, "--perplexity-model",
-                                                               policy, "--seed", str(seed), "--eval-only"])
-                    for seed in seeds]
-            for (name, _, _), wall in zip(jobs, run(jobs, args.work_dir)):
-                results[method].append({key: read_scalars(args.work_dir, name)[f"eval/{key}"][0][1]
-                                        for key, _ in METRICS})
-                keep_generations(args, name)
-                progress(f"{name} (eval)", wall)
+        jobs = [(f"{method}_seed{seed}", "sft.py", task + ["--model-name-or-path", model, "--perplexity-model", policy,
+                                                           "--seed", str(seed), "--eval-only"]) for seed in args.seeds]
+        for record in run_once(jobs):
+            results[method].append({key: record["scalars"][f"eval/{key}"][0][1] for key, _ in METRICS})
     # every RL method from the same start, the seeds of a method side by side
     for method in args.methods:
         guide = [] if method == "ppo" else ["--guide-model", sl_model]
         if method == "d2lols":
             guide += ["--tau", str(args.tau)]
-        for group in range(0, len(args.seeds), side_by_side):
-            seeds = args.seeds[group : group + side_by_side]
-            jobs = [(f"{method}_seed{seed}", f"{method}.py", task + rl + guide + ["--seed", str(seed)])
-                    for seed in seeds]
-            for (name, _, _), wall in zip(jobs, run(jobs, args.work_dir)):
-                scalars = read_scalars(args.work_dir, name)
-                results.setdefault(method, []).append({key: scalars[f"eval/{key}"][-1][1] for key, _ in METRICS}
-                                                      | diagnostics(scalars))
-                curves.setdefault(method, []).append(scalars["eval/score"])
-                seconds.setdefault(method, []).append(wall)
-                keep_generations(args, name)
-                progress(name, wall)
+        jobs = [(f"{method}_seed{seed}", f"{method}.py", task + rl + guide + ["--seed", str(seed)])
+                for seed in args.seeds]
+        for record in run_once(jobs):
+            scalars = record["scalars"]
+            results.setdefault(method, []).append({key: scalars[f"eval/{key}"][-1][1] for key, _ in METRICS}
+                                                  | diagnostics(scalars))
+            curves.setdefault(method, []).append(scalars["eval/score"])
+            seconds.setdefault(method, []).append(record["seconds"])
         episode_counts[method] = episodes
 
     sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; reward: P(positive) of the small IMDB "
@@ -335,7 +286,7 @@ if __name__ == "__main__":
              + (f" (trained by an earlier run: {os.path.relpath(args.sl_model, ROOT)})." if args.sl_model else "."))
     guide = ("Guide (PPO++, AggreVaTeD, D2LOLS): the SL model, nucleus-sampled (top-p 0.92, "
              "top-k 50), as in the paper. Zero-shot = the starting model, evaluated by the same code.")
-    write_table(args, results, seconds, episode_counts, sizes, guide, commit, models)
+    write_table(args, results, seconds, episode_counts, sizes, guide, ", ".join(sorted(made_at)), models)
     plot(args, curves, [r["score"] for r in results["sl"]])
     print(open(args.out + ".md").read())
     print(f"wrote {args.out}.md and {args.out}.png in {(time.perf_counter() - started) / 60:.1f} minutes")
