@@ -34,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common import diagnostics, distributed, memory, rewards, stopping, tasks, text
-from common.diagnostics import mixing_logs
 from common.guide import GuideArgs, MinNewTokensPerRow, check_guide_args, load_guide
 from common.metrics import evaluate
 from common.run import RLRunArgs, Run
@@ -706,8 +705,9 @@ if __name__ == "__main__":
             **guide.stats(),  # the guide's tokens asked and returned, its time; a server's requests, retries, latency
             # the mixed episodes beside the policy's own: the critic at the restart states (each mixed episode's first
             # policy token, where the roll-in ends), the advantages the policy's own tokens get
-            **mixing_logs(mixed, k, scores, values, returns, mask, unmixed=(advantages, raw_advantages, mask),
-                          samples_per_prompt=args.samples_per_prompt),
+            **diagnostics.mixing_logs(mixed, k, scores, values, returns, mask,
+                                      unmixed=(advantages, raw_advantages, mask),
+                                      samples_per_prompt=args.samples_per_prompt),
             "timing/generate_s": generate_seconds,
             "timing/score_s": rollout_seconds - generate_seconds,
             "timing/update_s": update_seconds,

@@ -23,11 +23,11 @@ def equal_score_groups(scores, samples_per_prompt):
 
 
 def correlation(x, y, mask):
-    """Pearson's correlation of x and y over the masked entries of every rank (0 where either does not vary)."""
+    """Pearson's correlation of x and y over the masked entries of every rank; None where either does not vary."""
     mean_x, mean_y = distributed.masked_mean(x, mask), distributed.masked_mean(y, mask)
     covariance = distributed.masked_mean((x - mean_x) * (y - mean_y), mask)
     spread = (distributed.masked_var(x, mask) * distributed.masked_var(y, mask)).sqrt()
-    return covariance / spread.clamp(min=1e-12)
+    return (covariance / spread).item() if spread > 0 else None
 
 
 def mixing_logs(mixed, k, scores, values, returns, restart_from, unmixed=None, samples_per_prompt=1):
@@ -45,7 +45,9 @@ def mixing_logs(mixed, k, scores, values, returns, restart_from, unmixed=None, s
         restarts = restart_from * (1 - nn.functional.pad(restart_from[:, :-1], (1, 0))) * mixed[:, None]
         logs["guide/mean_k"] = distributed.masked_mean(k.float(), mixed).item()
         logs["guide/score_mixed"] = distributed.masked_mean(scores, mixed).item()
-        logs["guide/k_score_correlation"] = correlation(k.float(), scores, mixed).item()
+        k_score = correlation(k.float(), scores, mixed)  # (not logged where k or the score does not vary)
+        if k_score is not None:
+            logs["guide/k_score_correlation"] = k_score
         if equal is not None:
             logs["guide/equal_score_groups_mixed"] = distributed.masked_mean(equal, group_mixed).item()
         if values is not None:  # (rloo: no critic)

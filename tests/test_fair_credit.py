@@ -95,6 +95,7 @@ def test_dr_po_restarts_every_episode_by_default_as_its_authors(assets, tmp_path
     assert runs == {"--guide-references": 1.0, "--guide-model": 0.6}
 
 
+@pytest.mark.slow
 def test_a_run_logs_the_unmixed_advantage_it_trains_on(assets, tmp_path):
     """guide/advantage_unmixed is the mean advantage the loss gives the policy's own tokens: 0 when each group is
     whitened on its own, below 0 when the whole batch is (the guide's prefixes score higher); the restart states'
@@ -146,9 +147,9 @@ def test_the_groups_mixing_logs_by_hand():
     assert logs["guide/equal_score_groups_mixed"] == pytest.approx(0.5)
     assert logs["guide/equal_score_groups_unmixed"] == pytest.approx(0.0)
     assert logs["guide/k_score_correlation"] == pytest.approx(0.75 / 0.6875 ** 0.5)
-    # one sample a prompt: no groups to count; a restart depth that does not vary: no correlation, 0
+    # one sample a prompt: no groups to count; a restart depth that does not vary: no correlation (not a 0)
     logs = diagnostics.mixing_logs(mixed, k * 0 + 3, scores, None, None, mask)
-    assert "guide/equal_score_groups_mixed" not in logs and logs["guide/k_score_correlation"] == 0.0
+    assert "guide/equal_score_groups_mixed" not in logs and "guide/k_score_correlation" not in logs
 
 
 # -- the minimum length counts the whole response ------------------------------------------------------------------
@@ -192,6 +193,7 @@ def test_the_guides_minimum_length_counts_the_policys_prefix(assets, module):
     assert min(len(tokens) - ended for prefix, (tokens, ended) in zip(prefixes, results) if prefix) < 5
 
 
+@pytest.mark.slow
 def test_a_served_guide_is_asked_for_the_minimum_after_the_prefix(assets):
     """min_tokens per request: --guide-min-new-tokens less the prefix's policy tokens (never below 0)."""
     tokenizer = assets["tokenizer"]
@@ -231,6 +233,7 @@ def warmup_run(assets, tmp_path, script, *flags):
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS)
+@pytest.mark.slow
 def test_the_critics_warm_up_leaves_the_policy_as_it_was(assets, tmp_path, script):
     """--critic-warmup-iterations 1 of 2: the policy moves in iteration 2 only, the critic in both (D2LOLS with
     tau 1: each phase's critic warms up in its own first iteration, so the policy never moves)."""
@@ -246,6 +249,7 @@ def test_the_critics_warm_up_leaves_the_policy_as_it_was(assets, tmp_path, scrip
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS)
+@pytest.mark.slow
 def test_the_critic_can_keep_its_learning_rate(assets, tmp_path, script):
     """--critic-anneal-lr false with --anneal-lr: the policy's rate decays, the critic's stays."""
     namespace = warmup_run(assets, tmp_path, script, "--critic-learning-rate", 3e-3, "--critic-anneal-lr", False)
