@@ -40,6 +40,12 @@ RL_SCRIPTS = [m.__name__ + ".py" for m in RL_MODULES]
 def module_name(module):
     return module.__name__
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real processes (torchrun pairs, signals, a killed rank, the drivers end "
+                                       "to end, transformers serve, a file-size limit) and long runs; the fast tier, "
+                                       "python -m pytest -q -m \"not slow\" tests, leaves them out (docs/testing.md)")
+
 WORDS = ("the movie film story actor plot scene good great bad boring funny sad love hate music ending "
          "dog cat ball park play run jump tree water eat food table sit chair book read child man woman "
          "summary post friend work time day money help think feel want know went said really very not").split()

@@ -85,6 +85,7 @@ def checkpoint_folders(cwd):
 
 @pytest.mark.parametrize("how", ["signal", "crash"])
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(assets, tmp_path, capsys, script, how):
     """signal: SIGINT during step 1 ends the step, writes a checkpoint (the signal's alone: --save-every is 2)
     and exits non-zero with the resume command. crash: an exception in step 4, after step 2's checkpoint and
@@ -127,6 +128,7 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(a
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues_with_the_same_command(assets, tmp_path, capsys, script):
     """--resume auto --checkpoint-dir ck, one command for a run's first launch and every restart (as torchrun
     --max-restarts relaunches it): nothing in ck, a fresh start; stopped, the very same command continues from ck
@@ -153,6 +155,7 @@ def test_resume_auto_starts_fresh_then_continues_with_the_same_command(assets, t
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_path, capsys, script):
     args = set_flags(four_step_args(assets, script), "--save-every", 0)
     helper, per_step = STEP_HELPER[script]
@@ -165,6 +168,7 @@ def test_a_signal_without_checkpoints_says_so_and_exits_non_zero(assets, tmp_pat
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_a_signal_in_the_last_step_ends_the_run_as_usual(assets, tmp_path, script):
     """Nothing is left to resume: the run ends with its checkpoint and --save-model, exit status 0."""
     helper, per_step = STEP_HELPER[script]
@@ -176,6 +180,7 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(assets, tmp_path, scrip
         assert json.load(f)["step" if script == "sft.py" else "iteration"] == 4
 
 
+@pytest.mark.slow
 def test_sft_eval_only_does_not_take_resume(assets, tmp_path, ppo_checkpoint):
     assert resume_error("sft.py", sft_args(assets, "imdb") + ["--eval-only", "--resume", ppo_checkpoint], tmp_path) == \
         "error: --eval-only evaluates --model-name-or-path; --resume continues a training run"
@@ -201,6 +206,7 @@ def signal_after_first_step(process, signum, marker):
 
 @pytest.mark.parametrize("script,signum", [("ppo.py", signal.SIGINT), ("ppo_plus_plus.py", signal.SIGTERM),
                                            ("sft.py", signal.SIGINT)])
+@pytest.mark.slow
 def test_a_signalled_process_checkpoints_prints_how_to_resume_and_exits_without_a_traceback(assets, tmp_path, script,
                                                                                            signum):
     """A real process, as Ctrl-C or a scheduler stops it: the step ends, a checkpoint is written, the
@@ -297,6 +303,7 @@ def test_changed_flags_are_listed_on_resume(assets, tmp_path, ppo_checkpoint, ca
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_a_checkpoint_dir_that_holds_something_else_fails_before_training(assets, tmp_path, script, ppo_checkpoint):
     args = sft_args(assets, "imdb") if script == "sft.py" else task_args(assets, "imdb", script)
     (tmp_path / "mine").mkdir()
@@ -312,6 +319,7 @@ def test_a_checkpoint_dir_that_holds_something_else_fails_before_training(assets
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_save_model_never_mixes_the_model_into_a_folder_that_holds_something_else(assets, tmp_path, script):
     args = sft_args(assets, "imdb") if script == "sft.py" else task_args(assets, "imdb", script)
     args = args + ["--save-model"]
@@ -325,6 +333,7 @@ def test_save_model_never_mixes_the_model_into_a_folder_that_holds_something_els
     assert not os.path.exists(tmp_path / "runs")  # before training
 
 
+@pytest.mark.slow
 def test_save_model_replaces_a_previous_model(assets, tmp_path):
     shutil.copytree(assets["policy"], tmp_path / "previous")
     before = os.path.getmtime(tmp_path / "previous" / "model.safetensors")
@@ -474,6 +483,7 @@ def files_under(root):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.slow
 def test_outputs_against_an_existing_file_fail_before_training_and_touch_nothing(assets, tmp_path, script):
     """--checkpoint-dir, --save-path, runs/ (TensorBoard and the generations) named where a file of the user's
     is: one line before training, and the file is as it was (no `.old`, no folder in its place)."""
@@ -514,6 +524,7 @@ def test_a_folder_that_cannot_be_written_fails_before_training(assets, tmp_path,
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+@pytest.mark.slow
 def test_a_full_disk_while_writing_stops_with_one_line_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch,
                                                                                       script):
     """ENOSPC (simulated) in the second checkpoint, in a generations file, in --save-model: one line each; the
@@ -566,6 +577,7 @@ def test_a_full_disk_while_writing_stops_with_one_line_and_keeps_the_last_checkp
 
 @pytest.mark.parametrize("part", ["policy.safetensors", "critic.safetensors", "optimizer.pt", "state.json"])
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.slow
 def test_a_damaged_or_missing_part_of_a_checkpoint_fails_with_one_line_naming_it(assets, tmp_path, ppo_checkpoint,
                                                                                   part, damage):
     folder = tmp_path / "checkpoint"
@@ -603,6 +615,7 @@ def test_keep_checkpoints_keeps_the_newest_beside_the_checkpoint_and_drops_the_o
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "sft.py"])
+@pytest.mark.slow
 def test_a_kept_checkpoint_resumes_its_run(assets, tmp_path, capsys, script):
     """A run with --keep-checkpoints 2 keeps its last two; --resume of the earlier one continues from there and ends
     as the run did (the same weights)."""
@@ -620,6 +633,7 @@ def test_a_kept_checkpoint_resumes_its_run(assets, tmp_path, capsys, script):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_an_sft_checkpoint_of_the_old_format_resumes_exactly(assets, tmp_path, capsys):
     """sft.py's checkpoints before common/run.py held one random state (a dict, the only process's), where they now
     hold every rank's in a list: such a checkpoint still resumes, and the run ends as the whole run did."""
@@ -659,6 +673,7 @@ def test_the_loop_state_a_checkpoint_saves_is_the_one_resume_restores(tmp_path):
     run.end_iteration(1, kl_coef=0.1, prompt_order=[1])  # (the same names: no checkpoint is due, nothing happens)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_a_kept_checkpoint_into_its_own_folder_goes_on(assets, tmp_path):
     """6 iterations with --keep-checkpoints 3, resumed from the oldest kept one (iteration 4) into the run's own
     --checkpoint-dir: a later save once renamed ck.old onto the existing ck.iteration_000005 (OSError: Directory not
@@ -721,6 +736,7 @@ def test_an_error_that_is_not_the_disks_is_raised_as_it_is(tmp_path):
                         {"iteration": 1})
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_kills_the_process_as_sigterm(tmp_path):
     """The first SIGTERM asks for a clean stop; a second, later one stops at once, with SIGTERM's own status (143
     in a shell), where it once read as a Ctrl-C (130)."""
@@ -740,6 +756,7 @@ def test_a_second_sigterm_kills_the_process_as_sigterm(tmp_path):
 
 
 @pytest.mark.parametrize("failing", ["every", "first"])
+@pytest.mark.slow
 def test_a_failed_write_of_an_evaluations_generations_is_a_clean_stop(assets, tmp_path, monkeypatch, capsys, failing):
     """Rank 0 writes the evaluation's generations while the other ranks wait in a collective: a write that fails
     there (a full disk) is noted as a stop, so every rank ends the iteration, checkpoints and exits with one line,

@@ -27,6 +27,7 @@ def torchrun(script, args, cwd, env=None, worker=os.path.join(ROOT, "tests", "dd
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 def test_two_processes_train_one_set_of_lora_adapters(assets, tmp_path):
     """--lora-r under DDP: only the adapters and the value head are DDP's parameters; both ranks end with
     the same adapters, which moved (B starts at 0)."""
@@ -76,6 +77,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 def test_the_guides_counters_are_the_whole_batchs(tmp_path):
     """guide.stats() on two ranks: tokens asked and returned, requests and retries summed over the ranks (each
     rank asks the guide for its share of the batch), then zero; latency stays the rank's own."""
@@ -90,6 +92,7 @@ def test_the_guides_counters_are_the_whole_batchs(tmp_path):
         assert second["guide/tokens_asked"] == second["guide/requests"] == 0
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py"])
 def test_two_processes_stopped_either_way_save_before_leaving_and_resume_to_what_an_unstopped_run_logs(
         assets, tmp_path, script):
@@ -127,6 +130,7 @@ def test_two_processes_stopped_either_way_save_before_leaving_and_resume_to_what
             assert all(torch.equal(a[key], b[key]) for key in a), way
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 def test_whitening_over_two_ranks_is_whitening_over_their_union(tmp_path):
     """Each rank holds half of the batch, with different numbers of masked tokens (and, in PPO++ and D2LOLS, of
     mixed episodes: rank 0 holds one, rank 1 two): the advantages each script's normalize_advantages returns on
@@ -187,6 +191,7 @@ def test_the_resume_command_names_torchrun_and_its_process_count(monkeypatch):
             in stopping.stopped_message(["SIGINT"], "x", "ck"))
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 def test_a_guide_that_fails_on_one_rank_stops_every_rank_at_the_last_completed_iteration(assets, tmp_path):
     """2 processes, rank 1's guide fails for good in iteration 1 (rank 0's works): every rank agrees to stop (none
     waits forever in a collective), the checkpoint of the last completed iteration (0) is written with both ranks'
@@ -202,6 +207,7 @@ def test_a_guide_that_fails_on_one_rank_stops_every_rank_at_the_last_completed_i
     assert state["iteration"] == 0 and len(state["rng"]) == 2
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 @pytest.mark.parametrize("script", [m.__name__ + ".py" for m in RL_MODULES])
 def test_a_nan_loss_on_one_rank_under_fp16_stops_every_rank_alike(assets, tmp_path, script):
     """--fp16, 2 processes, rank 1's first loss is nan and rank 0's finite: the gradients (averaged) are nan on both.
@@ -251,6 +257,7 @@ def test_a_torchrun_that_would_kill_a_stopping_run_before_it_saves_is_named(monk
     assert (warning in out) if warning else out == "", out
 
 
+@pytest.mark.slow  # two real processes (torchrun)
 def test_a_rank_killed_mid_run_under_torchrun_max_restarts_ends_as_an_uninterrupted_run(assets, tmp_path):
     """2 processes under torchrun --max-restarts 1 with --resume auto: rank 1 is SIGKILLed in iteration 3 (an OOM
     kill), torchrun stops rank 0 and relaunches the same command, which continues from iteration 2's checkpoint: the

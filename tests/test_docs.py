@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -123,12 +124,48 @@ def test_the_docs_tests_read_the_projects_files_only(tmp_path):
     assert sorted(os.path.relpath(p, tmp_path) for p in repository_files(tmp_path)) == ["common/tasks.py", "ppo.py"]
 
 
-def test_the_docs_show_every_command_we_expect():
-    """A tripwire for the collector: if it finds fewer commands, it has stopped reading something."""
-    scripts = [split_command(argv)[0] for _, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS]
-    assert len(COMMANDS) == 87, [" ".join(argv) for _, argv in COMMANDS]
-    assert {s for s in scripts} >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
-                                    "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
+def first_script(command):
+    """The first `X.py` of a python / torchrun command's words (None for `python -m ...`, `python -c ...`)."""
+    words = command.split()
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # (env assignments)
+        words = words[1:]
+    if not words or words[0].lstrip("(") not in ("python", "python3", "torchrun"):
+        return None
+    return next((w for w in words[1:] if w.endswith(".py")), None) if words[1:2] not in (["-m"], ["-c"]) else None
+
+
+def test_the_collector_finds_every_documented_command():
+    """A tripwire for the collector, per command (not their number, which a page's edit changes). Read apart from it,
+    line by line: every command of a page's shell blocks, every inline `python ...`, every command line of a
+    docstring must be one the tests run, from the same file for the same script, as many times as it appears."""
+    found = Counter((where, split_command(argv)[0]) for where, argv in COMMANDS if tuple(argv[1:3]) not in NOT_SCRIPTS)
+    expected = Counter()
+    for path in DOCS + [os.path.join(ROOT, p) for p in PYTHON_FILES]:
+        where = os.path.relpath(path, ROOT)
+        if where == FORKING:
+            continue
+        text = open(path).read()
+        if path.endswith(".py"):
+            lines = (ast.get_docstring(ast.parse(text)) or "").splitlines()
+            commands = [line.strip() for line in lines if line.strip().startswith(("python ", "torchrun "))]
+        else:
+            commands, fence, carried = [], None, ""
+            for line in text.splitlines():
+                if fence in ("", "bash", "sh") and line.rstrip().endswith("\\"):  # (continued on the next line)
+                    carried += line.rstrip()[:-1] + " "
+                    continue
+                line, carried = carried + line, ""
+                if line.strip().startswith("```"):
+                    fence = None if fence is not None else line.strip()[3:]
+                elif fence in ("", "bash", "sh"):
+                    commands += re.split(r"&&|;|\|\|", re.sub(r"(^|\s)#.*", "", line))
+                elif fence is None:
+                    commands += re.findall(r"`((?:python|torchrun) [^`]+)`", line)
+        expected.update((where, script) for script in map(first_script, commands) if script)
+    assert not expected - found, expected - found
+    scripts = {script for _, script in found}
+    assert scripts >= {"ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py", "sft.py",
+                       "benchmarks/toy_guided.py", "benchmarks/commongen_offline.py"}
     assert ("README.md", ["python", "-m", "pytest", "-q", "tests"]) in COMMANDS  # CI runs the README's
     assert "python -m pytest -q tests" in open(os.path.join(ROOT, ".ci", "run")).read()
 

@@ -18,6 +18,8 @@ from common import checkpoint
 from conftest import ROOT, run_script_in_process, set_flags, sft_args, task_args
 from test_distributed import torchrun
 
+pytestmark = pytest.mark.slow  # real processes under a file-size limit: the slow tier
+
 PRELUDE = f"""
 import os, resource, sys, torch
 sys.path.insert(0, {ROOT!r})

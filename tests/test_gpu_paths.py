@@ -71,6 +71,7 @@ def test_a_bf16_lora_run_saves_the_adapters_whole(assets, tmp_path):
 
 
 @pytest.mark.parametrize("script", RL_SCRIPTS)
+@pytest.mark.slow
 def test_bf16_old_logprobs_are_recomputed_with_the_updates_shapes(assets, tmp_path, script):
     """Under --bf16 the rollout's log-probs come from a training-style forward pass; on a GPU a kernel, and so its
     rounding, is chosen by shape, so that pass runs on the update's micro-batch shapes: every forward pass of the

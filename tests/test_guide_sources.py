@@ -99,6 +99,7 @@ def test_a_guided_run_over_http_end_to_end_and_the_key_goes_nowhere_else(assets,
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+@pytest.mark.slow
 def test_a_served_guide_gives_the_episodes_a_local_guide_gives(assets, served, module):
     """The same greedy model, local (through text: a template) and served: the same roll-ins (PPO++) and
     roll-outs (AggreVaTeD), so the same masks."""
@@ -129,6 +130,7 @@ def test_a_served_guide_gives_the_episodes_a_local_guide_gives(assets, served, m
         assert results[0] == results[1] and sum(map(len, results[0])) > 0
 
 
+@pytest.mark.slow
 def test_the_guides_stop_reason_ends_its_continuation_and_a_short_answer_is_asked_again(assets):
     """finish_reason "stop": the guide ended (EOS appended in policy tokens); "length": it did not, and a row
     short of its budget (in policy tokens) asks again with its text so far, until the budget is met."""
@@ -150,6 +152,7 @@ def test_the_guides_stop_reason_ends_its_continuation_and_a_short_answer_is_aske
             assert asked_for[1]["max_tokens"] == int(guides.TEXT_MARGIN * 1) + 1
 
 
+@pytest.mark.slow
 def test_requests_go_out_several_at_once_and_failed_ones_are_retried(assets, capsys):
     tokenizer = assets["tokenizer"]
     args = make_args(ppo_plus_plus, 1.0, guide_model="toy", guide_top_k=0, guide_concurrency=4, guide_max_retries=3)
@@ -183,6 +186,7 @@ def test_a_malformed_answer_or_a_refused_request_stops_with_one_line(assets):
                 examples(tokenizer)[:1], [[]], [4])
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_down_stops_the_run_at_its_last_iteration_and_the_resume_matches(assets, served, tmp_path):
     """The server answers iteration 1, then fails for good: the run stops with one line naming the URL and the
     error, writes the checkpoint of iteration 1 (--save-every 5 had not), exits non-zero; resumed with the server
@@ -295,6 +299,7 @@ def transformers_server(assets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py"])
+@pytest.mark.slow
 def test_a_guided_iteration_through_transformers_serve(assets, transformers_server, tmp_path, capsys, script):
     """A real server: one iteration of PPO++ (the served guide's roll-ins are its " movie" text) and of AggreVaTeD;
     the fields it refuses (top_k) are dropped with one line, and the run goes on."""

@@ -142,6 +142,7 @@ def test_a_json_answer_that_is_not_json_stops_with_one_line(assets):
 
 
 @pytest.mark.parametrize("script", ["ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+@pytest.mark.slow
 def test_a_dead_guide_under_save_every_0_still_keeps_the_weights(assets, tmp_path, monkeypatch, script):
     """--save-every 0 (the default) and a guide that stays down: the weights of the last completed iteration are
     still there, so they are written (checkpoints/{run_name}) and the stop line says how to resume;
@@ -182,6 +183,7 @@ def served_args(url, **flags):
     return args
 
 
+@pytest.mark.slow
 def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkeypatch):
     """A server that fails 8 times in a row (a restart) within --guide-retry-seconds: the request goes through (a
     fixed count of 5 retries once ended the run here)."""
@@ -194,6 +196,7 @@ def test_a_server_down_for_longer_than_five_retries_is_waited_for(assets, monkey
     assert len(server.requests) == 11  # 8 failures, the probe of what the server takes (its fields, a list), the row
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured(assets, monkeypatch):
     """A 503 with Retry-After: 0.6 is retried after 0.6 s, not after the client's own (here 0.01 s) wait."""
     monkeypatch.setattr(guide_client, "RETRY_WAIT", 0.01)
@@ -504,6 +507,7 @@ class Slow(Spy):
 
 
 @pytest.mark.parametrize("module", ROLL_IN_MODULES, ids=module_name)
+@pytest.mark.slow
 def test_roll_ins_fetched_ahead_reach_the_server_before_their_rollout_and_change_nothing(assets, served, tmp_path,
                                                                                          module):
     """A server that takes D = 0.5 s an answer, an update that takes 1 s: with --guide-fetch-ahead, iteration i's
@@ -533,6 +537,7 @@ def test_roll_ins_fetched_ahead_reach_the_server_before_their_rollout_and_change
     assert max(waits[1:]) < delay / 2 and min(waits_without) >= delay
 
 
+@pytest.mark.slow
 def test_a_run_stopped_with_roll_ins_sent_ahead_resumes_exactly(assets, served, tmp_path):
     """Ctrl-C in iteration 2 (its roll-ins for iteration 3 already sent): the checkpoint is iteration 2's, and the
     resumed run logs what a run never stopped logs (its random stream is that of a run without fetch-ahead)."""
@@ -664,6 +669,7 @@ def test_an_aborted_request_is_retried(assets, monkeypatch):
     assert len(server.rows()) == 2 and samples[0][0]
 
 
+@pytest.mark.slow
 def test_after_a_stop_nothing_is_sent_ahead_and_nothing_queued_is_waited_for(assets, monkeypatch):
     """Ctrl-C during an iteration: the roll-ins of the next one (which will not run) are not sent; on the way out
     the guide drops what is queued and the requests in flight give up."""

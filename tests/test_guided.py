@@ -326,6 +326,7 @@ def test_the_guide_rolls_out_from_the_policys_prefix_as_text(setup, assets, monk
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+@pytest.mark.slow
 def test_the_guides_sampling_flags_reach_its_generate(setup, assets, monkeypatch, module):
     """--guide-temperature, --guide-top-k and --guide-top-p are the guide's own: they reach its generate
     and change what it writes (a tiny top-p or temperature leaves only its top token: greedy)."""
@@ -360,6 +361,7 @@ def critics_after(assets, tmp_path, tau):
     return changed
 
 
+@pytest.mark.slow
 def test_d2lols_trains_the_guide_critic_before_tau_and_the_policy_critic_after(assets, tmp_path):
     # 2 iterations: tau = 2 -> both AggreVaTeD; tau = 0 -> both PPO++
     assert critics_after(assets, tmp_path / "a", tau=2) == {"critic": False, "guide_critic": True}
@@ -453,6 +455,7 @@ def test_the_switch_time_k_is_uniform_on_1_to_L_minus_1(module, episodes, monkey
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py", "aggrevated.py", "d2lols.py"])
+@pytest.mark.slow
 def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path, script):
     # episodes (and guide roll-ins) end early and at different steps; the padding after an EOS is EOS too
     often_eos = assets["often_eos"]
@@ -468,6 +471,7 @@ def test_num_eos_tokens_counts_episodes_that_ended_not_padding(assets, tmp_path,
 
 
 @pytest.mark.parametrize("module", GUIDED_MODULES, ids=module_name)
+@pytest.mark.slow
 def test_the_guides_length_flags(setup, assets, monkeypatch, module):
     """--guide-min-new-tokens: no EOS from the guide before it (a guide that says EOS with p = 0.2);
     --guide-max-new-tokens: its roll-in (PPO++) or roll-out (AggreVaTeD) is at most that long."""

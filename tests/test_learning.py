@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # runs long enough to learn: the slow tier
+
 
 def run_toy(assets, cwd, script="ppo.py", iterations=30, kl_coef=0.005, extra=(), reward="fraction",
             policy="policy"):

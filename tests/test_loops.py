@@ -252,6 +252,7 @@ def parameter_change(model, start_path):
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_max_grad_norm_clips_the_update(assets, tmp_path, script):
     """A tiny --max-grad-norm leaves Adam's first step at ~lr * g / eps instead of ~lr: the policy barely moves."""
     args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 4, "--num-minibatches", 1,
@@ -264,6 +265,7 @@ def test_max_grad_norm_clips_the_update(assets, tmp_path, script):
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, script):
     """--reward-label picks the classifier's label (0: P(negative)); --perplexity-model is the LM that
     scores eval/perplexity (default: the frozen reference policy)."""
@@ -296,6 +298,7 @@ def test_evaluation_flags_reach_the_evaluation(assets, tmp_path, monkeypatch, sc
 
 @rl_scripts
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+@pytest.mark.slow
 def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precision):
     """Under --bf16 / --fp16 the old log-probs come from a full forward as training's (generate's cached
     half-precision pass differs from it by ~1e-3 per token), so the first ratio is 1 here too (both
@@ -319,6 +322,7 @@ def test_half_precision_starts_at_ratio_one_too(assets, tmp_path, script, precis
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_fp16_skips_an_overflowing_step_instead_of_stopping(assets, tmp_path, script):
     """An infinite gradient under --fp16 (a finite loss) is the scaler's business: it skips the step and
     halves the scale; the run goes on (without --fp16 it stops: the non-finite tests above)."""
@@ -360,6 +364,7 @@ def leaky_checkpoint(assets, tmp_path_factory):
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_the_checkpoints_generation_settings_do_not_leak_into_sampling(assets, tmp_path, leaky_checkpoint, script):
     """transformers fills every generation setting the flags leave unset from the checkpoint: a policy (and
     guide) whose checkpoint sets a repetition penalty, n-gram blocking... must sample exactly as the same
@@ -381,6 +386,7 @@ def test_the_checkpoints_generation_settings_do_not_leak_into_sampling(assets, t
 
 @rl_scripts
 @pytest.mark.parametrize("quantity, max_grad_norm", [("reward", 1), ("loss", 1), ("gradient", 1), ("gradient", 0)])
+@pytest.mark.slow
 def test_a_non_finite_reward_loss_or_gradient_stops_before_the_weights_change(assets, tmp_path, monkeypatch, script,
                                                                               quantity, max_grad_norm):
     """(--max-grad-norm 0: no clipping, the gradient's norm is still computed for this check.)"""
@@ -409,6 +415,7 @@ def test_a_non_finite_reward_loss_or_gradient_stops_before_the_weights_change(as
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_generation_settings_reach_generate(assets, tmp_path, script):
     """--min-new-tokens (rollouts and evaluation), --eval-greedy with --eval-num-beams, and the guide's own
     --guide-max-new-tokens reach the calls; a policy that says EOS with p = 0.2 then never ends before 3."""
@@ -449,6 +456,7 @@ def test_generation_settings_reach_generate(assets, tmp_path, script):
 
 
 @rl_scripts
+@pytest.mark.slow
 def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path, script):
     """After one update, the policy's NLL of the training prompts' reference continuations is lower with
     --target-coef than without it."""
@@ -471,6 +479,7 @@ def test_the_target_term_pulls_the_policy_toward_the_references(assets, tmp_path
 
 @rl_scripts
 @pytest.mark.parametrize("architecture", ["gpt2", "opt"])
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_path, script, monkeypatch,
                                                                      architecture):
     """With dropout in the checkpoint (p = 0.5): under --gradient-checkpointing the update recomputes the

@@ -73,6 +73,7 @@ def test_lora_checkpoints_hold_the_adapters_and_save_model_writes_the_merged_mod
     assert torch.allclose(logits(adapted, input_ids), logits(merged, input_ids), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_exactly_and_a_checkpoint_without_lora_does_not_fit(assets, tmp_path):
     """Stopped by SIGINT in iteration 1 and resumed: the same logs and adapters as an unstopped run. The
     checkpoint resumed without --lora-r fails with one line."""
@@ -97,6 +98,7 @@ def test_a_lora_run_resumes_exactly_and_a_checkpoint_without_lora_does_not_fit(a
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "d2lols.py"])
+@pytest.mark.slow
 def test_lora_with_bf16_and_gradient_checkpointing(assets, tmp_path, script):
     """--bf16 with LoRA: the frozen weights (policy's, critic's, reward model's) in bfloat16, adapters and
     value heads in fp32; with --gradient-checkpointing the recomputed layers still train the adapters.

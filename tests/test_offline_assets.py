@@ -45,6 +45,7 @@ def two_builds(tmp_path_factory):
     return tmp_path / "data", build(tmp_path, "first", tmp_path / "data"), build(tmp_path, "second", tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_the_same_data_and_seed_build_the_same_classifier(two_builds):
     _, first, second = two_builds
     for name in ("model.safetensors", "tokenizer.json", "config.json"):

@@ -8,6 +8,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("offline_data", os.path.join(ROOT, "benchmarks", "offline_data.py"))
@@ -41,6 +43,7 @@ def test_the_files_keep_non_ascii_text_as_is(tmp_path):
     assert (tmp_path / "x" / "a.jsonl").read_bytes() == '{"text": "café"}\n'.encode()
 
 
+@pytest.mark.slow  # two real processes
 def test_a_rebuild_from_a_sources_folder_writes_the_files_and_checks_them(tmp_path):
     sources = tmp_path / "sources"
     sources.mkdir()

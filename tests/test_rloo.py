@@ -87,6 +87,7 @@ def test_a_prompts_samples_share_its_roll_in_and_go_on_apart(assets, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["ppo.py", "ppo_plus_plus.py"])
+@pytest.mark.slow
 def test_an_rloo_run_resumes_exactly(assets, tmp_path, script):
     """4 iterations with a checkpoint kept at 2; resumed from it, the run logs and ends as the whole run did."""
     args = set_flags(task_args(assets, "imdb", script), "--total-episodes", 16, "--save-every", 1,

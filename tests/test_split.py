@@ -51,6 +51,7 @@ def assert_same_run(a, b, what):
 
 @pytest.mark.parametrize("script, estimator", [(script, "gae") for script in RL_SCRIPTS] + [
     ("ppo.py", "rloo"), ("ppo_plus_plus.py", "rloo")])
+@pytest.mark.slow
 def test_the_update_is_the_same_however_the_batch_is_split(assets, tmp_path, script, estimator):
     """One process with the minibatch in one micro-batch, in micro-batches of one episode, and two processes
     (torchrun, gloo) each given its half of the same episodes (replayed; micro-batches of one, so DDP's gradient

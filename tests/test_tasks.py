@@ -90,6 +90,7 @@ def test_a_placeholder_default_is_named_in_one_line(capsys):
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
+@pytest.mark.slow
 def test_the_shared_real_data_loads_in_every_task(assets):
     tokenizer = assets["tokenizer"]
     for task, path, split, n in [("imdb", "imdb", "train", 3200), ("imdb", "imdb", "validation", 800),
