@@ -12,7 +12,6 @@ import glob
 import os
 import re
 import shlex
-import sys
 from collections import Counter
 
 import pytest
