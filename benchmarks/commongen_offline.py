@@ -168,6 +168,9 @@ SCRIPTS = {"ppo": "ppo.py", "ppo_plus_plus": "ppo_plus_plus.py", "aggrevated": "
            "dr_po": "ppo_plus_plus.py"}
 GUIDED = ("ppo_plus_plus", "aggrevated", "d2lols", "dr_po")
 NOTES = "<!-- notes: what the table shows, written by hand; a re-run keeps what is below this line -->"
+OWN_EPISODES = {"ppo": "objective/scores", "ppo_plus_plus": "guide/score_unmixed"}
+"""the tag of the training reward of the policy's own episodes (no guide's token), where a method has them: PPO's
+every episode, PPO++'s unmixed ones (DR-PO's beta 1 leaves none; AggreVaTeD's unmixed are the guide's own)"""
 START_TITLES = {"weak": "Weak start: zero-shot policy, SL guide (the main table)",
                 "sl": "tril's setting: policy and guide both the SL model",
                 "early": "Early start: an early SL checkpoint, the SL model as guide"}
@@ -237,22 +240,38 @@ def beats(a, b):
     return "ties with"
 
 
+def quarters(scalars, tag):
+    """The run's iterations in 4 quarters (by objective/scores, logged every iteration; fewer than 4 iterations: one
+    quarter each): the mean of the tag's values logged in each, None where it logged none (guide/score_unmixed skips
+    an iteration with no unmixed episode). One iteration's reward is mostly which prompts it drew."""
+    steps = [step for step, _ in scalars["objective/scores"]]
+    quarter = {step: i * min(4, len(steps)) // len(steps) for i, step in enumerate(steps)}
+    logged = [[v for step, v in scalars.get(tag, []) if quarter[step] == q] for q in range(min(4, len(steps)))]
+    return [statistics.mean(values) if values else None for values in logged]
+
+
+def quarter_means(scalars, tag):
+    """(first, last): the tag's mean over the run's first and last quarter of iterations."""
+    return quarters(scalars, tag)[0], quarters(scalars, tag)[-1]
+
+
 def diagnostics(scalars):
     """What explains a run: the critic, the step size, the drift from pi_ref, and what the guide's roll-ins scored."""
     def values(tag):
         return [v for _, v in scalars.get(tag, [])]
 
+    first, last = quarter_means(scalars, "objective/scores")
     result = {"approxkl_mean": statistics.mean(values("policy/approxkl_avg")),
               "clipfrac_mean": statistics.mean(values("policy/clipfrac_avg")),
-              "kl_last": values("objective/kl")[-1],
-              "train_score_first": values("objective/scores")[0], "train_score_last": values("objective/scores")[-1]}
+              "kl_last": values("objective/kl")[-1], "train_score_first": first, "train_score_last": last}
     if values("val/explained_variance"):  # (rloo: no critic)
         result["ev_last"] = statistics.mean(values("val/explained_variance")[-3:])
     if values("guide/score_mixed"):
         result |= {"guide_mixed": statistics.mean(values("guide/score_mixed"))}
     if values("guide/score_unmixed"):  # the policy's own episodes (AggreVaTeD's: the guide's own)
-        result |= {"guide_unmixed": statistics.mean(values("guide/score_unmixed")),
-                   "unmixed_first": values("guide/score_unmixed")[0], "unmixed_last": values("guide/score_unmixed")[-1]}
+        first, last = quarter_means(scalars, "guide/score_unmixed")
+        result |= {"guide_unmixed": statistics.mean(values("guide/score_unmixed")), "unmixed_first": first,
+                   "unmixed_last": last}
     if values("guide/explained_variance_restart"):  # the critic at the restart states
         result["ev_restart_last"] = statistics.mean(values("guide/explained_variance_restart")[-3:])
     if values("guide/advantage_unmixed"):  # what the loss gave the policy's own tokens
@@ -302,13 +321,13 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                              f"{mean_spread([r['cider_d'] for r in results[(start, method)]])[0] - statistics.mean(ppo):+.3f})"
                              ".")
         lines += ["", "| method | seed | start | final | explained variance (last 3) | at restarts (last 3) | "
-                  "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward first → last | "
-                  "training reward of mixed / unmixed episodes (mean) | unmixed first → last | unmixed advantage "
+                  "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward, first → last quarter "
+                  "| training reward of mixed / unmixed episodes (mean) | unmixed, first → last quarter | unmixed advantage "
                   "(mean) | groups of equal scores: all / mixed / unmixed (mean) | k-score correlation (mean) |",
                   "|-|-|-|-|-|-|-|-|-|-|-|-|-|-|-|"]
 
         def cell(r, key, digits=3):
-            return f"{r[key]:.{digits}f}" if key in r else "–"
+            return f"{r[key]:.{digits}f}" if r.get(key) is not None else "–"
 
         for method in methods_of(args, start):
             for seed, r, curve in zip(seeds_of(args, method), results[(start, method)], curves[(start, method)]):
@@ -318,8 +337,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                          if "equal_groups" in r else "–")
                 lines.append(f"| {LABELS[method]} | {seed} | {curve[0][1]:.3f} | {r['cider_d']:.3f} | "
                              f"{cell(r, 'ev_last', 2)} | {cell(r, 'ev_restart_last', 2)} | {r['approxkl_mean']:.4f} | "
-                             f"{r['clipfrac_mean']:.3f} | {r['kl_last']:.3f} | {r['train_score_first']:.3f} → "
-                             f"{r['train_score_last']:.3f} | {guide} | {unmixed} | "
+                             f"{r['clipfrac_mean']:.3f} | {r['kl_last']:.3f} | {cell(r, 'train_score_first')} → "
+                             f"{cell(r, 'train_score_last')} | {guide} | {unmixed} | "
                              f"{cell(r, 'advantage_unmixed_mean')} | {equal} | {cell(r, 'k_corr', 2)} |")
         lines += ["", "Mixed episodes: PPO++ and DR-PO, the guide (DR-PO: the references) wrote the first k tokens; "
                   "AggreVaTeD, the policy wrote the first k and the guide the rest (unmixed: the guide alone); "
@@ -327,7 +346,8 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                   "of a batch's groups (a prompt's samples, one state) whose scores are all equal, which rloo learns "
                   "nothing from; k-score correlation: of the roll-in's length with the score, over the mixed "
                   "episodes. Training reward: CIDEr-D against the set's train "
-                  "references (1.5 per set on average, dev has 4), so lower than on dev.", ""]
+                  "references (1.5 per set on average, dev has 4), so lower than on dev; first → last quarter: its mean "
+                  "over the run's first and last quarter of iterations (one iteration's mean is mostly its prompts').", ""]
     if sl_curve:
         lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
                   "| step | examples | CIDEr-D |",
@@ -349,14 +369,32 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
         f.write("\n".join(lines) + "\n" + notes)
 
 
-def plot(args, curves, start_scores):
+def plot(args, curves, own, start_scores):
+    """Per start: above, the held-out CIDEr-D over episodes; below, the policy's own episodes' training reward by
+    quarter of the run (PPO's and PPO++'s; each seed faint, their mean bold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes_row = plt.subplots(1, len(args.starts), figsize=(6.4 * len(args.starts), 4.4), squeeze=False)
-    for axes, start in zip(axes_row[0], args.starts):
+    figure, axes_grid = plt.subplots(2, len(args.starts), figsize=(6.4 * len(args.starts), 8.2), squeeze=False)
+    for axes, start in zip(axes_grid[1], args.starts):
+        for method in [m for m in methods_of(args, start) if (start, m) in own]:
+            runs = own[(start, method)]
+            logged = [[q[i] for q in runs if q[i] is not None] for i in range(len(runs[0]))]
+            means = [statistics.mean(values) if values else None for values in logged]
+            axes.plot(range(1, len(means) + 1), means, marker="o", label=LABELS[method] + (
+                " (unmixed episodes)" if method != "ppo" else ""), color=f"C{methods_of(args, start).index(method)}")
+            for quarter_means_of_seed in runs:
+                axes.plot(range(1, len(means) + 1), quarter_means_of_seed, color=axes.lines[-1].get_color(),
+                          alpha=0.25, linewidth=1)
+        axes.set_xlabel("quarter of the run's iterations")
+        axes.set_ylabel("training reward of the policy's own episodes")
+        axes.set_xticks(range(1, 5))
+        axes.grid(alpha=0.3)
+        if axes.lines:  # (DR-PO, AggreVaTeD and D2LOLS alone: no curve)
+            axes.legend(fontsize=8)
+    for axes, start in zip(axes_grid[0], args.starts):
         for method in methods_of(args, start):
             runs = curves[(start, method)]
             steps = sorted(set.intersection(*(set(s for s, _ in run_curve) for run_curve in runs)))
@@ -482,7 +520,7 @@ def main(args):
 
     # SL: sft.py on CommonGen train (its curve on the pilot part: it sets --sl-steps), unless --sl-model is given;
     # the early start: the same for --early-steps steps
-    results, wall, curves, sl_curve, made_at = {}, {}, {}, [], {}
+    results, wall, curves, own, sl_curve, made_at = {}, {}, {}, {}, [], {}
     sl_model = args.sl_model or os.path.join(args.work_dir, "sl", "model")
     early_model = os.path.join(args.work_dir, f"early{args.early_steps}", "model")
     pilot_eval = ["--eval-split", "validation", "--num-eval-prompts", str(args.sl_eval_prompts)]
@@ -542,6 +580,8 @@ def main(args):
         records[name] = {"start": start, "method": method, "seed": seed, "seconds": record["seconds"],
                          "commit": record["commit"], "curve": scalars["eval/cider_d"]} | results[(start, method)][-1]
         curves.setdefault((start, method), []).append(scalars["eval/cider_d"])
+        if method in OWN_EPISODES:  # the policy's own episodes' training reward, by quarter of the run
+            own.setdefault((start, method), []).append(quarters(scalars, OWN_EPISODES[method]))
         wall.setdefault((start, method), []).append(record["seconds"])
         made_at[name] = record["commit"]
         if seed == seeds_of(args, method)[0]:  # a few generations side by side: each method's first seed
@@ -579,7 +619,7 @@ def main(args):
     write_table(args, results, curves, sl_curve, wall, samples, command, sizes)
     with open(args.out + ".json", "w") as f:  # every number of the table, per run
         json.dump({"command": command, "sizes": sizes, "sl_curve": sl_curve, "runs": records}, f, indent=1)
-    plot(args, curves, {name: results[name][0]["cider_d"] for name, _ in models})
+    plot(args, curves, own, {name: results[name][0]["cider_d"] for name, _ in models})
     print(open(args.out + ".md").read())
     print(f"wrote {args.out}.md and {args.out}.png in {minutes:.1f} minutes")
     return results

@@ -157,8 +157,8 @@ def test_the_driver_end_to_end(assets, tmp_path):
             restart = [e.value for e in events.Scalars("guide/explained_variance_restart")]
             assert run["ev_restart_last"] == pytest.approx(statistics.mean(restart[-3:]), rel=1e-6, abs=1e-6)  # (float32)
             if "guide/score_unmixed" in events.Tags()["scalars"]:
-                unmixed = [e.value for e in events.Scalars("guide/score_unmixed")]
-                assert (run["unmixed_first"], run["unmixed_last"]) == pytest.approx((unmixed[0], unmixed[-1]))
+                unmixed = {e.step: e.value for e in events.Scalars("guide/score_unmixed")}  # 2 iterations: quarters of 1
+                assert (run["unmixed_first"], run["unmixed_last"]) == pytest.approx((unmixed.get(4), unmixed.get(8)))
         # the critic pilot's setting, the driver's defaults, reach every method's script
         command = " ".join(driver.run_files.load(tmp_path / "records", name)["command"])
         assert all(flag in command for flag in ("--clip-coef-value None", "--critic-anneal-lr False",
@@ -248,3 +248,19 @@ def test_a_run_without_a_critic_has_its_diagnostics_and_its_row():
                                  "guide/k_score_correlation": [(4, 0.2), (8, 0.4)]})
     assert groups["equal_groups"] == 0.5 and groups["equal_mixed"] == 0.75 and "equal_unmixed" not in groups
     assert groups["k_corr"] == pytest.approx(0.3) and "equal_groups" not in result
+
+
+def test_the_training_reward_by_quarter_of_the_run():
+    """first → last: the means over the first and last quarter of the iterations (by objective/scores, logged every
+    iteration); the unmixed episodes' reward skips iterations that had none, and a quarter with none is None."""
+    scores = [(4 * i, float(i)) for i in range(1, 9)]  # 8 iterations of 4 episodes: quarters of 2
+    unmixed = [(4, 10.0), (8, 20.0), (16, 30.0), (32, 40.0)]  # none in iterations 3, 5, 6, 7
+    scalars = {"objective/scores": scores, "guide/score_unmixed": unmixed}
+    assert driver.quarters(scalars, "objective/scores") == [1.5, 3.5, 5.5, 7.5]
+    assert driver.quarters(scalars, "guide/score_unmixed") == [15.0, 30.0, None, 40.0]
+    assert driver.quarter_means(scalars, "guide/score_unmixed") == (15.0, 40.0)
+    assert driver.quarters({"objective/scores": scores[:2]}, "objective/scores") == [1.0, 2.0]  # one iteration each
+    result = driver.diagnostics(scalars | {"policy/approxkl_avg": [(4, 0.0)], "policy/clipfrac_avg": [(4, 0.0)],
+                                           "objective/kl": [(4, 0.0)]})
+    assert (result["train_score_first"], result["train_score_last"]) == (1.5, 7.5)
+    assert (result["unmixed_first"], result["unmixed_last"]) == (15.0, 40.0)
