@@ -22,7 +22,7 @@ deterministic, at least 5 new tokens: greedy by default (tril: beam search with 
 several times slower on a CPU).
 
 Writes {out}.md (the tables, the SL curve, a few generations), {out}.json (every run's numbers), {out}.png
-(held-out CIDEr-D against episodes); every run's compact file (its scalars and last generations) goes to
+(held-out CIDEr-D against episodes; below, the policy's own episodes' training reward by quarter of the run); every run's compact file (its scalars and last generations) goes to
 {records-dir}/<run>.json, its log and TensorBoard events stay in {work-dir}/<run>/. A run whose compact file holds
 the same command is not run again, so an interrupted driver continues where it stopped, and every table
 rebuilds from the committed files.

@@ -260,6 +260,8 @@ def test_the_training_reward_by_quarter_of_the_run():
     assert driver.quarters(scalars, "guide/score_unmixed") == [15.0, 30.0, None, 40.0]
     assert driver.quarter_means(scalars, "guide/score_unmixed") == (15.0, 40.0)
     assert driver.quarters({"objective/scores": scores[:2]}, "objective/scores") == [1.0, 2.0]  # one iteration each
+    assert driver.quarters({"objective/scores": scores[:5]}, "objective/scores") == [1.5, 3.0, 4.0, 5.0]  # 5: 2+1+1+1
+    assert driver.quarters({"objective/scores": scores[:7]}, "objective/scores") == [1.5, 3.5, 5.5, 7.0]  # 7: 2+2+2+1
     result = driver.diagnostics(scalars | {"policy/approxkl_avg": [(4, 0.0)], "policy/clipfrac_avg": [(4, 0.0)],
                                            "objective/kl": [(4, 0.0)]})
     assert (result["train_score_first"], result["train_score_last"]) == (1.5, 7.5)
