@@ -594,17 +594,20 @@ def main(args):
     minutes = (time.perf_counter() - started) / 60
     beams = "greedy" if args.eval_num_beams == 1 else f"beam search, {args.eval_num_beams} beams"
     steps = args.num_iterations * args.update_epochs * args.num_minibatches
+    rloo_note = ("; rloo: no critic, so the critic's settings below are AggreVaTeD's and D2LOLS's alone, no critic "
+                 "warm-up, the leave-one-out differences not whitened" if args.advantage_estimator == "rloo" else "")
     sizes = (f"Policy, pi_ref and critic backbone: SmolLM2-135M-Instruct; prompt \"{tasks.COMMONGEN_PREFIX}<concepts>.\"; "
              f"{args.max_new_tokens} new tokens at most (at least 5), sampled (top-k off); reward CIDEr-D against the "
              f"set's train references (idf from train). RL: {args.num_iterations} iterations of {args.batch_size} "
              f"episodes ({args.samples_per_prompt} a prompt, {args.batch_size // args.samples_per_prompt} prompts; PPO's, "
-             f"PPO++'s and DR-PO's advantages: {args.advantage_estimator}), {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
+             f"PPO++'s and DR-PO's advantages: {args.advantage_estimator}{rloo_note}), {args.update_epochs} epochs x {args.num_minibatches} minibatches ({steps} optimizer steps), "
              f"policy lr {args.learning_rate}, critic lr {args.critic_learning_rate}, vf-coef {args.vf_coef}, GAE "
              f"lambda {args.gae_lambda}, kl-coef {args.kl_coef}, target-coef {args.target_coef}, value clip "
              f"{args.clip_coef_value}, critic lr annealed: {args.critic_anneal_lr}, critic warm-up "
              f"{args.critic_warmup_iterations} iterations; guided: beta {args.beta} (DR-PO: "
              f"{1.0 if args.dr_po_beta is None else args.dr_po_beta}), guide nucleus-sampled (top-p 0.92), D2LOLS tau "
-             f"{args.tau}, advantages whitened {'per group' if args.norm_per_group else 'over the batch'}, roll-in "
+             f"{args.tau}, gae's advantages whitened (PPO's over the batch, the guided methods' "
+             f"{'per group of mixed and unmixed episodes' if args.norm_per_group else 'over the batch'}), roll-in "
              f"advantage {args.roll_in_advantage}. SL: {args.sl_steps} steps of "
              f"{args.sl_batch_size}, lr {args.sl_learning_rate}"
              + (f"; the early start: {args.early_steps} of those steps (its schedule over them)" if "early" in args.starts
