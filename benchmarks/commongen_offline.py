@@ -22,10 +22,10 @@ deterministic, at least 5 new tokens: greedy by default (tril: beam search with 
 several times slower on a CPU).
 
 Writes {out}.md (the tables, the SL curve, a few generations), {out}.json (every run's numbers), {out}.png
-(held-out CIDEr-D against episodes; below, the policy's own episodes' training reward by quarter of the run); every run's compact file (its scalars and last generations) goes to
-{records-dir}/<run>.json, its log and TensorBoard events stay in {work-dir}/<run>/. A run whose compact file holds
-the same command is not run again, so an interrupted driver continues where it stopped, and every table
-rebuilds from the committed files.
+(held-out CIDEr-D against episodes; below, the policy's own episodes' training reward by quarter of the run);
+every run's compact file (its scalars and last generations) goes to {records-dir}/<run>.json, its log and
+TensorBoard events stay in {work-dir}/<run>/. A run whose compact file holds the same command is not run again, so
+an interrupted driver continues where it stopped, and every table rebuilds from the committed files.
 """
 
 import json
@@ -252,7 +252,8 @@ def quarters(scalars, tag):
 
 def quarter_means(scalars, tag):
     """(first, last): the tag's mean over the run's first and last quarter of iterations."""
-    return quarters(scalars, tag)[0], quarters(scalars, tag)[-1]
+    by_quarter = quarters(scalars, tag)
+    return by_quarter[0], by_quarter[-1]
 
 
 def diagnostics(scalars):
@@ -321,9 +322,9 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                              f"{mean_spread([r['cider_d'] for r in results[(start, method)]])[0] - statistics.mean(ppo):+.3f})"
                              ".")
         lines += ["", "| method | seed | start | final | explained variance (last 3) | at restarts (last 3) | "
-                  "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward, first → last quarter "
-                  "| training reward of mixed / unmixed episodes (mean) | unmixed, first → last quarter | unmixed advantage "
-                  "(mean) | groups of equal scores: all / mixed / unmixed (mean) | k-score correlation (mean) |",
+                  "approx-KL (mean) | clip fraction (mean) | KL to pi_ref (last) | training reward, first → last "
+                  "quarter | training reward of mixed / unmixed episodes (mean) | unmixed, first → last quarter | "
+                  "unmixed advantage (mean) | groups of equal scores: all / mixed / unmixed (mean) | k-score correlation (mean) |",
                   "|-|-|-|-|-|-|-|-|-|-|-|-|-|-|-|"]
 
         def cell(r, key, digits=3):
@@ -346,8 +347,9 @@ def write_table(args, results, curves, sl_curve, wall, samples, command, sizes_l
                   "of a batch's groups (a prompt's samples, one state) whose scores are all equal, which rloo learns "
                   "nothing from; k-score correlation: of the roll-in's length with the score, over the mixed "
                   "episodes. Training reward: CIDEr-D against the set's train "
-                  "references (1.5 per set on average, dev has 4), so lower than on dev; first → last quarter: its mean "
-                  "over the run's first and last quarter of iterations (one iteration's mean is mostly its prompts').", ""]
+                  "references (1.5 per set on average, dev has 4), so lower than on dev; first → last quarter: its "
+                  "mean over the run's first and last quarter of iterations (one iteration's mean is mostly its "
+                  "prompts').", ""]
     if sl_curve:
         lines += [f"## The SL model's curve (sft.py; {args.sl_eval_prompts} sets of the pilot part)", "",
                   "| step | examples | CIDEr-D |",
